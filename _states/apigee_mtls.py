@@ -1,0 +1,398 @@
+"""
+States for the apigee_mtls formula.
+
+- :py:func:`agent_certificate_managed`: this node's Consul agent certificate, signed by the
+  cluster signer through peer publish (the CA key never leaves the signer; the node's private
+  key never leaves the node).
+- :py:func:`intentions_managed`: the cluster's Consul intentions (default deny + allows),
+  through py-consul against the local agent; creates missing, fixes wrong, removes stale.
+- :py:func:`firewall_managed`: the formula's own iptables chains, compared rule by rule with
+  the live ones and rebuilt only when they differ.
+
+All of them fill ``changes`` before looking at ``test``, answer ``result: None`` with a
+"would" comment in test mode, and never put secrets in their return.
+"""
+
+import datetime
+import json
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "apigee_mtls"
+
+MANAGED_BY = "apigee_mtls"
+
+try:
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import serialization
+
+    HAS_CRYPTOGRAPHY = True
+except ImportError:  # pragma: no cover
+    HAS_CRYPTOGRAPHY = False
+
+try:
+    import consul
+    from consul.callback import CB
+
+    HAS_CONSUL = True
+except ImportError:  # pragma: no cover
+    HAS_CONSUL = False
+
+
+def __virtual__():
+    if not HAS_CRYPTOGRAPHY:
+        return (False, "apigee_mtls states need the cryptography library")
+    if "apigee_mtls.plan" not in __salt__:
+        return (False, "apigee_mtls execution module not loaded; run saltutil.sync_all")
+    return __virtualname__
+
+
+def _ret(name):
+    return {"name": name, "result": True, "changes": {}, "comment": ""}
+
+
+# ---------------------------------------------------------------------------------------------
+# agent certificate
+def _cert_problems(cert_path, key_path, ca_path, ident, days_remaining):
+    """Why the current certificate must be replaced ([] when it is fine)."""
+    if not os.path.isfile(cert_path):
+        return ["certificate missing"]
+    if not os.path.isfile(ca_path):
+        return ["CA bundle missing"]
+    try:
+        with open(cert_path, "rb") as fh:
+            cert = cx509.load_pem_x509_certificate(fh.read())
+        with open(key_path, "rb") as fh:
+            key = serialization.load_pem_private_key(fh.read(), password=None)
+        with open(ca_path, "rb") as fh:
+            cas = cx509.load_pem_x509_certificates(fh.read())
+    except (ValueError, OSError) as exc:
+        return [f"unreadable: {exc}"]
+    problems = []
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.PEM
+    if cert.public_key().public_bytes(enc, pub) != key.public_key().public_bytes(enc, pub):
+        problems.append("certificate does not match the private key")
+    try:
+        san = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
+        dns = sorted(san.get_values_for_type(cx509.DNSName))
+        ips = sorted(str(i) for i in san.get_values_for_type(cx509.IPAddress))
+    except cx509.ExtensionNotFound:
+        dns, ips = [], []
+    if dns != sorted(ident["dns_sans"]) or ips != sorted(
+        str(__import__("ipaddress").ip_address(i)) for i in ident["ip_sans"]
+    ):
+        problems.append("SANs differ from the topology")
+    not_after = cert.not_valid_after_utc
+    left = not_after - datetime.datetime.now(datetime.timezone.utc)
+    if left < datetime.timedelta(days=days_remaining):
+        problems.append(f"expires in {left.days} days (renew below {days_remaining})")
+    issuers = [ca for ca in cas if ca.subject == cert.issuer]
+    verified = False
+    for ca in issuers:
+        try:
+            cert.verify_directly_issued_by(ca)
+            verified = True
+        except (ValueError, TypeError, Exception):  # pylint: disable=broad-except
+            continue
+    if not verified:
+        problems.append("not issued by a CA in the trusted bundle")
+    return problems
+
+
+def _write(path, text, mode, user, group):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    __salt__["file.chown"](tmp, user, group)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def agent_certificate_managed(
+    name, private_key, ca_bundle, user="root", group="consul", wait=180, **kwargs
+):
+    """
+    Ensure ``name`` holds a valid Consul agent certificate for this node, issued by the
+    cluster signer, and ``ca_bundle`` the CA certificates to trust.
+
+    The certificate is (re)requested when it is missing, does not match ``private_key``,
+    has other SANs than the topology gives this node, expires within
+    ``apigee_mtls:tls:cert_days_remaining`` days, or does not chain to the bundle.
+
+    name
+        Path of the certificate (PEM).
+    private_key
+        Path of this node's private key (created beforehand, e.g. ``x509.private_key_managed``).
+    ca_bundle
+        Path of the CA bundle to write.
+    wait
+        Seconds to keep asking while the signer's CA is not ready (first rollout: every node
+        runs at once).
+
+    .. code-block:: yaml
+
+        apigee-mtls-tls-agent-cert-managed:
+          apigee_mtls.agent_certificate_managed:
+            - name: /etc/consul.d/tls/agent.pem
+            - private_key: /etc/consul.d/tls/agent-key.pem
+            - ca_bundle: /etc/consul.d/tls/ca.pem
+    """
+    ret = _ret(name)
+    plan = __salt__["apigee_mtls.plan"]()
+    if plan.get("error") or not plan.get("member"):
+        ret["result"] = False
+        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
+        return ret
+    ident = plan["certificate"]
+    days_remaining = plan["tls"]["cert_days_remaining"] if "tls" in plan else 30
+    problems = _cert_problems(name, private_key, ca_bundle, ident, days_remaining)
+    if not problems:
+        ret["comment"] = "Agent certificate is valid and matches the topology"
+        return ret
+    ret["changes"] = {"certificate": {"reason": problems, "sans": ident}}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Would request a new agent certificate from " + plan["signer"]
+        return ret
+    if not os.path.isfile(private_key):
+        ret["result"] = False
+        ret["comment"] = f"private key {private_key} missing"
+        ret["changes"] = {}
+        return ret
+    pub = __salt__["x509.get_public_key"](private_key)
+    deadline = time.monotonic() + wait
+    answer, last = None, None
+    while True:
+        if plan["signer"] == __opts__["id"]:
+            answer = __salt__["apigee_mtls.sign_agent_certificate"](pub)
+        else:
+            res = __salt__["publish.publish"](
+                plan["signer"], "apigee_mtls.sign_agent_certificate", arg=[pub], timeout=60
+            )
+            answer = res.get(plan["signer"]) if isinstance(res, dict) else None
+        if isinstance(answer, dict) and answer.get("certificate"):
+            break
+        last = answer.get("error") if isinstance(answer, dict) else answer
+        if time.monotonic() > deadline or (
+            isinstance(answer, dict) and answer.get("error") and not answer.get("retry")
+        ):
+            ret["result"] = False
+            ret["changes"] = {}
+            ret["comment"] = f"signer {plan['signer']} did not sign: {last or 'no answer'}"
+            return ret
+        time.sleep(3)
+    _write(name, answer["certificate"], 0o644, user, group)
+    _write(ca_bundle, answer["ca_bundle"], 0o644, user, group)
+    cert = cx509.load_pem_x509_certificate(answer["certificate"].encode())
+    ret["changes"]["certificate"].update(
+        {"serial": format(cert.serial_number, "x"), "not_after": str(cert.not_valid_after_utc)}
+    )
+    ret["comment"] = "Agent certificate issued by " + plan["signer"]
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# intentions (Consul 1.8: the UUID-based /v1/connect/intentions API)
+def _consul(url):
+    host, _, port = url.rpartition(":")
+    return consul.Consul(host=host.split("//")[-1], port=int(port), scheme="http")
+
+
+def _list_intentions(client, token=None):
+    headers = client.prepare_headers(token)
+    return client.http.get(CB.json(), "/v1/connect/intentions", headers=headers) or []
+
+
+def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, token=None):
+    """
+    Ensure the cluster has exactly the given intentions among those managed by this formula
+    (marked with ``Meta: {managed-by: apigee_mtls}``). Missing ones are created (allows first,
+    then the default deny, so that no allowed flow is ever refused during a rollout), wrong
+    actions are corrected, stale managed ones are removed. Unmanaged intentions for the same
+    pair are adopted; other unmanaged intentions are left alone.
+
+    intentions
+        List of ``{"source", "destination", "action"}``.
+    wait
+        Seconds to wait for a Consul leader.
+
+    .. code-block:: yaml
+
+        apigee-mtls-intentions-managed:
+          apigee_mtls.intentions_managed:
+            - intentions: {{ salt['apigee_mtls.intentions']() | json }}
+    """
+    ret = _ret(name)
+    if not HAS_CONSUL:
+        ret["result"] = False
+        ret["comment"] = "py-consul is not installed on this minion"
+        return ret
+    client = _consul(url)
+    deadline = time.monotonic() + (0 if __opts__["test"] else wait)
+    while True:
+        try:
+            current = _list_intentions(client, token)
+            break
+        except Exception as exc:  # pylint: disable=broad-except
+            if __opts__["test"]:
+                # fresh cluster: nothing to compare with yet; everything would be created
+                ret["result"] = None
+                ret["changes"] = {"created": sorted(
+                    f"{i['source']} -> {i['destination']} ({i['action']})" for i in intentions)}
+                ret["comment"] = (
+                    f"Would create {len(intentions)} intentions (Consul not reachable yet: {exc})"
+                )
+                return ret
+            if time.monotonic() > deadline:
+                ret["result"] = False
+                ret["comment"] = f"Consul did not answer with a leader in {wait}s: {exc}"
+                return ret
+            time.sleep(2)
+    by_pair = {(i["SourceName"], i["DestinationName"]): i for i in current}
+    want = {(i["source"], i["destination"]): i["action"] for i in intentions}
+    create, update, delete = [], [], []
+    for pair, action in want.items():
+        have = by_pair.get(pair)
+        if have is None:
+            create.append(pair)
+        elif have["Action"] != action or (have.get("Meta") or {}).get("managed-by") != MANAGED_BY:
+            update.append(pair)
+    for pair, have in by_pair.items():
+        if pair not in want and (have.get("Meta") or {}).get("managed-by") == MANAGED_BY:
+            delete.append(pair)
+    fmt = lambda pairs: sorted(f"{s} -> {d} ({want.get((s, d), 'remove')})" for s, d in pairs)
+    for key, pairs in (("created", create), ("updated", update), ("removed", delete)):
+        if pairs:
+            ret["changes"][key] = fmt(pairs)
+    if not ret["changes"]:
+        ret["comment"] = f"{len(want)} intentions in place"
+        return ret
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = (
+            f"Would create {len(create)}, update {len(update)}, remove {len(delete)} intentions"
+        )
+        return ret
+    headers = client.prepare_headers(token)
+
+    def body(pair):
+        return json.dumps(
+            {
+                "SourceName": pair[0],
+                "DestinationName": pair[1],
+                "SourceType": "consul",
+                "Action": want[pair],
+                "Description": "managed by apigee_mtls",
+                "Meta": {"managed-by": MANAGED_BY},
+            }
+        )
+
+    # allows before denies: a new default deny must never precede the allows it guards
+    for pair in sorted(create + update, key=lambda p: (want[p] == "deny", p)):
+        if pair in by_pair:
+            client.http.put(
+                CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}",
+                data=body(pair), headers=headers,
+            )
+        else:
+            client.http.post(CB.json(), "/v1/connect/intentions", data=body(pair), headers=headers)
+    for pair in delete:
+        client.http.delete(
+            CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}", headers=headers
+        )
+    ret["comment"] = (
+        f"Created {len(create)}, updated {len(update)}, removed {len(delete)} intentions"
+    )
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# firewall chains
+CHAINS = {"nat": ("APIGEE-MTLS-OUT", "OUTPUT"), "filter": ("APIGEE-MTLS-IN", "INPUT")}
+
+
+def _uid_to_name(rule):
+    """``iptables -S`` prints ``--uid-owner`` as a number; the plan uses the user name."""
+    import pwd  # pylint: disable=import-outside-toplevel
+
+    words = rule.split()
+    for i, word in enumerate(words[:-1]):
+        if word == "--uid-owner" and words[i + 1].isdigit():
+            try:
+                words[i + 1] = pwd.getpwuid(int(words[i + 1])).pw_name
+            except KeyError:
+                pass
+    return " ".join(words)
+
+
+def _live_rules(table, chain):
+    out = __salt__["cmd.run_all"](
+        ["iptables", "-w", "-t", table, "-S", chain], python_shell=False, ignore_retcode=True
+    )
+    if out["retcode"] != 0:
+        return None
+    return [_uid_to_name(l) for l in out["stdout"].splitlines() if l.startswith("-A ")]
+
+
+def _jump_present(table, chain, parent):
+    out = __salt__["cmd.run_all"](
+        ["iptables", "-w", "-t", table, "-C", parent, "-j", chain],
+        python_shell=False,
+        ignore_retcode=True,
+    )
+    return out["retcode"] == 0
+
+
+def firewall_managed(name, rules_file, apply_cmd):
+    """
+    Ensure the formula's iptables chains (nat ``APIGEE-MTLS-OUT`` jumped from OUTPUT, filter
+    ``APIGEE-MTLS-IN`` jumped from INPUT) hold exactly the rules of this node's plan.
+
+    The live chains are compared rule by rule with the plan; when they differ (or the jumps
+    are missing) ``apply_cmd`` rebuilds them from ``rules_file`` atomically
+    (``iptables-restore --noflush``: only the formula's chains are flushed, no other rule is
+    touched).
+
+    .. code-block:: yaml
+
+        apigee-mtls-firewall-chains-managed:
+          apigee_mtls.firewall_managed:
+            - rules_file: /etc/apigee-mtls/iptables.rules
+            - apply_cmd: /usr/local/sbin/apigee-mtls-firewall apply
+    """
+    ret = _ret(name)
+    plan = __salt__["apigee_mtls.plan"]()
+    if plan.get("error") or not plan.get("member"):
+        ret["result"] = False
+        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
+        return ret
+    for table, (chain, parent) in CHAINS.items():
+        want = plan["firewall"][table]
+        live = _live_rules(table, chain)
+        if live is None:
+            ret["changes"][chain] = {"chain": "create", "rules": len(want)}
+        elif live != want:
+            added = [r for r in want if r not in live]
+            removed = [r for r in live if r not in want]
+            ret["changes"][chain] = {"added": added, "removed": removed} if (
+                added or removed) else {"reordered": True}
+        if not _jump_present(table, chain, parent):
+            ret["changes"].setdefault(chain, {})["jump"] = f"{parent} -> {chain}"
+    if not ret["changes"]:
+        ret["comment"] = "Firewall chains match the plan"
+        return ret
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Would rebuild the apigee_mtls firewall chains"
+        return ret
+    out = __salt__["cmd.run_all"](apply_cmd, python_shell=False)
+    if out["retcode"] != 0:
+        ret["result"] = False
+        ret["comment"] = f"{apply_cmd} failed: {out['stderr'] or out['stdout']}"
+        return ret
+    ret["comment"] = "Rebuilt the apigee_mtls firewall chains from " + rules_file
+    return ret

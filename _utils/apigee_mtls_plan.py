@@ -1,0 +1,1575 @@
+# -*- coding: utf-8 -*-
+"""
+Pure planner for the ``apigee_mtls`` formula.
+
+Everything the formula does on a node is a function of the ``apigee_mtls`` pillar
+value and of the node's minion id.  This module computes it, without Salt, without
+Consul and without any I/O (stdlib only), so that the same code is loaded by Salt
+as a custom util module (``__utils__["apigee_mtls_plan.plan"](pillar, node_id)``)
+and imported directly by the unit tests.
+
+Model
+=====
+
+:func:`normalize` (alias :func:`validate`) checks the pillar value completely
+and returns a *model*: a plain dict (lists, dicts, strings, ints, booleans and
+``None`` only) with every default filled in::
+
+    datacenters         ["dc-1", ...]            ordered, the first is the primary
+    primary_datacenter  "dc-1"
+    nodes               [{"id", "ip", "datacenter", "fqdn", "components",
+                          "retired", "index"}, ...]   pillar order is kept
+    servers             ids of the Consul servers (non-retired zookeeper nodes)
+    cassandra_internode bool (mesh Cassandra 7000 too)
+    components          catalog after overrides: {component: {"short", "ports",
+                          "range", "peer_ports", "targets"}}
+    port_ranges         {component or "egress": [min, max]} for the ranges in use
+    flows               {source component: [destination components]}
+    secrets             {"gossip_key"}
+    tls                 {"signer", "ca_days_valid", "cert_days_valid",
+                          "cert_days_remaining", "key_algo"}
+    consul              {"version", "user", "group", "keep_user", "bin",
+                          "config_dir", "data_dir", "tls_dir", "log_level",
+                          "dns_exposed", "install": {"method", "source",
+                          "source_hash", "name"}}
+    firewall            {"protected_ports": [...]}
+    proxy               {"user"}
+    allocation          the result of :func:`allocate_ports`
+
+Port allocation
+===============
+
+For each component in catalog order, the nodes that host it (retired ones
+included, so that their slots stay reserved), in pillar list order, get
+consecutive blocks of ``len(ports)`` proxy ports from the start of the
+component's range; inside a block the ports follow the component's port order.
+Every node gets one egress port from the egress range, in list order.  Appending
+a node therefore never moves an existing port.  (Adding a component to a node
+that is *not* last does move the later nodes' ports of that component: this is
+the product's own linear rule.)
+
+Flows
+=====
+
+Node A reaches port ``p`` of component ``D`` on node B (A != B, neither
+retired) when some component ``S`` on A has ``S -> D`` in the flow table and
+``p`` is not a peer-only port of ``D`` or ``S == D``.  Each such (B, D, p) is an
+*upstream* of A's egress proxy, listening on ``127.0.0.1:<B's proxy port for
+D/p>``; A's nat chain redirects ``B:p`` there; an intention allows
+``egress-<A>`` to reach the ingress service of ``D/p`` on B.
+
+Errors
+======
+
+Every problem is raised as :class:`PillarError`, a :class:`ValueError` whose
+``key`` is the colon path of the faulty pillar value (list indexes as numbers,
+e.g. ``apigee_mtls:nodes:2:ip``) and whose ``message`` says what was found and
+what is expected.  Only the first problem is raised.  Salt's loader does not
+expose classes through ``__utils__``: callers catch ``ValueError`` and read
+``.key`` / ``.message``.
+"""
+
+import base64
+import binascii
+import copy
+import difflib
+import ipaddress
+import re
+import secrets as _secrets
+
+# ---------------------------------------------------------------------------
+# Catalog
+# ---------------------------------------------------------------------------
+
+#: Root pillar key; every error key starts with it.
+ROOT_KEY = "apigee_mtls"
+
+#: Component catalog.  ``ports`` are the meshed component ports, in allocation
+#: order; ``range`` the default proxy port range (inclusive); ``peer_ports`` the
+#: ports only reachable from the same component; ``targets`` where the ingress
+#: sidecar hands plaintext over: ``loopback`` (127.0.0.1) or ``node_ip``.
+COMPONENTS = {
+    "management-server": {
+        "short": "ms", "ports": [], "range": None, "peer_ports": [], "targets": {},
+    },
+    "router": {
+        "short": "rt", "ports": [8081, 4527], "range": (10600, 10699),
+        "peer_ports": [], "targets": {8081: "loopback", 4527: "loopback"},
+    },
+    "message-processor": {
+        "short": "mp", "ports": [8082, 4528], "range": (10500, 10599),
+        "peer_ports": [], "targets": {8082: "loopback", 4528: "loopback"},
+    },
+    "qpid": {
+        "short": "qpid", "ports": [5672, 8083], "range": (10400, 10499),
+        "peer_ports": [], "targets": {5672: "loopback", 8083: "loopback"},
+    },
+    "postgres": {
+        "short": "pg", "ports": [5432, 8084, 4530], "range": (10300, 10399),
+        "peer_ports": [],
+        "targets": {5432: "loopback", 8084: "loopback", 4530: "loopback"},
+    },
+    "zookeeper": {
+        "short": "zk", "ports": [2181, 2888, 3888], "range": (10001, 10099),
+        "peer_ports": [2888, 3888],
+        "targets": {2181: "loopback", 2888: "node_ip", 3888: "node_ip"},
+    },
+    "cassandra": {
+        "short": "cass", "ports": [9042, 9160, 7000], "range": (10100, 10199),
+        "peer_ports": [7000],
+        "targets": {9042: "loopback", 9160: "loopback", 7000: "node_ip"},
+    },
+    "openldap": {
+        "short": "ldap", "ports": [10389], "range": (10200, 10299),
+        "peer_ports": [], "targets": {10389: "loopback"},
+    },
+    "ui": {
+        "short": "ui", "ports": [], "range": None, "peer_ports": [], "targets": {},
+    },
+}
+
+#: Cassandra's inter-node port, meshed only when ``cassandra_internode`` is true.
+CASSANDRA_INTERNODE_PORT = 7000
+
+#: Egress proxy range: one port per node.
+EGRESS_RANGE = (10700, 10799)
+
+#: Default flow table: source component -> destination components.  It is the
+#: product's table plus three additions of ours (marked): without them the
+#: firewall, which rejects direct access to meshed ports, would cut traffic the
+#: product needs.
+FLOWS = {
+    "management-server": [
+        "router", "message-processor", "qpid", "openldap", "postgres",
+        "zookeeper", "cassandra",
+    ],
+    "router": ["qpid", "zookeeper", "cassandra"],
+    "message-processor": ["qpid", "zookeeper", "cassandra"],
+    "zookeeper": ["zookeeper", "cassandra"],
+    "cassandra": ["zookeeper", "cassandra"],
+    "postgres": ["postgres", "zookeeper", "cassandra"],
+    # Ours: qpid-server registers in ZooKeeper, reads Cassandra and writes the
+    # analytics it consumes into Postgres (5432).
+    "qpid": ["zookeeper", "cassandra", "postgres"],
+    # Ours: OpenLDAP replicates to its peers on 10389 (2 LDAP nodes, multi-DC).
+    "openldap": ["openldap"],
+    "ui": [],
+}
+
+#: Apigee Edge for Private Cloud service ports that no proxy may listen on:
+#:
+#: * SSH 22; JMX 1099 (MS), 1100 (router), 1101 (MP), 1102 (qpid-server),
+#:   1103 (postgres-server); ZooKeeper 2181, 2888, 3888; new Edge UI 3001;
+#: * cluster/RPC 4526 (MS), 4527 (router), 4528 (MP), 4529 (qpid-server),
+#:   4530 (postgres-server); Postgres 5432; Qpid AMQP 5672;
+#: * Cassandra 7000 (inter-node), 7001 (inter-node TLS), 7199 (JMX),
+#:   9042 (CQL), 9160 (Thrift);
+#: * management API 8080 (MS), 8443 (MS over TLS), 8081 (router), 8082 (MP),
+#:   8083 (qpid-server), 8084 (postgres-server); router to MP 8998;
+#: * classic UI 9000; default virtual hosts 9001, 9002; Apigee SSO 9099;
+#:   monitoring/Elasticsearch 9200; OpenLDAP 10389, 10636 (LDAPS);
+#:   router health check 15999; router default port 59001.
+APIGEE_SERVICE_PORTS = frozenset({
+    22, 1099, 1100, 1101, 1102, 1103, 2181, 2888, 3001, 3888,
+    4526, 4527, 4528, 4529, 4530, 5432, 5672,
+    7000, 7001, 7199, 8080, 8081, 8082, 8083, 8084, 8443, 8998,
+    9000, 9001, 9002, 9042, 9099, 9160, 9200, 10389, 10636, 15999, 59001,
+})
+
+#: Consul ports: 8300 server RPC, 8301 LAN gossip, 8302 WAN gossip, 8500 HTTP,
+#: 8501 HTTPS, 8502 gRPC, 8503 HTTPS (product), 8600 DNS.
+CONSUL_PORTS = frozenset({8300, 8301, 8302, 8500, 8501, 8502, 8503, 8600})
+
+#: Consul TCP ports opened to cluster members (8500 is bound to localhost).
+CONSUL_MEMBER_TCP_PORTS = (8300, 8301, 8302, 8501, 8502, 8503, 8600)
+
+#: Consul UDP ports opened to cluster members.
+CONSUL_MEMBER_UDP_PORTS = (8301, 8302, 8600)
+
+#: Ports protected by default: SSH and the Salt master/minion ports.
+DEFAULT_PROTECTED_PORTS = (22, 4505, 4506)
+
+#: Largest number of port slots in one ``-m multiport`` rule (a range costs 2).
+MULTIPORT_MAX = 15
+
+#: Names of the formula's own iptables chains.
+NAT_CHAIN = "APIGEE-MTLS-OUT"
+FILTER_CHAIN = "APIGEE-MTLS-IN"
+
+#: Consul agent defaults.
+CONSUL_DEFAULTS = {
+    "version": "1.8.7",
+    "user": "consul",
+    "group": "consul",
+    "keep_user": False,
+    "bin": "/usr/local/bin/consul",
+    "config_dir": "/etc/consul.d",
+    "data_dir": "/var/lib/consul",
+    "tls_dir": "/etc/consul.d/tls",
+    "log_level": "INFO",
+    "dns_exposed": False,
+}
+
+#: TLS defaults (``signer`` defaults to the first non-retired zookeeper node).
+TLS_DEFAULTS = {
+    "ca_days_valid": 3650,
+    "cert_days_valid": 365,
+    "cert_days_remaining": 30,
+    "key_algo": "ec",
+}
+
+_TOP_KEYS = (
+    "datacenters", "nodes", "cassandra_internode", "port_ranges", "components",
+    "flows", "secrets", "tls", "consul", "firewall", "proxy",
+)
+_NODE_KEYS = ("id", "ip", "datacenter", "fqdn", "components", "retired")
+_COMPONENT_OVERRIDE_KEYS = ("ports", "target", "peer_ports")
+_TLS_KEYS = ("signer", "ca_days_valid", "cert_days_valid", "cert_days_remaining",
+             "key_algo")
+_CONSUL_KEYS = tuple(CONSUL_DEFAULTS) + ("install",)
+_INSTALL_KEYS = ("method", "source", "source_hash", "name")
+_INSTALL_METHODS = ("binary", "archive", "pkg")
+_KEY_ALGOS = ("ec", "rsa")
+_LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERR")
+_TARGETS = ("loopback", "node_ip")
+_GOSSIP_KEY_SIZES = (16, 24, 32)
+_MIN_SERVERS = 3
+_MIN_PROXY_PORT = 1024
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME_RE = re.compile(r"{0}(?:\.{0})*".format(_LABEL))
+_DC_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_POSIX_NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_VERSION_RE = re.compile(r"\d+\.\d+\.\d+")
+_HASH_LENGTHS = {"md5": 32, "sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96,
+                 "sha512": 128}
+_HASH_RE = re.compile(r"([a-z0-9]+)=([0-9a-fA-F]+)")
+_HEX_RE = re.compile(r"[0-9a-fA-F]+")
+_URL_RE = re.compile(r"(?:salt|https?|ftp|s3|swift|file)://\S+")
+
+
+# ---------------------------------------------------------------------------
+# Errors and small helpers
+# ---------------------------------------------------------------------------
+
+class PillarError(ValueError):
+    """
+    A problem in the ``apigee_mtls`` pillar.
+
+    :ivar key: colon path of the faulty value, e.g. ``apigee_mtls:nodes:2:ip``
+    :ivar message: what was found and what is expected
+    """
+
+    def __init__(self, key, message):
+        self.key = key
+        self.message = message
+        super().__init__("{}: {}".format(key, message))
+
+    def __str__(self):
+        return "{}: {}".format(self.key, self.message)
+
+    def __reduce__(self):
+        return (self.__class__, (self.key, self.message))
+
+
+def _key(*parts):
+    """Return the colon path ``apigee_mtls:<parts...>``."""
+    return ":".join((ROOT_KEY,) + tuple(str(p) for p in parts))
+
+
+def _fail(path, message):
+    """Raise :class:`PillarError` for the path tuple ``path``."""
+    raise PillarError(_key(*path), message)
+
+
+def _what(value):
+    """Describe a found value for an error message (type and short repr)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean {}".format("true" if value else "false")
+    names = ((int, "integer"), (float, "number"), (str, "string"),
+             (list, "list"), (tuple, "list"), (dict, "mapping"))
+    kind = type(value).__name__
+    for typ, name in names:
+        if isinstance(value, typ):
+            kind = name
+            break
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return "{} {}".format(kind, text)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_keys(mapping, allowed, path):
+    """Reject keys of ``mapping`` not in ``allowed`` (typo protection)."""
+    for name in mapping:
+        if name not in allowed:
+            hint = difflib.get_close_matches(str(name), allowed, n=1)
+            extra = " (did you mean {!r}?)".format(hint[0]) if hint else ""
+            if name == ROOT_KEY and not path:
+                extra = (" (pass the value of the apigee_mtls pillar key, not the"
+                         " whole pillar)")
+            _fail(path + (name,), "unknown key {!r}{}; expected one of: {}".format(
+                name, extra, ", ".join(allowed)))
+
+
+def _mapping(value, path, what="a mapping"):
+    """Return ``value`` as a dict (``None`` -> ``{}``) or fail."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail(path, "found {}; expected {}".format(_what(value), what))
+    return value
+
+
+def _bool(mapping, name, default, path):
+    value = mapping.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        _fail(path + (name,), "found {}; expected true or false".format(_what(value)))
+    return value
+
+
+def _positive_int(mapping, name, default, path):
+    value = mapping.get(name)
+    if value is None:
+        return default
+    if not _is_int(value) or value < 1:
+        _fail(path + (name,), "found {}; expected a positive integer (days)".format(
+            _what(value)))
+    return value
+
+
+def _port(value, path, what="a TCP port (1-65535)"):
+    if not _is_int(value) or not 1 <= value <= 65535:
+        _fail(path, "found {}; expected {}".format(_what(value), what))
+    return value
+
+
+def _posix_name(mapping, name, default, path):
+    value = mapping.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not _POSIX_NAME_RE.fullmatch(value):
+        _fail(path + (name,), "found {}; expected a POSIX user/group name "
+              "(lowercase letters, digits, '_' or '-', at most 32)".format(_what(value)))
+    return value
+
+
+def _abs_path(mapping, name, default, path):
+    value = mapping.get(name)
+    if value is None:
+        return default
+    bad = (not isinstance(value, str) or not value.startswith("/") or value == "/"
+           or any(c.isspace() for c in value) or ".." in value.split("/"))
+    if bad:
+        _fail(path + (name,), "found {}; expected an absolute path without "
+              "whitespace or '..' (and not '/')".format(_what(value)))
+    return value.rstrip("/")
+
+
+def _dashed(ip):
+    return ip.replace(".", "-")
+
+
+# ---------------------------------------------------------------------------
+# Public naming helpers
+# ---------------------------------------------------------------------------
+
+def service_name(component, port, ip):
+    """
+    Name of the ingress service of ``component`` port ``port`` on ``ip``.
+
+    :param component: component key, e.g. ``zookeeper``
+    :param port: component port, e.g. ``2181``
+    :param ip: node IPv4 address
+    :return: e.g. ``zk-2181-10-77-0-11``
+    :raises KeyError: for an unknown component
+    """
+    return "{}-{}-{}".format(COMPONENTS[component]["short"], port, _dashed(ip))
+
+
+def egress_name(ip):
+    """
+    Name of the egress service of the node at ``ip``.
+
+    :return: e.g. ``egress-10-77-0-11``
+    """
+    return "egress-{}".format(_dashed(ip))
+
+
+def gossip_keygen():
+    """
+    Generate a gossip encryption key (what ``consul keygen`` prints).
+
+    :return: base64 of 32 random bytes
+    """
+    return base64.b64encode(_secrets.token_bytes(32)).decode("ascii")
+
+
+def check_gossip_key(key):
+    """
+    Check a gossip encryption key; the key itself never appears in the error.
+
+    :param key: base64 text of 16, 24 or 32 bytes
+    :raises PillarError: key ``apigee_mtls:secrets:gossip_key``
+    """
+    path = ("secrets", "gossip_key")
+    if key is None:
+        _fail(path, "missing; expected the base64 of 16, 24 or 32 random bytes "
+              "(generate one with `salt-call apigee_mtls.gossip_keygen` or "
+              "`consul keygen`); it is never generated silently")
+    if not isinstance(key, str):
+        _fail(path, "found a value of type {}; expected a base64 string of 16, 24 "
+              "or 32 bytes".format(_what(key).split(" ")[0]))
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        _fail(path, "found a string of {} characters that is not valid base64; "
+              "expected the base64 of 16, 24 or 32 bytes".format(len(key)))
+    if len(raw) not in _GOSSIP_KEY_SIZES:
+        _fail(path, "decodes to {} bytes; expected 16, 24 or 32 bytes".format(len(raw)))
+
+
+# ---------------------------------------------------------------------------
+# Normalization
+# ---------------------------------------------------------------------------
+
+def _norm_datacenters(raw):
+    path = ("datacenters",)
+    if raw is None:
+        return ["dc-1"]
+    if not isinstance(raw, list) or not raw:
+        _fail(path, "found {}; expected a non-empty list of data center names, "
+              "the primary first".format(_what(raw)))
+    seen = set()
+    for i, dc in enumerate(raw):
+        if not isinstance(dc, str) or not _DC_RE.fullmatch(dc):
+            _fail(path + (i,), "found {}; expected a data center name (lowercase "
+                  "letters, digits and '-', e.g. dc-1)".format(_what(dc)))
+        if dc in seen:
+            _fail(path + (i,), "duplicate data center {!r}; expected unique "
+                  "names".format(dc))
+        seen.add(dc)
+    return list(raw)
+
+
+def _norm_node(entry, i, dcs):
+    path = ("nodes", i)
+    if not isinstance(entry, dict):
+        _fail(path, "found {}; expected a mapping with id, ip and "
+              "components".format(_what(entry)))
+    _check_keys(entry, _NODE_KEYS, path)
+
+    node_id = entry.get("id")
+    if node_id is None:
+        _fail(path + ("id",), "missing; expected the node's minion id")
+    if not isinstance(node_id, str) or not _ID_RE.fullmatch(node_id):
+        _fail(path + ("id",), "found {}; expected a minion id (letters, digits, "
+              "'.', '_' or '-', starting with a letter or digit)".format(_what(node_id)))
+
+    raw_ip = entry.get("ip")
+    if raw_ip is None:
+        _fail(path + ("ip",), "missing; expected the node's IPv4 address")
+    if not isinstance(raw_ip, str):
+        _fail(path + ("ip",), "found {}; expected an IPv4 address such as "
+              "10.77.0.11".format(_what(raw_ip)))
+    try:
+        addr = ipaddress.IPv4Address(raw_ip)
+    except ValueError:
+        _fail(path + ("ip",), "found {}, which is not an IPv4 address; expected "
+              "dotted quad such as 10.77.0.11".format(_what(raw_ip)))
+    if addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_reserved:
+        _fail(path + ("ip",), "found {} (loopback, unspecified, multicast or "
+              "reserved); expected the node's unicast address".format(raw_ip))
+
+    dc = entry.get("datacenter")
+    if dc is None:
+        dc = dcs[0]
+    elif not isinstance(dc, str) or dc not in dcs:
+        _fail(path + ("datacenter",), "found {}, an unknown data center; expected "
+              "one of apigee_mtls:datacenters: {}".format(_what(dc), ", ".join(dcs)))
+
+    fqdn = entry.get("fqdn")
+    if fqdn is not None and (not isinstance(fqdn, str) or len(fqdn) > 253
+                             or not _HOSTNAME_RE.fullmatch(fqdn)):
+        _fail(path + ("fqdn",), "found {}; expected a DNS name such as "
+              "n1.example.com".format(_what(fqdn)))
+
+    comps = entry.get("components")
+    cpath = path + ("components",)
+    if comps is None:
+        _fail(cpath, "missing; expected a list of components ({})".format(
+            ", ".join(COMPONENTS)))
+    if not isinstance(comps, list):
+        _fail(cpath, "found {}; expected a list of components ({})".format(
+            _what(comps), ", ".join(COMPONENTS)))
+    if not comps:
+        _fail(cpath, "found an empty list; expected at least one component")
+    for j, comp in enumerate(comps):
+        if not isinstance(comp, str) or comp not in COMPONENTS:
+            hint = difflib.get_close_matches(str(comp), list(COMPONENTS), n=1)
+            extra = " (did you mean {!r}?)".format(hint[0]) if hint else ""
+            _fail(cpath + (j,), "found {}, an unknown component{}; expected one "
+                  "of: {}".format(_what(comp), extra, ", ".join(COMPONENTS)))
+        if comp in comps[:j]:
+            _fail(cpath + (j,), "duplicate component {!r}; expected each component "
+                  "once".format(comp))
+
+    retired = _bool(entry, "retired", False, path)
+    return {
+        "id": node_id,
+        "ip": str(addr),
+        "datacenter": dc,
+        "fqdn": fqdn,
+        "components": list(comps),
+        "retired": retired,
+        "index": i,
+    }
+
+
+def _norm_nodes(raw, dcs):
+    path = ("nodes",)
+    if raw is None:
+        _fail(path, "missing; expected a list of nodes (id, ip, components)")
+    if not isinstance(raw, list):
+        _fail(path, "found {}; expected a list of nodes (id, ip, "
+              "components)".format(_what(raw)))
+    nodes = []
+    ids = {}
+    ips = {}
+    for i, entry in enumerate(raw):
+        node = _norm_node(entry, i, dcs)
+        if node["id"] in ids:
+            _fail(path + (i, "id"), "duplicate minion id {!r}, already used by "
+                  "{}; expected unique ids".format(node["id"], _key("nodes", ids[node["id"]])))
+        if node["ip"] in ips:
+            _fail(path + (i, "ip"), "duplicate IP {}, already used by {}; expected "
+                  "unique IPs".format(node["ip"], _key("nodes", ips[node["ip"]])))
+        ids[node["id"]] = i
+        ips[node["ip"]] = i
+        nodes.append(node)
+    return nodes
+
+
+def _servers(nodes):
+    return [n for n in nodes if not n["retired"] and "zookeeper" in n["components"]]
+
+
+def _check_quorum(nodes, dcs):
+    servers = _servers(nodes)
+    if len(servers) < _MIN_SERVERS:
+        _fail(("nodes",), "found {} non-retired zookeeper node(s){}; expected at "
+              "least {}: Consul servers run on the zookeeper nodes".format(
+                  len(servers),
+                  " ({})".format(", ".join(n["id"] for n in servers)) if servers else "",
+                  _MIN_SERVERS))
+    per_dc = {dc: 0 for dc in dcs}
+    members = {dc: 0 for dc in dcs}
+    for node in nodes:
+        members[node["datacenter"]] += 1
+    for node in servers:
+        per_dc[node["datacenter"]] += 1
+    for dc in dcs:
+        if not per_dc[dc]:
+            _fail(("nodes",), "data center {!r} has {} node(s) but no non-retired "
+                  "zookeeper node; expected at least one per data center (its "
+                  "Consul servers)".format(dc, members[dc]))
+
+
+def _norm_components(raw, internode):
+    """Catalog after ``cassandra_internode`` and the ``components`` overrides."""
+    catalog = {}
+    for name, spec in COMPONENTS.items():
+        catalog[name] = {
+            "short": spec["short"],
+            "ports": list(spec["ports"]),
+            "range": list(spec["range"]) if spec["range"] else None,
+            "peer_ports": list(spec["peer_ports"]),
+            "targets": dict(spec["targets"]),
+        }
+    if not internode:
+        cass = catalog["cassandra"]
+        cass["ports"].remove(CASSANDRA_INTERNODE_PORT)
+        cass["peer_ports"].remove(CASSANDRA_INTERNODE_PORT)
+        del cass["targets"][CASSANDRA_INTERNODE_PORT]
+
+    path = ("components",)
+    raw = _mapping(raw, path, "a mapping of component overrides")
+    overridden = []
+    for name, override in raw.items():
+        cpath = path + (name,)
+        if name not in COMPONENTS:
+            hint = difflib.get_close_matches(str(name), list(COMPONENTS), n=1)
+            extra = " (did you mean {!r}?)".format(hint[0]) if hint else ""
+            _fail(cpath, "unknown component {!r}{}; expected one of: {}".format(
+                name, extra, ", ".join(COMPONENTS)))
+        override = _mapping(override, cpath, "a mapping with ports, target or "
+                            "peer_ports")
+        _check_keys(override, _COMPONENT_OVERRIDE_KEYS, cpath)
+        spec = catalog[name]
+        default = COMPONENTS[name]
+        if override.get("ports") is not None:
+            ports = override["ports"]
+            ppath = cpath + ("ports",)
+            if not isinstance(ports, list):
+                _fail(ppath, "found {}; expected a list of TCP ports".format(_what(ports)))
+            for j, port in enumerate(ports):
+                _port(port, ppath + (j,))
+                if port in ports[:j]:
+                    _fail(ppath + (j,), "duplicate port {}; expected each port "
+                          "once".format(port))
+                if port in CONSUL_PORTS:
+                    _fail(ppath + (j,), "port {} is a Consul port; expected a "
+                          "component port".format(port))
+                if (name == "cassandra" and port == CASSANDRA_INTERNODE_PORT
+                        and not internode):
+                    _fail(ppath + (j,), "port 7000 contradicts cassandra_internode: "
+                          "false; expected it left out (or cassandra_internode: true)")
+            spec["ports"] = list(ports)
+            spec["targets"] = {p: default["targets"].get(p, "loopback") for p in ports}
+            spec["peer_ports"] = [p for p in spec["peer_ports"] if p in ports]
+            overridden.append(name)
+        if override.get("peer_ports") is not None:
+            peers = override["peer_ports"]
+            ppath = cpath + ("peer_ports",)
+            if not isinstance(peers, list):
+                _fail(ppath, "found {}; expected a list of this component's "
+                      "ports".format(_what(peers)))
+            for j, port in enumerate(peers):
+                if not _is_int(port) or port not in spec["ports"]:
+                    _fail(ppath + (j,), "found {}; expected one of {}'s meshed "
+                          "ports: {}".format(_what(port), name, spec["ports"]))
+            spec["peer_ports"] = [p for p in spec["ports"] if p in peers]
+        if override.get("target") is not None:
+            targets = override["target"]
+            tpath = cpath + ("target",)
+            if not isinstance(targets, dict):
+                _fail(tpath, "found {}; expected a mapping port: loopback|"
+                      "node_ip".format(_what(targets)))
+            for port, where in targets.items():
+                number = port
+                if isinstance(port, str) and port.isdigit():
+                    number = int(port)
+                if not _is_int(number) or number not in spec["ports"]:
+                    _fail(tpath + (port,), "found port {!r}; expected one of {}'s "
+                          "meshed ports: {}".format(port, name, spec["ports"]))
+                if where not in _TARGETS:
+                    _fail(tpath + (port,), "found {}; expected loopback or "
+                          "node_ip".format(_what(where)))
+                spec["targets"][number] = where
+
+    # A component port belongs to one component only.
+    owner = {}
+    for name, spec in catalog.items():
+        for j, port in enumerate(spec["ports"]):
+            if port in owner:
+                other = owner[port]
+                blame = name if name in overridden else other
+                where = spec["ports"] if blame == name else catalog[other]["ports"]
+                _fail(("components", blame, "ports", where.index(port)),
+                      "port {} is already a meshed port of {}; expected each "
+                      "component port in one component".format(
+                          port, other if blame == name else name))
+            owner[port] = name
+    return catalog
+
+
+def _norm_port_ranges(raw, catalog):
+    """Return ``{name: [lo, hi]}`` for the ranges in use (catalog order, egress last)."""
+    path = ("port_ranges",)
+    raw = _mapping(raw, path, "a mapping component: [min, max]")
+    allowed = tuple(COMPONENTS) + ("egress",)
+    _check_keys(raw, allowed, path)
+    explicit = set()
+    for name, value in raw.items():
+        if value is None:
+            continue
+        rpath = path + (name,)
+        ok = (isinstance(value, (list, tuple)) and len(value) == 2
+              and all(_is_int(v) for v in value))
+        if not ok:
+            _fail(rpath, "found {}; expected [min, max], two integers".format(
+                _what(value)))
+        low, high = value
+        if not _MIN_PROXY_PORT <= low <= high <= 65535:
+            _fail(rpath, "found [{}, {}]; expected {} <= min <= max <= 65535 (the "
+                  "proxies do not run as root)".format(low, high, _MIN_PROXY_PORT))
+        explicit.add(name)
+
+    ranges = {}
+    for name, spec in catalog.items():
+        if not spec["ports"]:
+            spec["range"] = None
+            continue
+        value = raw.get(name)
+        if value is not None:
+            spec["range"] = [value[0], value[1]]
+        if spec["range"] is None:
+            _fail(path + (name,), "missing: {} has meshed ports {} but no default "
+                  "range; expected [min, max]".format(name, spec["ports"]))
+        ranges[name] = list(spec["range"])
+    egress = raw.get("egress")
+    ranges["egress"] = [egress[0], egress[1]] if egress is not None else list(EGRESS_RANGE)
+
+    names = list(ranges)
+    for name in names:
+        low, high = ranges[name]
+        for port in sorted(CONSUL_PORTS):
+            if low <= port <= high:
+                _fail(path + (name,), "range {}-{} contains Consul port {}; expected "
+                      "a range free of Consul ports {}".format(
+                          low, high, port, sorted(CONSUL_PORTS)))
+    for j, name in enumerate(names):
+        for other in names[:j]:
+            (alo, ahi), (blo, bhi) = ranges[other], ranges[name]
+            if alo <= bhi and blo <= ahi:
+                blame, against = name, other
+                if other in explicit and name not in explicit:
+                    blame, against = other, name
+                _fail(path + (blame,), "range {}-{} overlaps {} ({}-{}); expected "
+                      "disjoint ranges".format(
+                          ranges[blame][0], ranges[blame][1], _key(*path, against),
+                          ranges[against][0], ranges[against][1]))
+    return ranges
+
+
+def _norm_flows(raw):
+    path = ("flows",)
+    flows = {src: list(dsts) for src, dsts in FLOWS.items()}
+    raw = _mapping(raw, path, "a mapping source component: [destination components]")
+    for src, dsts in raw.items():
+        fpath = path + (src,)
+        if src not in COMPONENTS:
+            _fail(fpath, "unknown source component {!r}; expected one of: {}".format(
+                src, ", ".join(COMPONENTS)))
+        if dsts is None:
+            dsts = []
+        if not isinstance(dsts, list):
+            _fail(fpath, "found {}; expected a list of destination "
+                  "components".format(_what(dsts)))
+        for j, dst in enumerate(dsts):
+            if not isinstance(dst, str) or dst not in COMPONENTS:
+                _fail(fpath + (j,), "found {}, an unknown component; expected one "
+                      "of: {}".format(_what(dst), ", ".join(COMPONENTS)))
+            if dst in dsts[:j]:
+                _fail(fpath + (j,), "duplicate destination {!r}; expected each "
+                      "once".format(dst))
+        flows[src] = list(dsts)
+    return flows
+
+
+def _norm_secrets(raw):
+    path = ("secrets",)
+    raw = _mapping(raw, path, "a mapping with gossip_key")
+    _check_keys(raw, ("gossip_key",), path)
+    check_gossip_key(raw.get("gossip_key"))
+    return {"gossip_key": raw["gossip_key"]}
+
+
+def _norm_tls(raw, nodes):
+    path = ("tls",)
+    raw = _mapping(raw, path)
+    _check_keys(raw, _TLS_KEYS, path)
+    by_id = {n["id"]: n for n in nodes}
+    signer = raw.get("signer")
+    if signer is None:
+        signer = _servers(nodes)[0]["id"]
+    elif not isinstance(signer, str) or signer not in by_id:
+        _fail(path + ("signer",), "found {}, which is not a node id; expected the "
+              "id of the node holding the CA key (one of apigee_mtls:nodes)".format(
+                  _what(signer)))
+    elif by_id[signer]["retired"]:
+        _fail(path + ("signer",), "node {!r} is retired; expected a non-retired "
+              "node".format(signer))
+    tls = {"signer": signer}
+    for name in ("ca_days_valid", "cert_days_valid", "cert_days_remaining"):
+        tls[name] = _positive_int(raw, name, TLS_DEFAULTS[name], path)
+    algo = raw.get("key_algo")
+    if algo is None:
+        algo = TLS_DEFAULTS["key_algo"]
+    elif algo not in _KEY_ALGOS:
+        _fail(path + ("key_algo",), "found {}; expected one of: {}".format(
+            _what(algo), ", ".join(_KEY_ALGOS)))
+    tls["key_algo"] = algo
+    if tls["cert_days_remaining"] >= tls["cert_days_valid"]:
+        blame = "cert_days_remaining" if "cert_days_remaining" in raw else "cert_days_valid"
+        _fail(path + (blame,), "cert_days_remaining ({}) >= cert_days_valid ({}): "
+              "certificates would be renewed on every run; expected "
+              "cert_days_remaining < cert_days_valid".format(
+                  tls["cert_days_remaining"], tls["cert_days_valid"]))
+    if tls["cert_days_valid"] > tls["ca_days_valid"]:
+        blame = "cert_days_valid" if "cert_days_valid" in raw else "ca_days_valid"
+        _fail(path + (blame,), "cert_days_valid ({}) > ca_days_valid ({}); expected "
+              "certificates not to outlive the CA".format(
+                  tls["cert_days_valid"], tls["ca_days_valid"]))
+    return tls
+
+
+def _check_source_hash(value, path):
+    if not isinstance(value, str) or not value:
+        _fail(path, "found {}; expected <algo>=<hex digest>, e.g. "
+              "sha256=<64 hex digits>".format(_what(value)))
+    match = _HASH_RE.fullmatch(value)
+    if match:
+        algo, digest = match.groups()
+        if algo not in _HASH_LENGTHS:
+            _fail(path, "unknown hash type {!r}; expected one of: {}".format(
+                algo, ", ".join(_HASH_LENGTHS)))
+        if len(digest) != _HASH_LENGTHS[algo]:
+            _fail(path, "{} digest has {} hex digits; expected {}".format(
+                algo, len(digest), _HASH_LENGTHS[algo]))
+        return
+    if _HEX_RE.fullmatch(value) and len(value) in _HASH_LENGTHS.values():
+        return
+    if _URL_RE.fullmatch(value):
+        return
+    _fail(path, "found {}; expected <algo>=<hex digest> (e.g. sha256=...), a bare "
+          "hex digest or the URL of a hash file".format(_what(value)))
+
+
+def _norm_install(raw):
+    path = ("consul", "install")
+    raw = _mapping(raw, path, "a mapping with method (binary, archive or pkg)")
+    _check_keys(raw, _INSTALL_KEYS, path)
+    method = raw.get("method")
+    if method is None:
+        method = "pkg"
+    elif method not in _INSTALL_METHODS:
+        _fail(path + ("method",), "found {}; expected one of: {}".format(
+            _what(method), ", ".join(_INSTALL_METHODS)))
+    install = {"method": method, "source": None, "source_hash": None, "name": None}
+    if method == "pkg":
+        for name in ("source", "source_hash"):
+            if raw.get(name) is not None:
+                _fail(path + (name,), "is only used with method binary or archive; "
+                      "expected it left out with method pkg")
+        name = raw.get("name")
+        if name is None:
+            name = "consul"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*",
+                                                          name):
+            _fail(path + ("name",), "found {}; expected a package name".format(
+                _what(name)))
+        install["name"] = name
+        return install
+    if raw.get("name") is not None:
+        _fail(path + ("name",), "is only used with method pkg; expected it left out "
+              "with method {}".format(method))
+    source = raw.get("source")
+    if source is None:
+        _fail(path + ("source",), "missing; method {} needs a source (salt://, "
+              "https:// or an absolute path)".format(method))
+    if not isinstance(source, str) or not (_URL_RE.fullmatch(source) or (
+            source.startswith("/") and not any(c.isspace() for c in source))):
+        _fail(path + ("source",), "found {}; expected a salt://, http(s)://, ftp://, "
+              "s3://, swift://, file:// URL or an absolute path".format(_what(source)))
+    source_hash = raw.get("source_hash")
+    if source_hash is None:
+        _fail(path + ("source_hash",), "missing; method {} needs source_hash, e.g. "
+              "sha256=<64 hex digits>".format(method))
+    _check_source_hash(source_hash, path + ("source_hash",))
+    install["source"] = source
+    install["source_hash"] = source_hash
+    return install
+
+
+def _norm_consul(raw):
+    path = ("consul",)
+    raw = _mapping(raw, path)
+    _check_keys(raw, _CONSUL_KEYS, path)
+    consul = dict(CONSUL_DEFAULTS)
+    version = raw.get("version")
+    if version is not None:
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+            _fail(path + ("version",), "found {}; expected a quoted version such as "
+                  "\"1.8.7\"".format(_what(version)))
+        consul["version"] = version
+    consul["user"] = _posix_name(raw, "user", consul["user"], path)
+    consul["group"] = _posix_name(raw, "group", consul["group"], path)
+    consul["keep_user"] = _bool(raw, "keep_user", consul["keep_user"], path)
+    consul["dns_exposed"] = _bool(raw, "dns_exposed", consul["dns_exposed"], path)
+    for name in ("bin", "config_dir", "data_dir", "tls_dir"):
+        consul[name] = _abs_path(raw, name, consul[name], path)
+    level = raw.get("log_level")
+    if level is not None:
+        if not isinstance(level, str) or level.upper() not in _LOG_LEVELS:
+            _fail(path + ("log_level",), "found {}; expected one of: {}".format(
+                _what(level), ", ".join(_LOG_LEVELS)))
+        consul["log_level"] = level.upper()
+    consul["install"] = _norm_install(raw.get("install"))
+    return consul
+
+
+def _norm_firewall(raw, catalog, ranges):
+    path = ("firewall",)
+    raw = _mapping(raw, path)
+    _check_keys(raw, ("protected_ports",), path)
+    given = raw.get("protected_ports")
+    ppath = path + ("protected_ports",)
+    if given is None:
+        ports = list(DEFAULT_PROTECTED_PORTS)
+    else:
+        if not isinstance(given, list):
+            _fail(ppath, "found {}; expected a list of TCP ports".format(_what(given)))
+        ports = given
+    meshed = {}
+    for name, spec in catalog.items():
+        for port in spec["ports"]:
+            meshed[port] = name
+    for j, port in enumerate(ports):
+        where = ppath + (j,)
+        _port(port, where)
+        if port in ports[:j]:
+            _fail(where, "duplicate port {}; expected each port once".format(port))
+        if port in CONSUL_PORTS:
+            _fail(where, "port {} is a Consul port; expected a port the formula "
+                  "never restricts".format(port))
+        if port in meshed:
+            if given is None:
+                owner = catalog[meshed[port]]["ports"]
+                _fail(("components", meshed[port], "ports", owner.index(port)),
+                      "port {} is protected (apigee_mtls:firewall:protected_ports); "
+                      "expected a port that is not protected".format(port))
+            _fail(where, "port {} is a meshed port of {}; expected a port that is "
+                  "never meshed".format(port, meshed[port]))
+        for name, (low, high) in ranges.items():
+            if low <= port <= high:
+                if given is None:
+                    _fail(("port_ranges", name), "range {}-{} contains protected port "
+                          "{} (apigee_mtls:firewall:protected_ports); expected a range "
+                          "free of protected ports".format(low, high, port))
+                _fail(where, "port {} lies in proxy range {} ({}-{}); expected a port "
+                      "outside the proxy ranges".format(
+                          port, _key("port_ranges", name), low, high))
+    return {"protected_ports": sorted(ports)}
+
+
+def _norm_proxy(raw, consul):
+    path = ("proxy",)
+    raw = _mapping(raw, path)
+    _check_keys(raw, ("user",), path)
+    return {"user": _posix_name(raw, "user", consul["user"], path)}
+
+
+def normalize(pillar):
+    """
+    Validate the ``apigee_mtls`` pillar value and return the normalized model.
+
+    :param pillar: the *value* of the ``apigee_mtls`` pillar key
+    :return: the model described in the module docstring (a new dict; the
+        input is not modified)
+    :raises PillarError: for the first problem found
+    """
+    if not isinstance(pillar, dict):
+        raise PillarError(ROOT_KEY, "found {}; expected a mapping (the value of the "
+                          "apigee_mtls pillar key)".format(_what(pillar)))
+    _check_keys(pillar, _TOP_KEYS, ())
+    dcs = _norm_datacenters(pillar.get("datacenters"))
+    nodes = _norm_nodes(pillar.get("nodes"), dcs)
+    _check_quorum(nodes, dcs)
+    internode = _bool(pillar, "cassandra_internode", True, ())
+    catalog = _norm_components(pillar.get("components"), internode)
+    ranges = _norm_port_ranges(pillar.get("port_ranges"), catalog)
+    flows = _norm_flows(pillar.get("flows"))
+    secret = _norm_secrets(pillar.get("secrets"))
+    tls = _norm_tls(pillar.get("tls"), nodes)
+    consul = _norm_consul(pillar.get("consul"))
+    firewall = _norm_firewall(pillar.get("firewall"), catalog, ranges)
+    proxy = _norm_proxy(pillar.get("proxy"), consul)
+    model = {
+        "datacenters": dcs,
+        "primary_datacenter": dcs[0],
+        "nodes": nodes,
+        "servers": [n["id"] for n in _servers(nodes)],
+        "cassandra_internode": internode,
+        "components": catalog,
+        "port_ranges": ranges,
+        "flows": flows,
+        "secrets": secret,
+        "tls": tls,
+        "consul": consul,
+        "firewall": firewall,
+        "proxy": proxy,
+    }
+    model["allocation"] = allocate_ports(model)
+    return model
+
+
+def validate(pillar):
+    """
+    Alias of :func:`normalize`: validate the pillar value, return the model.
+
+    :raises PillarError: for the first problem found
+    """
+    return normalize(pillar)
+
+
+# ---------------------------------------------------------------------------
+# Port allocation
+# ---------------------------------------------------------------------------
+
+def _forbidden_ports(model):
+    """``{port: reason}`` for ports no proxy may listen on (first reason wins)."""
+    reasons = {}
+    for port in model["firewall"]["protected_ports"]:
+        reasons.setdefault(port, "protected port {}".format(port))
+    for port in CONSUL_PORTS:
+        reasons.setdefault(port, "Consul port {}".format(port))
+    for name, spec in model["components"].items():
+        for port in spec["ports"]:
+            reasons.setdefault(port, "meshed port {} of {}".format(port, name))
+    for port in APIGEE_SERVICE_PORTS:
+        reasons.setdefault(port, "Apigee service port {}".format(port))
+    return reasons
+
+
+def _check_block(name, low, high, need, hosts, width, forbidden, labels):
+    """Fail when ``need`` ports do not fit ``low-high`` or hit a forbidden port."""
+    size = high - low + 1
+    if need > size:
+        _fail(("port_ranges", name), "needs {} ports for {} nodes, range {}-{} holds "
+              "{}; expected a larger range".format(need, len(hosts), low, high, size))
+    for port in sorted(forbidden):
+        if low <= port < low + need:
+            offset = port - low
+            host = hosts[offset // width]
+            _fail(("port_ranges", name), "allocated port {} ({} on node {}) equals "
+                  "{}; expected a range whose first {} ports avoid Apigee service, "
+                  "Consul, protected and meshed component ports".format(
+                      port, labels[offset % width], host["id"], forbidden[port], need))
+
+
+def allocate_ports(model):
+    """
+    Allocate the proxy ports of every node (retired ones included).
+
+    :param model: a model from :func:`normalize`
+    :return: ``{node_id: {"egress": port, "ingress": {component:
+        {component_port: proxy_port}}}}``; ``ingress`` follows the node's
+        component order
+    :raises PillarError: key ``apigee_mtls:port_ranges:<component|egress>`` when
+        a range is exhausted or an allocated port is forbidden
+    """
+    nodes = model["nodes"]
+    forbidden = _forbidden_ports(model)
+    hosts = {name: [] for name in model["components"]}
+    for node in nodes:
+        for comp in node["components"]:
+            hosts[comp].append(node)
+    blocks = {}
+    for name, spec in model["components"].items():
+        ports = spec["ports"]
+        if not ports:
+            continue
+        low, high = spec["range"]
+        width = len(ports)
+        need = width * len(hosts[name])
+        _check_block(name, low, high, need, hosts[name], width, forbidden,
+                     ["{} {}".format(name, p) for p in ports])
+        for k, node in enumerate(hosts[name]):
+            base = low + k * width
+            blocks[(node["id"], name)] = {p: base + j for j, p in enumerate(ports)}
+    low, high = model["port_ranges"]["egress"]
+    _check_block("egress", low, high, len(nodes), nodes, 1, forbidden, ["egress"])
+    allocation = {}
+    for k, node in enumerate(nodes):
+        ingress = {}
+        for comp in node["components"]:
+            if (node["id"], comp) in blocks:
+                ingress[comp] = blocks[(node["id"], comp)]
+        allocation[node["id"]] = {"egress": low + k, "ingress": ingress}
+    return allocation
+
+
+# ---------------------------------------------------------------------------
+# Flows
+# ---------------------------------------------------------------------------
+
+class _Index(object):
+    """Lookups over a model, built once per public call (O(nodes))."""
+
+    def __init__(self, model):
+        self.model = model
+        self.by_id = {n["id"]: n for n in model["nodes"]}
+        self.hosts = {name: [] for name in model["components"]}
+        self.servers_by_dc = {dc: [] for dc in model["datacenters"]}
+        for node in model["nodes"]:
+            if node["retired"]:
+                continue
+            for comp in node["components"]:
+                self.hosts[comp].append(node)
+            if "zookeeper" in node["components"]:
+                self.servers_by_dc[node["datacenter"]].append(node)
+        self.allocation = model.get("allocation") or allocate_ports(model)
+        self._reach = {}
+        self._names = {}
+
+    def node(self, node_id):
+        node = self.by_id.get(node_id)
+        if node is None:
+            raise PillarError(_key("nodes"), "no node with id {!r}; expected one of "
+                              "the ids in apigee_mtls:nodes".format(node_id))
+        return node
+
+    def reach(self, components):
+        """``{destination component: [ports]}`` reachable from ``components``."""
+        signature = tuple(sorted(components))
+        if signature in self._reach:
+            return self._reach[signature]
+        flows = self.model["flows"]
+        result = {}
+        for dest, spec in self.model["components"].items():
+            if not spec["ports"]:
+                continue
+            sources = [s for s in components if dest in flows.get(s, ())]
+            if not sources:
+                continue
+            same = dest in sources
+            peer = set(spec["peer_ports"])
+            ports = [p for p in spec["ports"] if same or p not in peer]
+            if ports:
+                result[dest] = ports
+        self._reach[signature] = result
+        return result
+
+    def upstreams(self, node):
+        """Upstreams of ``node``'s egress, sorted by (node index, proxy port)."""
+        if node["retired"]:
+            return []
+        keyed = []
+        for dest, ports in self.reach(node["components"]).items():
+            short = self.model["components"][dest]["short"]
+            for other in self.hosts[dest]:
+                if other is node:
+                    continue
+                block = self.allocation[other["id"]]["ingress"][dest]
+                dashed = _dashed(other["ip"])
+                for port in ports:
+                    keyed.append(((other["index"], block[port]), {
+                        "service": "{}-{}-{}".format(short, port, dashed),
+                        "node": other["id"],
+                        "ip": other["ip"],
+                        "datacenter": other["datacenter"],
+                        "component": dest,
+                        "component_port": port,
+                        "proxy_port": block[port],
+                    }))
+        keyed.sort(key=lambda pair: pair[0])
+        return [entry for _, entry in keyed]
+
+
+    def upstream_names(self, node):
+        """Service names of :meth:`upstreams`, same order, without the dicts."""
+        if node["retired"]:
+            return []
+        keyed = []
+        names = self._names
+        for dest, ports in self.reach(node["components"]).items():
+            for other in self.hosts[dest]:
+                if other is node:
+                    continue
+                block = self.allocation[other["id"]]["ingress"][dest]
+                for port in ports:
+                    name = names.get((other["index"], port))
+                    if name is None:
+                        name = service_name(dest, port, other["ip"])
+                        names[(other["index"], port)] = name
+                    keyed.append((other["index"], block[port], name))
+        keyed.sort()
+        return [name for _, _, name in keyed]
+
+
+def flows_between(model, src_node_id, dst_node_id):
+    """
+    Destination (component, port) pairs on ``dst`` that ``src`` reaches.
+
+    :param model: a model from :func:`normalize`
+    :return: list of ``(component, port)`` in ``dst``'s component order then
+        port order; empty when src == dst or either is retired
+    :raises PillarError: key ``apigee_mtls:nodes`` for an unknown node id
+    """
+    index = _Index(model)
+    src, dst = index.node(src_node_id), index.node(dst_node_id)
+    if src is dst or src["retired"] or dst["retired"]:
+        return []
+    reach = index.reach(src["components"])
+    return [(comp, port) for comp in dst["components"] for port in reach.get(comp, ())]
+
+
+# ---------------------------------------------------------------------------
+# Per-node plan
+# ---------------------------------------------------------------------------
+
+def _consul_config(model, index, node, is_server):
+    consul = model["consul"]
+    dc = node["datacenter"]
+    ip = node["ip"]
+    servers = index.servers_by_dc[dc]
+    config = {
+        "datacenter": dc,
+        "primary_datacenter": model["primary_datacenter"],
+        "node_name": node["id"],
+        "data_dir": consul["data_dir"],
+        "bind_addr": ip,
+        "advertise_addr": ip,
+        "advertise_addr_wan": ip,
+        "client_addr": "127.0.0.1",
+        "addresses": {
+            "http": "127.0.0.1",
+            "https": ip,
+            "dns": "0.0.0.0" if consul["dns_exposed"] else "127.0.0.1",
+        },
+        "ports": {"http": 8500, "https": 8501, "grpc": -1, "dns": 8600},
+        "server": is_server,
+        "retry_join": [s["ip"] for s in servers if s is not node],
+        "disable_update_check": True,
+        "log_level": consul["log_level"],
+        "connect": {"enabled": True},
+        "ca_file": consul["tls_dir"] + "/ca.pem",
+        "cert_file": consul["tls_dir"] + "/agent.pem",
+        "key_file": consul["tls_dir"] + "/agent-key.pem",
+        "verify_incoming": True,
+        "verify_outgoing": True,
+        "verify_server_hostname": True,
+        "enable_script_checks": False,
+        "disable_remote_exec": True,
+        "leave_on_terminate": False,
+        "skip_leave_on_interrupt": True,
+        "ui": False,
+    }
+    if is_server:
+        config["bootstrap_expect"] = len(servers)
+        if len(model["datacenters"]) > 1:
+            config["retry_join_wan"] = [
+                s["ip"] for other in model["datacenters"] if other != dc
+                for s in index.servers_by_dc[other]]
+    return config
+
+
+def _services(model, index, node, upstreams):
+    ip = node["ip"]
+    alloc = index.allocation[node["id"]]
+    ingress = []
+    for comp, block in alloc["ingress"].items():
+        targets = model["components"][comp]["targets"]
+        for port, proxy_port in block.items():
+            address = ip if targets.get(port) == "node_ip" else "127.0.0.1"
+            name = service_name(comp, port, ip)
+            ingress.append({
+                "id": name,
+                "name": name,
+                "address": address,
+                "port": port,
+                "meta": {
+                    "apigee_mtls": "ingress",
+                    "component": comp,
+                    "component_port": str(port),
+                    "node": node["id"],
+                },
+                "connect": {"sidecar_service": {
+                    # Explicit: a sidecar inherits the service's address, and
+                    # remote egress proxies must dial the node IP.
+                    "address": ip,
+                    "port": proxy_port,
+                    "proxy": {
+                        "local_service_address": address,
+                        "local_service_port": port,
+                    },
+                }},
+            })
+    ingress.sort(key=lambda s: s["connect"]["sidecar_service"]["port"])
+    egress_port = alloc["egress"]
+    name = egress_name(ip)
+    bindings = []
+    for up in upstreams:
+        binding = {
+            "destination_name": up["service"],
+            "local_bind_address": "127.0.0.1",
+            "local_bind_port": up["proxy_port"],
+        }
+        if up["datacenter"] != node["datacenter"]:
+            binding["datacenter"] = up["datacenter"]
+        bindings.append(binding)
+    egress = {
+        "id": name,
+        "name": name,
+        "address": "127.0.0.1",
+        "port": egress_port,
+        "meta": {"apigee_mtls": "egress", "node": node["id"]},
+        "connect": {"sidecar_service": {
+            "address": ip,
+            "port": egress_port,
+            "proxy": {
+                "local_service_address": "127.0.0.1",
+                "local_service_port": egress_port,
+                "upstreams": bindings,
+            },
+        }},
+    }
+    return ingress + [egress]
+
+
+def _multiport_chunks(ports, limit=MULTIPORT_MAX):
+    """
+    Split ports into ``--dports`` lists of at most ``limit`` slots.
+
+    Runs of three or more consecutive ports become ``a:b`` (2 slots).
+    """
+    ports = sorted(set(ports))
+    items = []
+    i = 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        if j - i >= 2:
+            items.append(("{}:{}".format(ports[i], ports[j]), 2))
+        else:
+            items.extend((str(p), 1) for p in ports[i:j + 1])
+        i = j + 1
+    chunks, current, used = [], [], 0
+    for text, cost in items:
+        if used + cost > limit:
+            chunks.append(",".join(current))
+            current, used = [], 0
+        current.append(text)
+        used += cost
+    if current:
+        chunks.append(",".join(current))
+    return chunks
+
+
+def _firewall(model, index, node, upstreams, proxy_owner):
+    out, inp = NAT_CHAIN, FILTER_CHAIN
+    nat = ["-A {} -m owner --uid-owner {} -j RETURN".format(out, proxy_owner)]
+    for up in upstreams:
+        nat.append("-A {} -d {}/32 -p tcp -m tcp --dport {} -j REDIRECT "
+                   "--to-ports {}".format(out, up["ip"], up["component_port"],
+                                          up["proxy_port"]))
+    alloc = index.allocation[node["id"]]
+    sidecar = [alloc["egress"]] + [p for block in alloc["ingress"].values()
+                                   for p in block.values()]
+    meshed = sorted(p for block in alloc["ingress"].values() for p in block)
+    filt = [
+        "-A {} -i lo -j RETURN".format(inp),
+        "-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp),
+    ]
+    for chunk in _multiport_chunks(model["firewall"]["protected_ports"]):
+        filt.append("-A {} -p tcp -m multiport --dports {} -j RETURN".format(inp, chunk))
+    member_tcp = _multiport_chunks(list(CONSUL_MEMBER_TCP_PORTS) + sidecar)
+    member_udp = _multiport_chunks(CONSUL_MEMBER_UDP_PORTS)
+    for member in model["nodes"]:
+        if member["retired"]:
+            continue
+        for chunk in member_tcp:
+            filt.append("-A {} -s {}/32 -p tcp -m multiport --dports {} -j "
+                        "RETURN".format(inp, member["ip"], chunk))
+        for chunk in member_udp:
+            filt.append("-A {} -s {}/32 -p udp -m multiport --dports {} -j "
+                        "RETURN".format(inp, member["ip"], chunk))
+    for port in meshed:
+        filt.append("-A {} -p tcp -m tcp --dport {} -j REJECT --reject-with "
+                    "tcp-reset".format(inp, port))
+    for chunk in _multiport_chunks(sorted(CONSUL_PORTS) + sidecar):
+        filt.append("-A {} -p tcp -m multiport --dports {} -j REJECT --reject-with "
+                    "tcp-reset".format(inp, chunk))
+    for chunk in member_udp:
+        filt.append("-A {} -p udp -m multiport --dports {} -j DROP".format(inp, chunk))
+    return {"nat": nat, "filter": filt}
+
+
+def _certificate(node, is_server):
+    dc = node["datacenter"]
+    dns = ["localhost"]
+    if is_server:
+        dns.append("server.{}.consul".format(dc))
+    dns += ["client.{}.consul".format(dc), "cli.{}.consul".format(dc)]
+    for name in (node["fqdn"], node["id"]):
+        if name and name not in dns and _HOSTNAME_RE.fullmatch(name):
+            dns.append(name)
+    return {"cn": node["id"], "dns_sans": dns,
+            "ip_sans": [node["ip"], "127.0.0.1", "::1"]}
+
+
+def _plan(model, index, node_id, proxy_uid=None):
+    node = index.node(node_id)
+    retired = node["retired"]
+    is_server = not retired and "zookeeper" in node["components"]
+    result = {
+        "node": copy.deepcopy(node),
+        "servers": list(model["servers"]),
+        "is_server": is_server,
+        "datacenter": node["datacenter"],
+        "primary_datacenter": model["primary_datacenter"],
+        "ports": copy.deepcopy(index.allocation[node["id"]]),
+        "consul": copy.deepcopy(model["consul"]),
+        "tls": dict(model["tls"]),
+        "proxy": dict(model["proxy"]),
+        "signer": model["tls"]["signer"],
+    }
+    if retired:
+        result.update({
+            "consul_config": None, "encrypt_config": None, "services": [],
+            "upstreams": [], "proxies": [], "firewall": {"nat": [], "filter": []},
+            "certificate": None, "signing_policy": None,
+        })
+        return result
+    upstreams = index.upstreams(node)
+    services = _services(model, index, node, upstreams)
+    owner = proxy_uid if proxy_uid is not None else model["proxy"]["user"]
+    result.update({
+        "consul_config": _consul_config(model, index, node, is_server),
+        "encrypt_config": {
+            "encrypt": model["secrets"]["gossip_key"],
+            "encrypt_verify_incoming": True,
+            "encrypt_verify_outgoing": True,
+        },
+        "services": services,
+        "upstreams": upstreams,
+        "proxies": [s["id"] for s in services],
+        "firewall": _firewall(model, index, node, upstreams, owner),
+        "certificate": _certificate(node, is_server),
+        "signing_policy": "apigee_mtls_{}".format(node["id"]),
+    })
+    return result
+
+
+def plan(pillar, node_id, proxy_uid=None):
+    """
+    Everything the formula applies on one node.
+
+    :param pillar: the value of the ``apigee_mtls`` pillar key
+    :param node_id: the node's minion id
+    :param proxy_uid: optional numeric uid of the proxy user: ``iptables -S``
+        prints ``--uid-owner`` numerically, so pass it to compare the nat rules
+        with live output; by default the user name is used (fine for
+        ``iptables-restore``)
+    :return: dict with keys ``node``, ``servers``, ``is_server``,
+        ``datacenter``, ``primary_datacenter``, ``ports``, ``consul``, ``tls``,
+        ``proxy``, ``consul_config``, ``encrypt_config``, ``services``,
+        ``upstreams``, ``proxies``, ``firewall``, ``certificate``, ``signer``,
+        ``signing_policy``.  A retired node gets empty ``services``,
+        ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
+        ``consul_config``, ``encrypt_config``, ``certificate`` and
+        ``signing_policy``.
+    :raises PillarError: for a bad pillar, or key ``apigee_mtls:nodes`` when
+        ``node_id`` is not a node
+    """
+    model = normalize(pillar)
+    return _plan(model, _Index(model), node_id, proxy_uid)
+
+
+def render_iptables_restore(firewall):
+    """
+    Render a firewall plan as an ``iptables-restore --noflush`` payload.
+
+    Declaring the chains creates them, or flushes them when they exist, so the
+    payload rebuilds both chains and touches nothing else (the jumps from
+    OUTPUT/INPUT are managed separately).
+
+    :param firewall: ``{"nat": [...], "filter": [...]}`` from :func:`plan`
+    :return: the payload text
+    """
+    lines = ["*nat", ":{} - [0:0]".format(NAT_CHAIN)]
+    lines += list(firewall.get("nat", ()))
+    lines += ["COMMIT", "*filter", ":{} - [0:0]".format(FILTER_CHAIN)]
+    lines += list(firewall.get("filter", ()))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Cluster-wide views
+# ---------------------------------------------------------------------------
+
+def intentions(pillar):
+    """
+    Consul intentions for the whole cluster.
+
+    :return: ``[{"source": "*", "destination": "*", "action": "deny"}]``
+        followed by one allow per (egress of A, ingress service on B) upstream,
+        in node order then upstream order; no duplicates
+    """
+    model = normalize(pillar)
+    index = _Index(model)
+    result = [{"source": "*", "destination": "*", "action": "deny"}]
+    for node in model["nodes"]:
+        if node["retired"]:
+            continue
+        source = egress_name(node["ip"])
+        # Unique by construction: one egress per node, and a component port
+        # belongs to one component, so (node, port) names one service.
+        for name in index.upstream_names(node):
+            result.append({"source": source, "destination": name, "action": "allow"})
+    return result
+
+
+def signing_policies(pillar, ca_key_path, ca_cert_path):
+    """
+    The ``x509_signing_policies`` pillar content for the signer.
+
+    :param ca_key_path: path of the CA private key on the signer
+    :param ca_cert_path: path of the CA certificate on the signer
+    :return: ``{"apigee_mtls_<id>": policy}`` for every non-retired node
+    """
+    model = normalize(pillar)
+    servers = set(model["servers"])
+    policies = {}
+    for node in model["nodes"]:
+        if node["retired"]:
+            continue
+        cert = _certificate(node, node["id"] in servers)
+        sans = ["DNS:" + n for n in cert["dns_sans"]] + ["IP:" + a for a in cert["ip_sans"]]
+        policies["apigee_mtls_{}".format(node["id"])] = {
+            "minions": node["id"],
+            "signing_private_key": ca_key_path,
+            "signing_cert": ca_cert_path,
+            "CN": cert["cn"],
+            "subjectAltName": ",".join(sans),
+            "basicConstraints": "critical, CA:false",
+            "keyUsage": "critical, digitalSignature, keyEncipherment",
+            "extendedKeyUsage": "serverAuth, clientAuth",
+            "subjectKeyIdentifier": "hash",
+            "authorityKeyIdentifier": "keyid:always",
+            "days_valid": model["tls"]["cert_days_valid"],
+        }
+    return policies
+
+
+def port_report(pillar):
+    """
+    Port assignments of every node, like the product's port report.
+
+    :return: ``{node_id: {"ip", "datacenter", "retired", "egress", "ingress":
+        [{"service", "component", "component_port", "proxy_port"}],
+        "upstreams": [service names]}}``; retired nodes show their reserved
+        ports and no upstreams
+    """
+    model = normalize(pillar)
+    index = _Index(model)
+    report = {}
+    for node in model["nodes"]:
+        alloc = index.allocation[node["id"]]
+        ingress = [
+            {"service": service_name(comp, port, node["ip"]), "component": comp,
+             "component_port": port, "proxy_port": proxy_port}
+            for comp, block in alloc["ingress"].items()
+            for port, proxy_port in block.items()]
+        ingress.sort(key=lambda e: e["proxy_port"])
+        report[node["id"]] = {
+            "ip": node["ip"],
+            "datacenter": node["datacenter"],
+            "retired": node["retired"],
+            "egress": alloc["egress"],
+            "ingress": ingress,
+            "upstreams": index.upstream_names(node),
+        }
+    return report

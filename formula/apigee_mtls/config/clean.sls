@@ -1,0 +1,7 @@
+{%- from "apigee_mtls/map.jinja" import plan with context %}
+{%- set config_dir = (plan.get("consul") or {}).get("config_dir", "/etc/consul.d") %}
+{%- for f in ["consul.json", "encrypt.json", "apigee-mtls-services.json"] %}
+apigee-mtls-config-{{ f }}-absent:
+  file.absent:
+    - name: {{ config_dir }}/{{ f }}
+{%- endfor %}

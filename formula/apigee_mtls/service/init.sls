@@ -1,0 +1,44 @@
+{#- The Consul agent as a systemd unit. Agent config changes restart it; service definitions
+    and certificates only need a reload (SIGHUP), which keeps the sidecars' connections. -#}
+{%- from "apigee_mtls/map.jinja" import params, plan with context %}
+{%- if plan.member %}
+{%- set c = plan.consul %}
+include:
+  - apigee_mtls.install
+  - apigee_mtls.tls
+  - apigee_mtls.config
+
+apigee-mtls-service-unit-managed:
+  file.managed:
+    - name: {{ params.systemd_unit_dir }}/consul.service
+    - source: salt://apigee_mtls/files/consul.service.jinja
+    - template: jinja
+    - context:
+        consul: {{ c | json }}
+    - user: root
+    - group: root
+    - mode: "0644"
+
+apigee-mtls-service-running:
+  service.running:
+    - name: consul
+    - enable: True
+    - require:
+      - apigee_mtls: apigee-mtls-tls-agent-cert-managed
+      - file: apigee-mtls-config-services-file-managed
+      - file: apigee-mtls-install-data-dir-managed
+    - watch:
+      - file: apigee-mtls-service-unit-managed
+      - file: apigee-mtls-config-agent-file-managed
+      - file: apigee-mtls-config-encrypt-file-managed
+      - file: apigee-mtls-install-consul-binary-managed
+
+apigee-mtls-service-reloaded:
+  cmd.run:
+    - name: systemctl reload consul
+    - onchanges:
+      - file: apigee-mtls-config-services-file-managed
+      - apigee_mtls: apigee-mtls-tls-agent-cert-managed
+    - require:
+      - service: apigee-mtls-service-running
+{%- endif %}

@@ -1,0 +1,511 @@
+#!/usr/bin/env python3
+"""labctl: a real multi-node Apigee mTLS lab on one machine.
+
+Every node is a ``systemd-nspawn --boot`` machine (real systemd as PID 1, real salt-minion,
+real iptables) on a private bridge; a real salt-master runs on the host, bound to the bridge
+address only. The topology is data: any ``apigee_mtls`` pillar file (tests/topologies/*.yaml).
+
+Commands (run as root, from the repo's venv python; ``make lab`` does it for you)::
+
+    labctl.py up [--topology FILE] [--no-apply]   boot the lab, then salt '*' state.apply apigee_mtls
+    labctl.py down                                 remove everything the lab created
+    labctl.py status                               nodes, PIDs, addresses
+    labctl.py exec NODE -- CMD...                  run a command inside a node
+    labctl.py shell NODE                           interactive shell inside a node
+    labctl.py salt ARGS...                         the salt CLI against the lab's master
+    labctl.py apply [SALT ARGS...]                 salt '*' state.apply apigee_mtls
+
+State lives in $LAB_STATE (default /var/lib/apigee-mtls-lab); downloads and the shared rootfs in
+$LAB_CACHE (default /var/cache/apigee-mtls-lab). ``down`` also recovers from a crashed or
+interrupted ``up``: it finds machines, mounts, links and the master by name, not only by record.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATE = os.environ.get("LAB_STATE", "/var/lib/apigee-mtls-lab")
+CACHE = os.environ.get("LAB_CACHE", "/var/cache/apigee-mtls-lab")
+BRIDGE = os.environ.get("LAB_BRIDGE", "amtls0")
+HOST_IP = os.environ.get("LAB_HOST_IP", "10.77.0.1")
+PREFIX = 24
+MACHINE_PREFIX = "amtls-"
+DEFAULT_TOPOLOGY = os.path.join(REPO, "tests", "topologies", "5-node.yaml")
+VENV_BIN = os.path.dirname(sys.executable)
+STATE_FILE = os.path.join(STATE, "lab.json")
+SALT_CONF = os.path.join(STATE, "etc", "salt")
+
+sys.path.insert(0, os.path.join(REPO, "_utils"))
+import apigee_mtls_plan as planner  # noqa: E402  (pure planner, shared with the formula)
+
+# Non-meshed real ports the stand-ins also serve (so tests can see them stay direct).
+EXTRA_PORTS = {"management-server": [8080], "ui": [9000]}
+
+_T0 = time.monotonic()
+
+
+def step(msg):
+    print(f"[lab {time.monotonic() - _T0:6.1f}s] {msg}", flush=True)
+
+
+def run(cmd, check=True, capture=False, **kw):
+    if capture:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("text", True)
+    proc = subprocess.run(cmd, check=False, **kw)
+    if check and proc.returncode != 0:
+        err = (proc.stderr or "") if capture else ""
+        raise SystemExit(f"lab: command failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    return proc
+
+
+def load_state():
+    if os.path.exists(STATE_FILE):
+        with open(STATE_FILE, encoding="utf-8") as fh:
+            return json.load(fh)
+    return {}
+
+
+def save_state(state):
+    os.makedirs(STATE, exist_ok=True)
+    tmp = STATE_FILE + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=2)
+    os.replace(tmp, STATE_FILE)
+
+
+def load_topology(path):
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    return data.get("apigee_mtls", data)
+
+
+# ---------------------------------------------------------------------------------------------
+# node helpers
+def node_root(node_id):
+    return os.path.join(STATE, "nodes", node_id)
+
+
+def init_pid(node_id, state=None):
+    """PID (host namespace) of the node's systemd, or None."""
+    state = state or load_state()
+    info = state.get("nodes", {}).get(node_id)
+    if not info:
+        return None
+    nspawn = info.get("pid")
+    if not nspawn or not _alive(nspawn):
+        return None
+    kids = run(["pgrep", "-P", str(nspawn)], check=False, capture=True).stdout.split()
+    return int(kids[0]) if kids else None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def node_exec_cmd(node_id, argv, state=None):
+    pid = init_pid(node_id, state)
+    if pid is None:
+        raise SystemExit(f"lab: node {node_id} is not running")
+    env = ["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME=/root", "TERM=" + os.environ.get("TERM", "dumb"), "LANG=C.UTF-8"]
+    return ["nsenter", "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-C", "--"] + env + argv
+
+
+def salt_cmd(args):
+    return [os.path.join(VENV_BIN, "salt"), "-c", SALT_CONF] + list(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# up
+def prepare_host():
+    missing = [t for t in ("systemd-nspawn", "debootstrap", "iptables", "nsenter", "tcpdump")
+               if shutil.which(t) is None]
+    if missing:
+        step(f"installing host packages for: {', '.join(missing)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        run(["apt-get", "update", "-q"], capture=True, env=env)
+        run(["apt-get", "install", "-y", "-q", "systemd-container", "debootstrap", "iptables",
+             "tcpdump", "util-linux"], capture=True, env=env)
+    step("rootfs (built once, shared read-only)")
+    run(["bash", os.path.join(REPO, "lab", "build-rootfs.sh")])
+    step("consul 1.8.7 from Debian 11 (fetched once)")
+    run(["bash", os.path.join(REPO, "lab", "fetch-consul.sh")])
+
+
+def write_master(topo_path, topo):
+    step("salt-master config and pillar")
+    for d in ("etc/salt/master.d", "pillar", "files/consul", "master"):
+        os.makedirs(os.path.join(STATE, d), exist_ok=True)
+    files = os.path.join(STATE, "files")
+    binary = os.path.join(files, "consul", "consul")
+    if not os.path.exists(binary):
+        shutil.copy2(os.path.join(CACHE, "consul", "consul"), binary)
+    with open(os.path.join(CACHE, "consul", "consul.sha256"), encoding="utf-8") as fh:
+        sha = fh.read().strip()
+    master_conf = {
+        "root_dir": os.path.join(STATE, "master"),
+        "pidfile": os.path.join(STATE, "master", "salt-master.pid"),
+        "interface": HOST_IP,
+        "user": "root",
+        "auto_accept": True,  # lab only: nodes are created by this script, on a private bridge
+        "file_roots": {"base": [os.path.join(REPO, "formula"), REPO, files]},
+        "pillar_roots": {"base": [os.path.join(STATE, "pillar")]},
+        # peer publish: agents ask the signer to sign their CSR; nothing else is allowed
+        "peer": {".*": ["apigee_mtls.sign_agent_certificate"]},
+        "timeout": 20,
+        "gather_job_timeout": 15,
+        "worker_threads": 5,
+        "log_level_logfile": "info",
+        "state_output": "mixed",
+        "keep_jobs_seconds": 86400,
+    }
+    with open(os.path.join(SALT_CONF, "master"), "w", encoding="utf-8") as fh:
+        yaml.safe_dump(master_conf, fh, default_flow_style=False)
+    write_pillar(topo, sha)
+
+
+def write_pillar(topo, sha=None):
+    """The lab's pillar: the topology file, with the lab's own Consul binary and hash."""
+    pillar = json.loads(json.dumps(topo))
+    if sha is None:
+        with open(os.path.join(CACHE, "consul", "consul.sha256"), encoding="utf-8") as fh:
+            sha = fh.read().strip()
+    pillar.setdefault("consul", {})["install"] = {
+        "method": "binary", "source": "salt://consul/consul", "source_hash": f"sha256={sha}"}
+    pdir = os.path.join(STATE, "pillar")
+    os.makedirs(pdir, exist_ok=True)
+    with open(os.path.join(pdir, "top.sls"), "w", encoding="utf-8") as fh:
+        yaml.safe_dump({"base": {"*": ["apigee_mtls"]}}, fh)
+    with open(os.path.join(pdir, "apigee_mtls.sls"), "w", encoding="utf-8") as fh:
+        yaml.safe_dump({"apigee_mtls": pillar}, fh, default_flow_style=False, sort_keys=False)
+    os.chmod(os.path.join(pdir, "apigee_mtls.sls"), 0o600)
+
+
+def start_master(state):
+    pid = state.get("master_pid")
+    if pid and _alive(pid):
+        return
+    step(f"salt-master on {HOST_IP}")
+    run([os.path.join(VENV_BIN, "salt-master"), "-c", SALT_CONF, "-d"])
+    pidfile = os.path.join(STATE, "master", "salt-master.pid")
+    for _ in range(100):
+        if os.path.exists(pidfile):
+            break
+        time.sleep(0.1)
+    with open(pidfile, encoding="utf-8") as fh:
+        state["master_pid"] = int(fh.read().strip())
+    save_state(state)
+
+
+def setup_bridge():
+    if run(["ip", "link", "show", BRIDGE], check=False, capture=True).returncode != 0:
+        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+        run(["ip", "addr", "add", f"{HOST_IP}/{PREFIX}", "dev", BRIDGE])
+    run(["ip", "link", "set", BRIDGE, "up"])
+
+
+def standin_config(node, model):
+    listeners = []
+    comps = model["components"]
+    for comp in node["components"]:
+        spec = comps.get(comp, {})
+        for port in spec.get("ports", []):
+            target = spec.get("targets", {}).get(port, "loopback")
+            listeners.append({"component": comp, "port": port,
+                              "bind": node["ip"] if target == "node_ip" else "0.0.0.0"})
+        for port in EXTRA_PORTS.get(comp, []):
+            listeners.append({"component": comp, "port": port, "bind": "0.0.0.0"})
+    return {"node": node["id"], "ip": node["ip"], "listeners": listeners}
+
+
+def write_node(node, model):
+    base = node_root(node["id"])
+    upper, work, merged = (os.path.join(base, d) for d in ("upper", "work", "root"))
+    for d in (upper, work, merged):
+        os.makedirs(d, exist_ok=True)
+    if not os.path.ismount(merged):
+        run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={CACHE}/rootfs,upperdir={upper},workdir={work}", merged])
+
+    def put(rel, text, mode=0o644):
+        path = os.path.join(merged, rel.lstrip("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(path, mode)
+
+    if not os.path.exists(os.path.join(upper, "etc", "machine-id")):
+        put("/etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
+    put("/etc/hostname", node["id"] + "\n")
+    put("/etc/hosts", "127.0.0.1 localhost\n" + f"{node['ip']} {node['id']}\n")
+    put("/etc/systemd/network/10-lab-host0.network",
+        "[Match]\nName=host0\n[Network]\n"
+        f"Address={node['ip']}/{PREFIX}\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n")
+    put("/etc/salt/minion.d/lab.conf", yaml.safe_dump({
+        "master": HOST_IP, "id": node["id"], "acceptance_wait_time": 1,
+        "random_reauth_delay": 0, "recon_default": 200, "recon_max": 2000,
+        "log_level_logfile": "info", "auth_timeout": 10}))
+    put("/etc/apigee-standin.json", json.dumps(standin_config(node, model), indent=1))
+    put("/usr/local/bin/apigee-standin",
+        open(os.path.join(REPO, "lab", "standin.py"), encoding="utf-8").read(), 0o755)
+    put("/etc/systemd/system/apigee-standin.service",
+        "[Unit]\nDescription=Apigee stand-in components (lab)\nAfter=network-online.target\n"
+        "[Service]\nExecStart=/usr/bin/python3 /usr/local/bin/apigee-standin\n"
+        "Restart=always\nRestartSec=1\n[Install]\nWantedBy=multi-user.target\n")
+    wants = os.path.join(merged, "etc/systemd/system/multi-user.target.wants")
+    os.makedirs(wants, exist_ok=True)
+    link = os.path.join(wants, "apigee-standin.service")
+    if not os.path.lexists(link):
+        os.symlink("/etc/systemd/system/apigee-standin.service", link)
+    return merged
+
+
+def boot_node(node_id, state):
+    info = state["nodes"][node_id]
+    if info.get("pid") and _alive(info["pid"]):
+        return
+    log = open(os.path.join(node_root(node_id), "console.log"), "ab")
+    proc = subprocess.Popen(
+        ["systemd-nspawn", "--boot", "--register=no", "--keep-unit",
+         f"--network-bridge={BRIDGE}", "-D", info["root"], f"--machine={info['machine']}",
+         "--console=read-only"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    info["pid"] = proc.pid
+    save_state(state)
+
+
+def wait_minions(ids, timeout=120):
+    deadline = time.monotonic() + timeout
+    pending = set(ids)
+    while pending and time.monotonic() < deadline:
+        out = run(salt_cmd(["-L", ",".join(sorted(pending)), "test.ping", "--out=json",
+                            "--static", "-t", "5"]), check=False, capture=True).stdout
+        try:
+            answered = {k for k, v in json.loads(out or "{}").items() if v is True}
+        except json.JSONDecodeError:
+            answered = set()
+        pending -= answered
+        if pending:
+            time.sleep(1)
+    if pending:
+        raise SystemExit(f"lab: minions did not answer within {timeout}s: {sorted(pending)}")
+
+
+def cmd_up(args):
+    if os.geteuid() != 0:
+        raise SystemExit("lab: run as root (systemd-nspawn, bridges, mounts)")
+    topo_path = os.path.abspath(args.topology)
+    topo = load_topology(topo_path)
+    model = planner.normalize(topo)  # a bad topology stops here, before anything is created
+    state = load_state()
+    if state.get("topology") and state["topology"] != topo_path:
+        step(f"a lab with another topology is up ({state['topology']}): tearing it down")
+        cmd_down(args)
+        state = {}
+    prepare_host()
+    os.makedirs(SALT_CONF, exist_ok=True)
+    write_master(topo_path, topo)
+    state.update({"topology": topo_path, "bridge": BRIDGE})
+    state.setdefault("nodes", {})
+    save_state(state)
+    setup_bridge()
+    start_master(state)
+    step(f"booting {len(model['nodes'])} nodes")
+    for node in model["nodes"]:
+        root = write_node(node, model)
+        state["nodes"].setdefault(node["id"], {}).update(
+            {"ip": node["ip"], "root": root, "machine": MACHINE_PREFIX + node["id"]})
+        boot_node(node["id"], state)
+    ids = [n["id"] for n in model["nodes"]]
+    wait_minions(ids)
+    step("all minions answer test.ping")
+    step("salt '*' saltutil.sync_all (custom modules, states, utils)")
+    run(salt_cmd(["*", "saltutil.sync_all", "--out=json", "--static"]), capture=True)
+    if args.no_apply:
+        return 0
+    return apply_and_summarize(ids)
+
+
+def apply_and_summarize(ids, extra=()):
+    step("salt '*' state.apply apigee_mtls")
+    t = time.monotonic()
+    proc = run(salt_cmd(["*", "state.apply", "apigee_mtls", "--out=json", "--static",
+                         "-t", "300"] + list(extra)), check=False, capture=True)
+    took = time.monotonic() - t
+    try:
+        ret = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        print(proc.stdout, proc.stderr)
+        raise SystemExit("lab: state.apply returned no JSON")
+    step(f"state.apply done in {took:.1f}s")
+    ok = summarize(ret, ids)
+    return 0 if ok else 1
+
+
+def summarize(ret, ids):
+    print(f"\n{'node':8} {'result':8} {'states':>6} {'changed':>7} {'failed':>6}  consul")
+    all_ok = True
+    for nid in ids:
+        r = ret.get(nid)
+        if not isinstance(r, dict):
+            print(f"{nid:8} {'NO-RET':8} {'-':>6} {'-':>7} {'-':>6}  {str(r)[:80]}")
+            all_ok = False
+            continue
+        states = list(r.values())
+        changed = sum(1 for s in states if isinstance(s, dict) and s.get("changes"))
+        failed = [s for s in states if isinstance(s, dict) and s.get("result") is False]
+        role = "-"
+        members = run(node_exec_cmd(nid, ["consul", "members"]), check=False, capture=True)
+        if members.returncode == 0:
+            lines = members.stdout.strip().splitlines()[1:]
+            role = f"{len(lines)} members"
+        print(f"{nid:8} {'OK' if not failed else 'FAILED':8} {len(states):>6} {changed:>7} "
+              f"{len(failed):>6}  {role}")
+        for s in failed[:5]:
+            print(f"    ! {s.get('__id__', '?')}: {str(s.get('comment'))[:300]}")
+        all_ok = all_ok and not failed
+    print()
+    return all_ok
+
+
+# ---------------------------------------------------------------------------------------------
+# down
+def cmd_down(_args=None):
+    state = load_state()
+    step("stopping lab machines")
+    pids = set()
+    for info in state.get("nodes", {}).values():
+        if info.get("pid") and _alive(info["pid"]):
+            pids.add(info["pid"])
+    # also anything named like ours (a crashed run may have lost its record)
+    out = run(["pgrep", "-f", f"systemd-nspawn .*--machine={MACHINE_PREFIX}"], check=False,
+              capture=True).stdout
+    pids.update(int(p) for p in out.split())
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for pid in pids:
+        for _ in range(50):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+    mpid = state.get("master_pid")
+    pidfile = os.path.join(STATE, "master", "salt-master.pid")
+    if not mpid and os.path.exists(pidfile):
+        try:
+            mpid = int(open(pidfile, encoding="utf-8").read().strip())
+        except ValueError:
+            mpid = None
+    if mpid and _alive(mpid):
+        step("stopping salt-master")
+        os.kill(mpid, signal.SIGTERM)
+        for _ in range(100):
+            if not _alive(mpid):
+                break
+            time.sleep(0.1)
+    # salt-master children that outlived their parent (they carry our config path)
+    out = run(["pgrep", "-f", f"salt-master -c {SALT_CONF}"], check=False, capture=True).stdout
+    for p in out.split():
+        try:
+            os.kill(int(p), signal.SIGKILL)
+        except OSError:
+            pass
+    # mounts below the state dir, deepest first
+    with open("/proc/mounts", encoding="utf-8") as fh:
+        mounts = [line.split()[1] for line in fh if line.split()[1].startswith(STATE + "/")]
+    for m in sorted(mounts, key=len, reverse=True):
+        run(["umount", "-l", m], check=False)
+    # links: our veths and the bridge
+    links = run(["ip", "-o", "link", "show"], check=False, capture=True).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith("vb-" + MACHINE_PREFIX[:-1]) or name == BRIDGE:
+            run(["ip", "link", "del", name], check=False, capture=True)
+    if os.path.isdir(STATE):
+        shutil.rmtree(STATE, ignore_errors=True)
+    step("lab removed")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_status(_args):
+    state = load_state()
+    if not state:
+        print("lab: not running")
+        return 1
+    print(f"topology: {state.get('topology')}\nmaster pid: {state.get('master_pid')}")
+    for nid, info in state.get("nodes", {}).items():
+        alive = "up" if info.get("pid") and _alive(info["pid"]) else "down"
+        print(f"  {nid:6} {info['ip']:15} {alive:5} nspawn pid {info.get('pid')}")
+    return 0
+
+
+def cmd_exec(args):
+    argv = args.argv[1:] if args.argv and args.argv[0] == "--" else args.argv
+    return subprocess.call(node_exec_cmd(args.node, argv or ["bash"]))
+
+
+def cmd_shell(args):
+    return subprocess.call(node_exec_cmd(args.node, ["bash", "-l"]))
+
+
+def cmd_salt(args):
+    return subprocess.call(salt_cmd(args.argv))
+
+
+def cmd_apply(args):
+    state = load_state()
+    return apply_and_summarize(list(state.get("nodes", {})), args.argv)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="labctl", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--topology", default=os.environ.get("TOPOLOGY", DEFAULT_TOPOLOGY))
+    up.add_argument("--no-apply", action="store_true")
+    up.set_defaults(fn=cmd_up)
+    sub.add_parser("down").set_defaults(fn=cmd_down)
+    sub.add_parser("status").set_defaults(fn=cmd_status)
+    ex = sub.add_parser("exec")
+    ex.add_argument("node")
+    ex.add_argument("argv", nargs=argparse.REMAINDER)
+    ex.set_defaults(fn=cmd_exec)
+    sh = sub.add_parser("shell")
+    sh.add_argument("node")
+    sh.set_defaults(fn=cmd_shell)
+    for name, fn in (("salt", cmd_salt), ("apply", cmd_apply)):
+        sp = sub.add_parser(name)
+        sp.add_argument("argv", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=fn)
+    args = p.parse_args(argv)
+    return args.fn(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Fixtures for the lab tests: a real cluster of systemd-nspawn machines, a real salt-master.
+
+One lab is booted per test session (topology: $TOPOLOGY, default the 5-node one) and shared by
+every test module; ``test_99_teardown.py`` removes it and checks the host is as it was.
+
+Before the first ``state.apply`` the fixture records a ``test=True`` run on the fresh nodes
+(for the "previews truthfully, changes nothing" test) and host/node fingerprints.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOPOLOGY = os.environ.get("TOPOLOGY", os.path.join(REPO, "tests", "topologies", "5-node.yaml"))
+
+
+def _load_labctl():
+    spec = importlib.util.spec_from_file_location("labctl", os.path.join(REPO, "lab", "labctl.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+labctl = _load_labctl()
+planner = labctl.planner
+
+
+def host_fingerprint():
+    """What the lab may touch on the host: links, mounts, iptables, nspawn/salt processes."""
+
+    def out(cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+
+    links = sorted(l.split(":")[1].strip().split("@")[0]
+                   for l in out(["ip", "-o", "link", "show"]).splitlines())
+    mounts = sorted(l.split()[1] for l in open("/proc/mounts", encoding="utf-8"))
+    ipt = {t: out(["iptables", "-w", "-t", t, "-S"]) for t in ("filter", "nat")}
+    procs = sorted(l for l in out(["ps", "-eo", "args"]).splitlines()
+                   if "systemd-nspawn" in l or "salt-master" in l)
+    return {"links": links, "mounts": mounts, "iptables": ipt, "procs": procs}
+
+
+class Lab:
+    def __init__(self, topology):
+        self.topology = topology
+        self.pillar = labctl.load_topology(topology)
+        self.model = planner.normalize(self.pillar)
+        self.nodes = [n["id"] for n in self.model["nodes"] if not n.get("retired")]
+        self.ip = {n["id"]: n["ip"] for n in self.model["nodes"]}
+
+    # -- salt ----------------------------------------------------------------------------------
+    def salt(self, *args, timeout=600):
+        """Run the salt CLI against the lab master; returns the parsed JSON (--static)."""
+        cmd = labctl.salt_cmd(list(args) + ["--out=json", "--static"])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        try:
+            return json.loads(proc.stdout or "{}")
+        except json.JSONDecodeError as exc:
+            raise AssertionError(f"salt {args}: no JSON:\n{proc.stdout}\n{proc.stderr}") from exc
+
+    def apply(self, target="*", sls="apigee_mtls", *extra, timeout=900):
+        return self.salt(target, "state.apply", sls, "-t", str(timeout), *extra, timeout=timeout)
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def run(self, node, cmd, check=True, timeout=60, input=None):
+        """Run a command inside a node (list, or a string for sh -c)."""
+        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        proc = subprocess.run(labctl.node_exec_cmd(node, argv), capture_output=True, text=True,
+                              timeout=timeout, check=False, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{node}: {cmd} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def py(self, node, code, timeout=60, python="python3"):
+        """Run Python code in a node, return its stdout parsed as JSON. The salt venv's
+        python (/opt/salt/bin/python3) has cryptography; the system one has the stdlib."""
+        proc = self.run(node, [python, "-c", code], timeout=timeout)
+        return json.loads(proc.stdout)
+
+    def request(self, node, ip, port, payload="ping", timeout=5):
+        """From `node`, open a TCP connection to ip:port, send one line, return the JSON reply
+        (or {"error": ...}): proves a request/response, not only a connect."""
+        code = f"""
+import json, socket
+try:
+    s = socket.create_connection(({ip!r}, {port}), timeout={timeout})
+    s.sendall({payload!r}.encode() + b"\\n")
+    buf = b""
+    while not buf.endswith(b"\\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    print(json.dumps(json.loads(buf) if buf else {{"error": "closed without reply"}}))
+except Exception as exc:
+    print(json.dumps({{"error": type(exc).__name__ + ": " + str(exc)}}))
+"""
+        return self.py(node, code, timeout=timeout + 10)
+
+    def fingerprint(self, node):
+        """Everything the formula manages on a node, hashed: files, units, rules, processes."""
+        script = r"""
+set +e
+for d in /etc/consul.d /etc/apigee-mtls /usr/local/bin/consul /etc/systemd/system/consul.service; do
+  [ -e "$d" ] && find "$d" -type f -exec sha256sum {} + 2>/dev/null
+done | sort
+iptables-save 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//'
+systemctl list-units --all --plain --no-legend 'consul*' 'apigee-mtls*' 2>/dev/null | awk '{print $1, $3, $4}'
+getent passwd consul
+"""
+        out = self.run(node, script, check=False).stdout
+        return hashlib.sha256(out.encode()).hexdigest(), out
+
+    def wait_passing(self, node, service, timeout=90):
+        """Wait until `service` has a passing Connect instance (upstreams dial only those)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            url = f"http://127.0.0.1:8500/v1/health/connect/{service}?passing"
+            proc = self.run(node, ["python3", "-c", "import sys, urllib.request; print("
+                                   "urllib.request.urlopen(sys.argv[1]).read().decode())", url],
+                            check=False)
+            try:
+                if json.loads(proc.stdout or "[]"):
+                    return True
+            except json.JSONDecodeError:
+                pass
+            time.sleep(1)
+        return False
+
+
+def state_summary(ret):
+    """{node: {"changed": [ids], "failed": [(id, comment)], "total": n}} from state.apply JSON."""
+    out = {}
+    for node, states in ret.items():
+        if not isinstance(states, dict):
+            out[node] = {"changed": [], "failed": [("render", str(states))], "total": 0}
+            continue
+        changed = [s.get("__id__") for s in states.values() if s.get("changes")]
+        failed = [(s.get("__id__"), s.get("comment")) for s in states.values()
+                  if s.get("result") is False]
+        out[node] = {"changed": changed, "failed": failed, "total": len(states)}
+    return out
+
+
+@pytest.fixture(scope="session")
+def host_baseline():
+    subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "down"],
+                   check=True, capture_output=True)
+    return host_fingerprint()
+
+
+@pytest.fixture(scope="session")
+def lab(host_baseline):
+    """Boot the lab (no apply), preview with test=True on fresh nodes, then apply once."""
+    lab = Lab(TOPOLOGY)
+    subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "up", "--topology",
+                    TOPOLOGY, "--no-apply"], check=True)
+    lab.fresh_fingerprints = {n: lab.fingerprint(n) for n in lab.nodes}
+    lab.test_mode_return = lab.apply("*", "apigee_mtls", "test=True")
+    lab.after_test_mode_fingerprints = {n: lab.fingerprint(n) for n in lab.nodes}
+    t = time.monotonic()
+    lab.first_apply = lab.apply()
+    lab.first_apply_seconds = time.monotonic() - t
+    return lab
+
+
+@pytest.fixture(scope="session")
+def applied(lab):
+    """The lab after a first successful apply (asserts it succeeded everywhere)."""
+    summary = state_summary(lab.first_apply)
+    bad = {n: s["failed"] for n, s in summary.items() if s["failed"]}
+    missing = set(lab.nodes) - set(summary)
+    assert not bad and not missing, f"first apply failed: {bad} missing={missing}"
+    return lab
