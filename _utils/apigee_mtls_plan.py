@@ -1254,6 +1254,21 @@ def _consul_config(model, index, node, is_server):
     return config
 
 
+SIDECAR_CHECK_INTERVAL = "5s"
+
+
+def _sidecar_checks(service, ip, port):
+    """The sidecar's health checks, explicit: Consul 1.8's default "listening" check dials
+    ``local_service_address:port`` (127.0.0.1 for loopback targets), while the public listener
+    binds the sidecar address (the node IP), so the default check never passes and upstreams
+    never dial the instance (measured in the lab). Upstreams only dial passing instances."""
+    return [
+        {"name": "Connect Sidecar Listening", "tcp": f"{ip}:{port}",
+         "interval": SIDECAR_CHECK_INTERVAL},
+        {"name": f"Connect Sidecar Aliasing {service}", "alias_service": service},
+    ]
+
+
 def _services(model, index, node, upstreams):
     ip = node["ip"]
     alloc = index.allocation[node["id"]]
@@ -1266,7 +1281,9 @@ def _services(model, index, node, upstreams):
             ingress.append({
                 "id": name,
                 "name": name,
-                "address": address,
+                # The node IP, whatever the target (the catalog shows where the
+                # instance lives); plaintext is handed over at local_service_address.
+                "address": ip,
                 "port": port,
                 "meta": {
                     "apigee_mtls": "ingress",
@@ -1279,6 +1296,7 @@ def _services(model, index, node, upstreams):
                     # remote egress proxies must dial the node IP.
                     "address": ip,
                     "port": proxy_port,
+                    "checks": _sidecar_checks(name, ip, proxy_port),
                     "proxy": {
                         "local_service_address": address,
                         "local_service_port": port,
@@ -1301,12 +1319,13 @@ def _services(model, index, node, upstreams):
     egress = {
         "id": name,
         "name": name,
-        "address": "127.0.0.1",
+        "address": ip,
         "port": egress_port,
         "meta": {"apigee_mtls": "egress", "node": node["id"]},
         "connect": {"sidecar_service": {
             "address": ip,
             "port": egress_port,
+            "checks": _sidecar_checks(name, ip, egress_port),
             "proxy": {
                 "local_service_address": "127.0.0.1",
                 "local_service_port": egress_port,

@@ -911,10 +911,19 @@ def test_ingress_services(topo5):
                  "component_port": "2888", "node": "n1"},
         "connect": {"sidecar_service": {
             "address": "10.77.0.11", "port": 10002,
+            "checks": [
+                {"name": "Connect Sidecar Listening", "tcp": "10.77.0.11:10002",
+                 "interval": "5s"},
+                {"name": "Connect Sidecar Aliasing zk-2888-10-77-0-11",
+                 "alias_service": "zk-2888-10-77-0-11"}],
             "proxy": {"local_service_address": "10.77.0.11", "local_service_port": 2888}}},
     }
+    # the listening check dials the public listener (node IP), not local_service_address
+    ldap_check = services["ldap-10389-10-77-0-11"]["connect"]["sidecar_service"]["checks"][0]
+    assert ldap_check["tcp"] == "10.77.0.11:10200"
     ldap = services["ldap-10389-10-77-0-11"]
-    assert ldap["address"] == "127.0.0.1"
+    # registered on the node IP (the sidecar health check dials it), plaintext to loopback
+    assert ldap["address"] == "10.77.0.11"
     assert ldap["connect"]["sidecar_service"]["proxy"] == {
         "local_service_address": "127.0.0.1", "local_service_port": 10389}
     assert ldap["connect"]["sidecar_service"]["port"] == 10200
