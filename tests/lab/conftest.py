@@ -134,6 +134,35 @@ getent passwd consul
             time.sleep(1)
         return False
 
+    def set_pillar(self, pillar):
+        """Replace the lab's apigee_mtls pillar and refresh it on every minion."""
+        labctl.write_pillar(pillar)
+        self.salt("*", "saltutil.refresh_pillar", "wait=True")
+
+
+    def requests(self, node, targets, timeout=4):
+        return self.py(node, requests_code(targets, timeout), timeout=timeout * len(targets) + 30)
+
+
+    def wait_mesh_ready(self, timeout=120):
+        """Every sidecar of the cluster passes its checks (upstreams dial only passing ones)."""
+        deadline = time.monotonic() + timeout
+        code = ("import json, urllib.request; d = json.load(urllib.request.urlopen("
+                "'http://127.0.0.1:8500/v1/health/state/any')); "
+                "print(json.dumps(sorted(c['ServiceID'] for c in d if c['Status'] != 'passing' "
+                "and c['ServiceID'])))")
+        bad = None
+        while time.monotonic() < deadline:
+            proc = self.run(self.nodes[0], ["python3", "-c", code], check=False)
+            try:
+                bad = json.loads(proc.stdout)
+            except json.JSONDecodeError:
+                bad = ["(agent not answering)"]
+            if not bad:
+                return True
+            time.sleep(1)
+        raise AssertionError(f"sidecars not passing after {timeout}s: {bad}")
+
 
 def state_summary(ret):
     """{node: {"changed": [ids], "failed": [(id, comment)], "total": n}} from state.apply JSON."""
@@ -142,15 +171,25 @@ def state_summary(ret):
         if not isinstance(states, dict):
             out[node] = {"changed": [], "failed": [("render", str(states))], "total": 0}
             continue
-        changed = [s.get("__id__") for s in states.values() if s.get("changes")]
+        # with test=True, Salt's own states (service.dead, ...) say "would" with result None
+        # and sometimes no changes: both count as a change to be made
+        changed = [s.get("__id__") for s in states.values()
+                   if s.get("changes") or s.get("result") is None]
         failed = [(s.get("__id__"), s.get("comment")) for s in states.values()
                   if s.get("result") is False]
         out[node] = {"changed": changed, "failed": failed, "total": len(states)}
     return out
 
 
+# Developer convenience, never used by CI: LAB_REUSE=1 attaches to a running lab (make lab)
+# instead of booting a fresh one; tests that need the fresh-node preview are skipped then.
+REUSE = os.environ.get("LAB_REUSE") == "1"
+
+
 @pytest.fixture(scope="session")
 def host_baseline():
+    if REUSE:
+        return None
     subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "down"],
                    check=True, capture_output=True)
     return host_fingerprint()
@@ -160,6 +199,10 @@ def host_baseline():
 def lab(host_baseline):
     """Boot the lab (no apply), preview with test=True on fresh nodes, then apply once."""
     lab = Lab(TOPOLOGY)
+    if REUSE:
+        lab.test_mode_return = None
+        lab.first_apply = lab.apply()
+        return lab
     subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "up", "--topology",
                     TOPOLOGY, "--no-apply"], check=True)
     lab.fresh_fingerprints = {n: lab.fingerprint(n) for n in lab.nodes}
@@ -179,3 +222,32 @@ def applied(lab):
     missing = set(lab.nodes) - set(summary)
     assert not bad and not missing, f"first apply failed: {bad} missing={missing}"
     return lab
+
+
+def requests_code(targets, timeout=4):
+    """Python (for a node) that sends one line to each (ip, port, payload) and prints a JSON
+    list of replies ({"error": ...} where there was none): requests, not just connects."""
+    return f"""
+import json, socket
+out = []
+for ip, port, payload in {targets!r}:
+    try:
+        s = socket.create_connection((ip, port), timeout={timeout})
+        s.settimeout({timeout})
+        s.sendall(payload.encode() + b"\\n")
+        buf = b""
+        while not buf.endswith(b"\\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        s.close()
+        try:
+            out.append(json.loads(buf) if buf else {{"error": "closed without reply"}})
+        except ValueError:
+            out.append({{"error": "garbage: " + repr(buf[:60])}})
+    except Exception as exc:
+        out.append({{"error": type(exc).__name__ + ": " + str(exc)}})
+print(json.dumps(out))
+"""
+

@@ -1,6 +1,8 @@
 {%- from "apigee_mtls/map.jinja" import params with context %}
-{%- for unit in salt["service.get_all"]() %}
-{%-   set svc = unit | replace(".service", "") %}
+{%- set wants = salt["file.find"](params.systemd_unit_dir ~ "/multi-user.target.wants", name="apigee-mtls-proxy@*.service", type="l") if salt["file.directory_exists"](params.systemd_unit_dir ~ "/multi-user.target.wants") else [] %}
+{%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
+{%- for unit in known | map("replace", ".service", "") | unique | sort %}
+{%-   set svc = unit %}
 {%-   if svc.startswith("apigee-mtls-proxy@") and svc != "apigee-mtls-proxy@" %}
 apigee-mtls-mesh-proxy-{{ svc[18:] }}-dead:
   service.dead:

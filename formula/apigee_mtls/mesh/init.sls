@@ -20,6 +20,43 @@ apigee-mtls-mesh-proxy-unit-managed:
     - group: root
     - mode: "0644"
 
+apigee-mtls-mesh-listener-dir-managed:
+  file.directory:
+    - name: {{ params.state_dir }}/listeners
+    - user: root
+    - group: root
+    - mode: "0755"
+    - require:
+      - file: apigee-mtls-install-state-dir-managed
+
+{#- The built-in proxy follows upstream changes live, but binds its public listener once:
+    a moved listener (port or address) needs a restart. Each sidecar's listener settings are
+    kept in a small file; when it changes the sidecar is stopped, and every stop happens
+    before any start, so a listener can move to a port another sidecar is giving up
+    (a proxy that fails to bind keeps running without its listener: measured in the lab). #}
+{%- for service in plan.services %}
+{%-   set svc = service.id %}
+{%-   set sidecar = service.connect.sidecar_service %}
+apigee-mtls-mesh-proxy-{{ svc }}-listener-managed:
+  file.serialize:
+    - name: {{ params.state_dir }}/listeners/{{ svc }}.json
+    - serializer: json
+    - dataset:
+        address: {{ sidecar.address }}
+        port: {{ sidecar.port }}
+        local_service_address: {{ sidecar.proxy.local_service_address }}
+        local_service_port: {{ sidecar.proxy.local_service_port }}
+    - mode: "0644"
+    - require:
+      - file: apigee-mtls-mesh-listener-dir-managed
+
+apigee-mtls-mesh-proxy-{{ svc }}-stopped-for-move:
+  cmd.run:
+    - name: systemctl stop apigee-mtls-proxy@{{ svc }}
+    - onchanges:
+      - file: apigee-mtls-mesh-proxy-{{ svc }}-listener-managed
+{%- endfor %}
+
 {%- for svc in plan.proxies %}
 apigee-mtls-mesh-proxy-{{ svc }}-running:
   service.running:
@@ -28,17 +65,27 @@ apigee-mtls-mesh-proxy-{{ svc }}-running:
     - require:
       - service: apigee-mtls-service-running
       - cmd: apigee-mtls-service-reloaded
+{%-   for other in plan.proxies %}
+      - cmd: apigee-mtls-mesh-proxy-{{ other }}-stopped-for-move
+{%-   endfor %}
     - watch:
       - file: apigee-mtls-mesh-proxy-unit-managed
 {%- endfor %}
 
-{%- for unit in salt["service.get_enabled"]() %}
-{%-   set svc = unit | replace(".service", "") %}
+{#- systemd lists template instances as running, and as enabled only through the wants links #}
+{%- set wants = salt["file.find"](params.systemd_unit_dir ~ "/multi-user.target.wants", name="apigee-mtls-proxy@*.service", type="l") if salt["file.directory_exists"](params.systemd_unit_dir ~ "/multi-user.target.wants") else [] %}
+{%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
+{%- for unit in known | map("replace", ".service", "") | unique | sort %}
+{%-   set svc = unit %}
 {%-   if svc.startswith("apigee-mtls-proxy@") and svc[18:] not in plan.proxies %}
 apigee-mtls-mesh-proxy-{{ svc[18:] }}-dead:
   service.dead:
     - name: {{ svc }}
     - enable: False
+
+apigee-mtls-mesh-proxy-{{ svc[18:] }}-listener-absent:
+  file.absent:
+    - name: {{ params.state_dir }}/listeners/{{ svc[18:] }}.json
 {%-   endif %}
 {%- endfor %}
 {%- endif %}

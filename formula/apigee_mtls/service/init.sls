@@ -33,9 +33,14 @@ apigee-mtls-service-running:
       - file: apigee-mtls-config-encrypt-file-managed
       - file: apigee-mtls-install-consul-binary-managed
 
+{#- `consul reload` returns once the agent has re-read its configuration (a SIGHUP would
+    not wait): sidecars restarted right after it must see their new definitions. #}
 apigee-mtls-service-reloaded:
   cmd.run:
-    - name: systemctl reload consul
+    - name: {{ c.bin }} reload -http-addr=127.0.0.1:8500
+    - retry:
+        attempts: 15
+        interval: 2
     - onchanges:
       - file: apigee-mtls-config-services-file-managed
       - apigee_mtls: apigee-mtls-tls-agent-cert-managed

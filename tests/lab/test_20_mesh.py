@@ -1,0 +1,275 @@
+"""The mesh, proven on the lab: every allowed flow reaches the right component through mTLS,
+nothing crosses the bridge in plaintext, and nothing else gets through."""
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import labctl, planner, state_summary
+
+
+@pytest.fixture(scope="module")
+def mesh(applied):
+    applied.wait_mesh_ready()
+    return applied
+
+
+def _plan(lab, node):
+    return planner.plan(lab.pillar, node)
+
+
+def _sidecar_ports(lab):
+    ports = set()
+    for alloc in lab.model["allocation"].values():
+        ports.add(alloc["egress"])
+        for block in alloc["ingress"].values():
+            ports.update(block.values())
+    return ports
+
+
+def _component_ports(lab):
+    return {p for c in lab.model["components"].values() for p in c.get("ports", [])}
+
+
+def _all_flows(lab, marker=""):
+    """{node: [(ip, component_port, payload, upstream)]} for every allowed flow."""
+    flows = {}
+    for node in lab.nodes:
+        ups = _plan(lab, node)["upstreams"]
+        flows[node] = [(u["ip"], u["component_port"], f"{marker}{node}->{u['service']}", u)
+                       for u in ups]
+    return flows
+
+
+def test_every_allowed_flow_reaches_the_right_component_through_the_mesh(mesh):
+    lab = mesh
+    flows = _all_flows(lab)
+    total = 0
+    for node, items in flows.items():
+        assert items, f"{node} has no upstreams"
+        replies = lab.requests(node, [(ip, port, payload) for ip, port, payload, _ in items])
+        for (ip, port, payload, up), reply in zip(items, replies):
+            assert "error" not in reply, f"{node} -> {up['service']} ({ip}:{port}): {reply}"
+            assert (reply["component"], reply["node"], reply["port"]) == (
+                up["component"], up["node"], port), (node, up, reply)
+            assert reply["echo"] == payload
+            # it came out of the destination's own sidecar, not from the source node
+            peer_ip = reply["peer"].rsplit(":", 1)[0]
+            assert peer_ip in ("127.0.0.1", up["ip"]), (node, up, reply)
+            assert peer_ip != lab.ip[node]
+            total += 1
+    assert total >= 50, total
+
+
+def test_capture_shows_only_tls_between_sidecars(mesh):
+    """tcpdump on the lab bridge while every flow runs with a unique marker: the marker never
+    appears on the wire, and no packet between nodes uses a component port."""
+    lab = mesh
+    marker = "PLAINTEXT-" + uuid.uuid4().hex
+    pcap = os.path.join(labctl.STATE, "mesh-capture.pcap")
+    dump = subprocess.Popen(["tcpdump", "-i", labctl.BRIDGE, "-U", "-s", "0", "-w", pcap, "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        flows = _all_flows(lab, marker)
+        answered = 0
+        for node, items in flows.items():
+            replies = lab.requests(node, [(ip, port, payload) for ip, port, payload, _ in items])
+            answered += sum(1 for r in replies if r.get("echo", "").startswith(marker))
+        time.sleep(1.5)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(timeout=10)
+    assert answered == sum(len(v) for v in flows.values())
+    raw = open(pcap, "rb").read()
+    assert len(raw) > 10000, "capture is empty: the test would prove nothing"
+    assert marker.encode() not in raw, "plaintext payload seen on the lab bridge"
+    node_ips = set(lab.ip.values())
+    sidecars = _sidecar_ports(lab)
+    consul = {8300, 8301, 8302, 8501}
+    components = _component_ports(lab)
+    text = subprocess.run(["tcpdump", "-nn", "-r", pcap], capture_output=True, text=True).stdout
+    seen_sidecar = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 5 or parts[1] != "IP":
+            continue
+        src, dst = parts[2], parts[4].rstrip(":")
+        sip, sport = src.rsplit(".", 1)
+        dip, dport = dst.rsplit(".", 1)
+        if sip in node_ips and dip in node_ips:
+            ports = {int(sport), int(dport)}
+            assert not ports & components, f"component port on the wire: {line}"
+            assert ports & (sidecars | consul), f"unexpected node-to-node traffic: {line}"
+            seen_sidecar += bool(ports & sidecars)
+    assert seen_sidecar > 0
+
+
+def test_direct_plaintext_to_a_component_port_is_refused(mesh):
+    """Plaintext straight to a component port from another host is refused by the node's
+    INPUT chain: from a node with no flow to it (no redirect), and from the host."""
+    lab = mesh
+    # n4 (postgres, qpid) has no flow to the router: its traffic is not redirected
+    src = "n4"
+    assert not [u for u in _plan(lab, src)["upstreams"] if u["component"] == "router"]
+    replies = lab.requests(src, [(lab.ip["n2"], 8081, "direct"), (lab.ip["n2"], 4527, "direct")])
+    for r in replies:
+        assert "error" in r and "ConnectionRefused" in r["error"], r
+    # as the consul user the redirect is bypassed too: still refused (no plaintext accepted)
+    proc = lab.run(src, ["setpriv", "--reuid=consul", "--regid=consul", "--clear-groups",
+                         "python3", "-c", "import socket; socket.create_connection(('%s', 2181), timeout=3)" % lab.ip["n2"]],
+                   check=False)
+    assert proc.returncode != 0 and "ConnectionRefusedError" in proc.stderr, proc.stderr
+
+
+def test_client_without_mesh_certificate_is_rejected_by_a_sidecar(mesh):
+    lab = mesh
+    target = next(s for s in _plan(lab, "n2")["services"] if s["id"].startswith("rt-8081"))
+    port = target["connect"]["sidecar_service"]["port"]
+    code = f"""
+import json, socket, ssl
+res = {{}}
+# plaintext to the sidecar's public port
+s = socket.create_connection(({lab.ip['n2']!r}, {port}), timeout=4)
+s.settimeout(4)
+s.sendall(b"hello\\n")
+try:
+    data = s.recv(4096)
+    res["plain"] = "reply" if b"component" in data else "no-reply"
+except Exception as exc:
+    res["plain"] = "no-reply:" + type(exc).__name__
+# TLS with the agent certificate (cluster CA, not the Connect CA)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.load_cert_chain("/etc/consul.d/tls/agent.pem", "/etc/consul.d/tls/agent-key.pem")
+try:
+    t = ctx.wrap_socket(socket.create_connection(({lab.ip['n2']!r}, {port}), timeout=4))
+    t.settimeout(4)
+    t.sendall(b"hello\\n")
+    data = t.recv(4096)
+    res["agent_cert"] = "reply" if b"component" in data else "no-reply"
+except Exception as exc:
+    res["agent_cert"] = "no-reply:" + type(exc).__name__
+print(json.dumps(res))
+"""
+    res = lab.py("n4", code)
+    assert res["plain"].startswith("no-reply"), res
+    assert res["agent_cert"].startswith("no-reply"), res
+
+
+def _leaf_request(lab, node, identity, ip, port):
+    """From `node`, get a Connect leaf certificate for `identity` from the local agent and
+    send one request to a sidecar with it. Returns 'reply' or 'no-reply:...'."""
+    code = f"""
+import json, socket, ssl, tempfile, urllib.request
+leaf = json.load(urllib.request.urlopen("http://127.0.0.1:8500/v1/agent/connect/ca/leaf/{identity}"))
+roots = json.load(urllib.request.urlopen("http://127.0.0.1:8500/v1/agent/connect/ca/roots"))
+d = tempfile.mkdtemp()
+open(d + "/c.pem", "w").write(leaf["CertPEM"]); open(d + "/k.pem", "w").write(leaf["PrivateKeyPEM"])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.load_verify_locations(cadata="".join(r["RootCert"] for r in roots["Roots"]))
+ctx.load_cert_chain(d + "/c.pem", d + "/k.pem")
+try:
+    t = ctx.wrap_socket(socket.create_connection(({ip!r}, {port}), timeout=4))
+    t.settimeout(4)
+    t.sendall(b"hello\\n")
+    data = t.recv(4096)
+    print(json.dumps("reply" if b"component" in data else "no-reply:closed"))
+except Exception as exc:
+    print(json.dumps("no-reply:" + type(exc).__name__))
+"""
+    return lab.py(node, code)
+
+
+def test_intentions_deny_a_pair_the_flow_table_does_not_allow(mesh):
+    """A valid mesh certificate is not enough: n4's egress identity (postgres/qpid node) may not
+    reach the router on n2; n1's (management server) may. Request/response, not connect."""
+    lab = mesh
+    rt = next(s for s in _plan(lab, "n2")["services"] if s["id"].startswith("rt-8081"))
+    port = rt["connect"]["sidecar_service"]["port"]
+    allowed = _leaf_request(lab, "n1", planner.egress_name(lab.ip["n1"]), lab.ip["n2"], port)
+    denied = _leaf_request(lab, "n4", planner.egress_name(lab.ip["n4"]), lab.ip["n2"], port)
+    assert allowed == "reply", allowed
+    assert denied.startswith("no-reply"), denied
+
+
+def test_same_node_traffic_keeps_working(mesh):
+    lab = mesh
+    replies = lab.requests("n2", [(lab.ip["n2"], 2181, "self"), ("127.0.0.1", 8081, "self"),
+                                  (lab.ip["n2"], 2888, "self")])
+    for r in replies:
+        assert r.get("node") == "n2", r
+        assert r["peer"].rsplit(":", 1)[0] in (lab.ip["n2"], "127.0.0.1")
+
+
+def test_firewall_lives_in_its_own_chains(mesh):
+    lab = mesh
+    for node in lab.nodes:
+        nat_out = lab.run(node, "iptables -w -t nat -S OUTPUT").stdout.splitlines()
+        assert [l for l in nat_out if l.startswith("-A")] == ["-A OUTPUT -j APIGEE-MTLS-OUT"]
+        inp = lab.run(node, "iptables -w -S INPUT").stdout.splitlines()
+        assert [l for l in inp if l.startswith("-A")][0] == "-A INPUT -j APIGEE-MTLS-IN"
+        live = lab.run(node, "iptables -w -t nat -S APIGEE-MTLS-OUT").stdout
+        # the proxies' own traffic is exempt (else their upstream dials would loop)
+        assert "--uid-owner" in live and "-j RETURN" in live
+        # SSH and the Salt ports are let through before anything is rejected
+        rules = lab.run(node, "iptables -w -S APIGEE-MTLS-IN").stdout.splitlines()
+        protected = next(i for i, l in enumerate(rules) if "22,4505,4506" in l)
+        first_reject = next(i for i, l in enumerate(rules) if "REJECT" in l or "DROP" in l)
+        assert protected < first_reject
+
+
+def test_pillar_change_previews_exactly_what_would_change(mesh):
+    """Turning Cassandra inter-node meshing off: test=True lists the services file, the
+    cassandra 7000 sidecars, the firewall and the intentions, nothing else; the real run
+    converges and the rerun is clean; turning it back on converges again."""
+    lab = mesh
+    pillar = json.loads(json.dumps(lab.pillar))
+    pillar["cassandra_internode"] = False
+    cass_nodes = {n["id"] for n in lab.model["nodes"] if "cassandra" in n["components"]}
+    signer = lab.model["tls"]["signer"]
+    try:
+        lab.set_pillar(pillar)
+        preview = lab.apply("*", "apigee_mtls", "test=True")
+        for node in lab.nodes:
+            changed = set(state_summary(preview)[node]["changed"])
+            expected = {"apigee-mtls-config-services-file-managed",
+                        "apigee-mtls-service-reloaded",  # would reload the agent
+                        "apigee-mtls-firewall-rules-managed",
+                        "apigee-mtls-firewall-chains-managed"}
+            if node in cass_nodes:
+                svc = f"cass-7000-{lab.ip[node].replace('.', '-')}"
+                expected |= {f"apigee-mtls-mesh-proxy-{svc}-dead",
+                             f"apigee-mtls-mesh-proxy-{svc}-listener-absent"}
+            # sidecars whose public listener moves (cassandra needs one port less per node)
+            before = {x["id"]: x["connect"]["sidecar_service"] for x in _plan(lab, node)["services"]}
+            for x in planner.plan(pillar, node)["services"]:
+                new = x["connect"]["sidecar_service"]
+                if (new["port"], new["address"]) != (before[x["id"]]["port"], before[x["id"]]["address"]):
+                    # previewed as "would stop" (the start follows from it)
+                    expected |= {f"apigee-mtls-mesh-proxy-{x['id']}-listener-managed",
+                                 f"apigee-mtls-mesh-proxy-{x['id']}-stopped-for-move"}
+            if node == signer:
+                expected.add("apigee-mtls-intentions-managed")
+            assert changed == expected, (node, sorted(changed ^ expected))
+        real = lab.apply()
+        assert all(not s["failed"] for s in state_summary(real).values()), state_summary(real)
+        rerun = state_summary(lab.apply())
+        assert all(not s["changed"] for s in rerun.values()), rerun
+        # 7000 is now direct again between cassandra nodes... and still answered
+        lab.wait_mesh_ready()
+        r = lab.requests("n1", [(lab.ip["n2"], 7000, "direct-7000")])[0]
+        assert r.get("peer", "").startswith(lab.ip["n1"]), r  # straight from n1, not a sidecar
+    finally:
+        lab.set_pillar(lab.pillar)
+        back = lab.apply()
+    assert all(not s["failed"] for s in state_summary(back).values())
+    lab.wait_mesh_ready()
+    r = lab.requests("n1", [(lab.ip["n2"], 7000, "mesh-7000")])[0]
+    assert r.get("peer", "").rsplit(":", 1)[0] == lab.ip["n2"], r  # via n2's sidecar again
