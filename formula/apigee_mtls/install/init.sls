@@ -23,6 +23,19 @@ apigee-mtls-install-user-present:
     - require:
       - group: apigee-mtls-install-group-present
 
+{%- if plan.proxy.user != c.user %}
+apigee-mtls-install-proxy-user-present:
+  user.present:
+    - name: {{ plan.proxy.user }}
+    - gid: {{ c.group }}
+    - system: True
+    - createhome: False
+    - home: /nonexistent
+    - shell: {{ params.nologin_shell }}
+    - require:
+      - group: apigee-mtls-install-group-present
+{%- endif %}
+
 {%- if c.install.method == "binary" %}
 apigee-mtls-install-consul-binary-managed:
   file.managed:
