@@ -12,6 +12,7 @@ Commands (run as root, from the repo's venv python; ``make lab`` does it for you
     labctl.py status                               nodes, PIDs, addresses
     labctl.py exec NODE -- CMD...                  run a command inside a node
     labctl.py shell NODE                           interactive shell inside a node
+    labctl.py reboot NODE                          restart a node's machine, disk kept
     labctl.py salt ARGS...                         the salt CLI against the lab's master
     labctl.py apply [SALT ARGS...]                 salt '*' state.apply apigee_mtls
 
@@ -151,6 +152,10 @@ def write_master(topo_path, topo):
     for d in ("etc/salt/master.d", "pillar", "files/consul", "master"):
         os.makedirs(os.path.join(STATE, d), exist_ok=True)
     files = os.path.join(STATE, "files")
+    for ext in ("_modules", "_states", "_utils"):
+        link = os.path.join(files, ext)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(REPO, ext), link)
     binary = os.path.join(files, "consul", "consul")
     if not os.path.exists(binary):
         shutil.copy2(os.path.join(CACHE, "consul", "consul"), binary)
@@ -162,7 +167,9 @@ def write_master(topo_path, topo):
         "interface": HOST_IP,
         "user": "root",
         "auto_accept": True,  # lab only: nodes are created by this script, on a private bridge
-        "file_roots": {"base": [os.path.join(REPO, "formula"), REPO, files]},
+        # formula/ for the SLS tree; files/ holds the consul binary and links to the custom
+        # module dirs (not the repo root: walking .venv makes every fileserver listing slow)
+        "file_roots": {"base": [os.path.join(REPO, "formula"), files]},
         "pillar_roots": {"base": [os.path.join(STATE, "pillar")]},
         # peer publish: agents ask the signer to sign their CSR; nothing else is allowed
         "peer": {".*": ["apigee_mtls.sign_agent_certificate"]},
@@ -453,6 +460,34 @@ def cmd_down(_args=None):
 
 
 # ---------------------------------------------------------------------------------------------
+def stop_node(node_id, state, timeout=20):
+    """Power a node off (SIGTERM to systemd-nspawn = clean shutdown), keeping its disk."""
+    pid = state["nodes"][node_id].get("pid")
+    if not pid or not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.1)
+
+
+def cmd_reboot(args):
+    """Restart a node's machine with its disk (overlay upper dir) kept."""
+    state = load_state()
+    if args.node not in state.get("nodes", {}):
+        raise SystemExit(f"lab: no node {args.node}")
+    step(f"rebooting {args.node}")
+    stop_node(args.node, state)
+    boot_node(args.node, state)
+    wait_minions([args.node])
+    step(f"{args.node} is back (minion answers)")
+    return 0
+
+
 def cmd_status(_args):
     state = load_state()
     if not state:
@@ -496,6 +531,9 @@ def main(argv=None):
     ex.add_argument("node")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
     ex.set_defaults(fn=cmd_exec)
+    rb = sub.add_parser("reboot")
+    rb.add_argument("node")
+    rb.set_defaults(fn=cmd_reboot)
     sh = sub.add_parser("shell")
     sh.add_argument("node")
     sh.set_defaults(fn=cmd_shell)

@@ -273,3 +273,49 @@ def test_pillar_change_previews_exactly_what_would_change(mesh):
     lab.wait_mesh_ready()
     r = lab.requests("n1", [(lab.ip["n2"], 7000, "mesh-7000")])[0]
     assert r.get("peer", "").rsplit(":", 1)[0] == lab.ip["n2"], r  # via n2's sidecar again
+
+
+def test_node_reboot_brings_everything_back_by_itself(mesh):
+    """Machine restart with its disk kept: agent, sidecars and the firewall chains come back
+    without Salt, flows through the node work, and a state rerun reports 0 changes."""
+    lab = mesh
+    node = "n2"
+    subprocess.run([labctl.sys.executable, os.path.join(labctl.REPO, "lab", "labctl.py"),
+                    "reboot", node], check=True, capture_output=True)
+    plan = _plan(lab, node)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        nat = lab.run(node, "iptables -w -t nat -S APIGEE-MTLS-OUT", check=False).stdout
+        active = lab.run(node, "systemctl is-active consul 'apigee-mtls-proxy@*'",
+                         check=False).stdout.split()
+        if "-A APIGEE-MTLS-OUT" in nat and active and set(active) == {"active"}:
+            break
+        time.sleep(1)
+    assert len([l for l in nat.splitlines() if l.startswith("-A")]) == len(plan["firewall"]["nat"])
+    units = lab.run(node, "systemctl list-units --plain --no-legend 'apigee-mtls-proxy@*'").stdout
+    assert len(units.strip().splitlines()) == len(plan["proxies"])
+    lab.wait_mesh_ready()
+    # flows out of and into the rebooted node
+    out = lab.requests(node, [(u["ip"], u["component_port"], "after-reboot")
+                              for u in plan["upstreams"]])
+    assert all("error" not in r for r in out), out
+    into = lab.requests("n1", [(lab.ip[node], 8081, "into-rebooted"), (lab.ip[node], 2181, "zk")])
+    assert [r.get("node") for r in into] == [node, node], into
+    rerun = state_summary(lab.apply())
+    assert all(not s["changed"] and not s["failed"] for s in rerun.values()), rerun
+
+
+def test_port_report_from_a_minion(mesh):
+    """`salt <node> apigee_mtls.ports` reports, per host, services, ports and upstreams; it
+    matches what the sidecars really listen on."""
+    lab = mesh
+    report = lab.salt("n1", "apigee_mtls.ports")["n1"]
+    assert set(report) == set(lab.nodes)
+    for node in ("n1", "n4"):
+        listening = lab.run(node, "ss -Hltn").stdout
+        for entry in report[node]["ingress"]:
+            assert f"{lab.ip[node]}:{entry['proxy_port']} " in listening, (node, entry)
+        assert f"{lab.ip[node]}:{report[node]['egress']} " in listening
+    ports = [e["proxy_port"] for n in report.values() for e in n["ingress"]]
+    ports += [n["egress"] for n in report.values()]
+    assert len(ports) == len(set(ports)), "a proxy port is used twice in the cluster"
