@@ -13,10 +13,20 @@ Sync it to the minions before use (``state.apply`` does not sync custom modules)
 :depends: cryptography (through Salt's ``x509_v2``)
 """
 
+import concurrent.futures
 import logging
 import os
+import pwd
+import socket
 
 from salt.exceptions import CommandExecutionError
+
+try:
+    import consul
+
+    HAS_CONSUL = True
+except ImportError:  # pragma: no cover
+    HAS_CONSUL = False
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +36,8 @@ PILLAR_KEY = "apigee_mtls"
 CA_DIR = "/etc/apigee-mtls/ca"
 CA_KEY = os.path.join(CA_DIR, "ca-key.pem")
 CA_CERT = os.path.join(CA_DIR, "ca.pem")
+#: the formula's iptables chains: table -> (chain, the built-in chain that jumps to it)
+CHAINS = {"nat": ("APIGEE-MTLS-OUT", "OUTPUT"), "filter": ("APIGEE-MTLS-IN", "INPUT")}
 
 
 def __virtual__():
@@ -246,3 +258,134 @@ def sign_agent_certificate(public_key, **kwargs):
         ca_pem = fh.read()
     log.info("apigee_mtls: signed agent certificate for %s", requester)
     return {"certificate": cert, "ca_bundle": ca_pem}
+
+
+def _uid_to_name(rule):
+    """``iptables -S`` prints ``--uid-owner`` as a number; the plan uses the user name."""
+    words = rule.split()
+    for i, word in enumerate(words[:-1]):
+        if word == "--uid-owner" and words[i + 1].isdigit():
+            try:
+                words[i + 1] = pwd.getpwuid(int(words[i + 1])).pw_name
+            except KeyError:
+                pass
+    return " ".join(words)
+
+
+def firewall_status(node_plan=None):
+    """
+    The formula's iptables chains on this node, live and planned:
+    ``{chain: {"table", "parent", "want": [rules], "live": [rules] or None, "jump": bool}}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt n1 apigee_mtls.firewall_status
+    """
+    node_plan = node_plan or plan()
+    out = {}
+    for table, (chain, parent) in CHAINS.items():
+        res = __salt__["cmd.run_all"](
+            ["iptables", "-w", "-t", table, "-S", chain], python_shell=False,
+            ignore_retcode=True,
+        )
+        live = None
+        if res["retcode"] == 0:
+            live = [_uid_to_name(l) for l in res["stdout"].splitlines() if l.startswith("-A ")]
+        jump = __salt__["cmd.run_all"](
+            ["iptables", "-w", "-t", table, "-C", parent, "-j", chain], python_shell=False,
+            ignore_retcode=True,
+        )["retcode"] == 0
+        out[chain] = {"table": table, "parent": parent, "jump": jump, "live": live,
+                      "want": (node_plan.get("firewall") or {}).get(table, [])}
+    return out
+
+
+def _probe(port, timeout):
+    """Connect to an egress upstream listener and see whether the mesh keeps the connection:
+    a denied or unroutable connection is accepted locally, then closed by the proxy."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except OSError as exc:
+        return False, f"connect: {exc}"
+    try:
+        sock.settimeout(timeout)
+        data = sock.recv(1)
+        return (True, "component spoke first") if data else (False, "closed by the mesh")
+    except socket.timeout:
+        return True, "held open"
+    except OSError as exc:
+        return False, str(exc)
+    finally:
+        sock.close()
+
+
+def verify(probe_timeout=1.5, http_port=8500):
+    """
+    Check this node's part of the mesh and return a structured verdict
+    ``{"ok": bool, "checks": {name: {"ok": bool, ...}}}``; on failure the salt command exits
+    non-zero. Checks: Consul membership of every node of this data center, a leader, every
+    planned service and sidecar registered with passing checks, the firewall chains equal to
+    the plan, and an end-to-end probe of every egress upstream (the connection must survive
+    the mesh: mTLS handshake and intention check at the destination).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' apigee_mtls.verify
+    """
+    node_plan = plan()
+    if node_plan.get("error"):
+        __context__["retcode"] = 1
+        return {"ok": False, "error": node_plan["error"]}
+    if not node_plan.get("member"):
+        return {"ok": True, "member": False}
+    if not HAS_CONSUL:
+        __context__["retcode"] = 1
+        return {"ok": False, "error": "py-consul is not installed"}
+    checks = {}
+    client = consul.Consul(host="127.0.0.1", port=http_port)
+    try:
+        members = client.agent.members()
+        leader = client.status.leader()
+        services = client.agent.services()
+        agent_checks = client.agent.checks()
+    except Exception as exc:  # pylint: disable=broad-except
+        __context__["retcode"] = 1
+        return {"ok": False, "error": f"local Consul agent not answering: {exc}"}
+    model = validate()
+    dc = node_plan["datacenter"]
+    expected = {n["id"] for n in model["nodes"] if n["datacenter"] == dc and not n["retired"]}
+    alive = {m["Name"] for m in members if m.get("Status") == 1}
+    checks["members"] = {"ok": expected <= alive, "missing": sorted(expected - alive)}
+    checks["leader"] = {"ok": bool(leader), "leader": leader}
+    bad = []
+    for svc in node_plan["proxies"]:
+        sidecar = f"{svc}-sidecar-proxy"
+        if svc not in services or sidecar not in services:
+            bad.append(f"{svc}: not registered")
+            continue
+        failing = [c["Name"] for c in agent_checks.values()
+                   if c.get("ServiceID") == sidecar and c.get("Status") != "passing"]
+        if failing:
+            bad.append(f"{sidecar}: {', '.join(failing)}")
+    checks["services"] = {"ok": not bad, "count": len(node_plan["proxies"]), "problems": bad}
+    fw = firewall_status(node_plan)
+    drift = [c for c, st in fw.items() if st["live"] != st["want"] or not st["jump"]]
+    checks["firewall"] = {"ok": not drift, "drifted": drift}
+    # all upstreams at once: each probe holds its connection for probe_timeout
+    with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+        futures = {up["service"]: pool.submit(_probe, up["proxy_port"], probe_timeout)
+                   for up in node_plan["upstreams"]}
+    probes = {}
+    for svc, fut in futures.items():
+        ok, why = fut.result()
+        probes[svc] = {"ok": ok, "detail": why}
+    failed = sorted(k for k, v in probes.items() if not v["ok"])
+    checks["upstreams"] = {"ok": not failed, "count": len(probes), "failed": failed}
+    result = {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
+    if not result["ok"]:
+        __context__["retcode"] = 1
+    return result

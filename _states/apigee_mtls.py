@@ -312,41 +312,6 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
 
 # ---------------------------------------------------------------------------------------------
 # firewall chains
-CHAINS = {"nat": ("APIGEE-MTLS-OUT", "OUTPUT"), "filter": ("APIGEE-MTLS-IN", "INPUT")}
-
-
-def _uid_to_name(rule):
-    """``iptables -S`` prints ``--uid-owner`` as a number; the plan uses the user name."""
-    import pwd  # pylint: disable=import-outside-toplevel
-
-    words = rule.split()
-    for i, word in enumerate(words[:-1]):
-        if word == "--uid-owner" and words[i + 1].isdigit():
-            try:
-                words[i + 1] = pwd.getpwuid(int(words[i + 1])).pw_name
-            except KeyError:
-                pass
-    return " ".join(words)
-
-
-def _live_rules(table, chain):
-    out = __salt__["cmd.run_all"](
-        ["iptables", "-w", "-t", table, "-S", chain], python_shell=False, ignore_retcode=True
-    )
-    if out["retcode"] != 0:
-        return None
-    return [_uid_to_name(l) for l in out["stdout"].splitlines() if l.startswith("-A ")]
-
-
-def _jump_present(table, chain, parent):
-    out = __salt__["cmd.run_all"](
-        ["iptables", "-w", "-t", table, "-C", parent, "-j", chain],
-        python_shell=False,
-        ignore_retcode=True,
-    )
-    return out["retcode"] == 0
-
-
 def firewall_managed(name, rules_file, apply_cmd):
     """
     Ensure the formula's iptables chains (nat ``APIGEE-MTLS-OUT`` jumped from OUTPUT, filter
@@ -370,9 +335,8 @@ def firewall_managed(name, rules_file, apply_cmd):
         ret["result"] = False
         ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
         return ret
-    for table, (chain, parent) in CHAINS.items():
-        want = plan["firewall"][table]
-        live = _live_rules(table, chain)
+    for chain, status in __salt__["apigee_mtls.firewall_status"](plan).items():
+        want, live = status["want"], status["live"]
         if live is None:
             ret["changes"][chain] = {"chain": "create", "rules": len(want)}
         elif live != want:
@@ -380,8 +344,8 @@ def firewall_managed(name, rules_file, apply_cmd):
             removed = [r for r in live if r not in want]
             ret["changes"][chain] = {"added": added, "removed": removed} if (
                 added or removed) else {"reordered": True}
-        if not _jump_present(table, chain, parent):
-            ret["changes"].setdefault(chain, {})["jump"] = f"{parent} -> {chain}"
+        if not status["jump"]:
+            ret["changes"].setdefault(chain, {})["jump"] = f"{status['parent']} -> {chain}"
     if not ret["changes"]:
         ret["comment"] = "Firewall chains match the plan"
         return ret
