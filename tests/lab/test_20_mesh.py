@@ -319,3 +319,22 @@ def test_port_report_from_a_minion(mesh):
     ports = [e["proxy_port"] for n in report.values() for e in n["ingress"]]
     ports += [n["egress"] for n in report.values()]
     assert len(ports) == len(set(ports)), "a proxy port is used twice in the cluster"
+
+
+def test_non_members_cannot_reach_consul_or_sidecar_ports(mesh):
+    """The host (10.77.0.1, on the lab bridge but not a cluster member) is refused on Consul's
+    ports and on the sidecars' ports, while cluster members get through."""
+    import socket
+
+    lab = mesh
+    target = lab.ip["n2"]
+    sidecar = next(s for s in _plan(lab, "n2")["services"]
+                   if s["id"].startswith("zk-2181"))["connect"]["sidecar_service"]["port"]
+    for port in (8300, 8301, 8501, sidecar):
+        with pytest.raises(OSError):
+            socket.create_connection((target, port), timeout=3).close()
+    code = ("import socket, json; r = {}\n"
+            f"for p in (8300, 8301, 8501, {sidecar}):\n"
+            f"    socket.create_connection(({target!r}, p), timeout=3).close(); r[p] = 'ok'\n"
+            "print(json.dumps(r))")
+    assert len(lab.py("n4", code)) == 4
