@@ -89,14 +89,12 @@ def throughput(a):
     max_lines = int(a.get("max_lines", 2_000_000))
     sock = connect(a["host"], a["port"], a.get("timeout", 10))
     state = {"sent_lines": 0, "recv_lines": 0, "recv_bytes": 0, "error": None, "t_last": None}
-    writer_done = threading.Event()
+    finished = threading.Event()
 
     def reader():
         pending = b""
         try:
-            while True:
-                if writer_done.is_set() and state["recv_lines"] >= state["sent_lines"]:
-                    return
+            while not finished.is_set():
                 chunk = sock.recv(1 << 20)
                 if not chunk:
                     raise ConnectionError("server closed the connection")
@@ -107,8 +105,9 @@ def throughput(a):
                     state["recv_lines"] += n
                     pending = pending[pending.rfind(b"\n") + 1:]
                     state["t_last"] = time.perf_counter()
-        except Exception as exc:  # reported, never silently dropped
-            state["error"] = f"reader: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # reported unless the main thread already has everything
+            if not finished.is_set():
+                state["error"] = f"reader: {type(exc).__name__}: {exc}"
 
     t = threading.Thread(target=reader, daemon=True)
     t0 = time.perf_counter()
@@ -120,9 +119,17 @@ def throughput(a):
             state["sent_lines"] += 1
     except Exception as exc:
         state["error"] = f"writer: {type(exc).__name__}: {exc}"
-    writer_done.set()
-    t.join(timeout=max(1.0, cap - (time.perf_counter() - t0)))
+    # drain: wait (bounded) for the reply to every line sent
+    while (state["error"] is None and state["recv_lines"] < state["sent_lines"]
+           and time.perf_counter() - t0 < cap):
+        time.sleep(0.002)
+    finished.set()
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
     sock.close()
+    t.join(timeout=5)
     if state["error"] is None and state["recv_lines"] < state["sent_lines"]:
         state["error"] = f"only {state['recv_lines']}/{state['sent_lines']} replies within {cap}s"
     if state["error"]:
