@@ -1230,6 +1230,9 @@ def _consul_config(model, index, node, is_server):
         "ports": {"http": 8500, "https": 8501, "grpc": -1, "dns": 8600},
         "server": is_server,
         "retry_join": [s["ip"] for s in servers if s is not node],
+        # a node added to the pillar may start before the servers' firewalls admit it:
+        # retry every 5 s rather than Consul's 30 s
+        "retry_interval": "5s",
         "disable_update_check": True,
         "log_level": consul["log_level"],
         "connect": {"enabled": True},

@@ -13,6 +13,7 @@ Commands (run as root, from the repo's venv python; ``make lab`` does it for you
     labctl.py exec NODE -- CMD...                  run a command inside a node
     labctl.py shell NODE                           interactive shell inside a node
     labctl.py reboot NODE                          restart a node's machine, disk kept
+    labctl.py boot NODE --topology FILE            boot one more node of FILE (add a node)
     labctl.py salt ARGS...                         the salt CLI against the lab's master
     labctl.py apply [SALT ARGS...]                 salt '*' state.apply apigee_mtls
 
@@ -183,6 +184,8 @@ def write_master(topo_path, topo):
     with open(os.path.join(SALT_CONF, "master"), "w", encoding="utf-8") as fh:
         yaml.safe_dump(master_conf, fh, default_flow_style=False)
     write_pillar(topo, sha)
+    with open(os.path.join(files, "top.sls"), "w", encoding="utf-8") as fh:
+        yaml.safe_dump({"base": {"*": ["apigee_mtls"]}}, fh)  # for (targeted) highstates
 
 
 def write_pillar(topo, sha=None):
@@ -295,6 +298,28 @@ def boot_node(node_id, state):
     save_state(state)
 
 
+def add_machine(node, model, state):
+    """Create (or reuse) a node's overlay and boot its machine."""
+    root = write_node(node, model)
+    state["nodes"].setdefault(node["id"], {}).update(
+        {"ip": node["ip"], "root": root, "machine": MACHINE_PREFIX + node["id"]})
+    boot_node(node["id"], state)
+
+
+def cmd_boot(args):
+    """Boot one more machine for a node of a topology file (adding a node to a running lab);
+    the lab's pillar is not changed: that is the operator's step under test."""
+    model = planner.normalize(load_topology(args.topology))
+    node = next((n for n in model["nodes"] if n["id"] == args.node), None)
+    if node is None:
+        raise SystemExit(f"lab: {args.node} is not in {args.topology}")
+    state = load_state()
+    add_machine(node, model, state)
+    wait_minions([node["id"]])
+    step(f"{node['id']} booted, minion answers")
+    return 0
+
+
 def wait_minions(ids, timeout=120):
     deadline = time.monotonic() + timeout
     pending = set(ids)
@@ -331,13 +356,11 @@ def cmd_up(args):
     save_state(state)
     setup_bridge()
     start_master(state)
-    step(f"booting {len(model['nodes'])} nodes")
-    for node in model["nodes"]:
-        root = write_node(node, model)
-        state["nodes"].setdefault(node["id"], {}).update(
-            {"ip": node["ip"], "root": root, "machine": MACHINE_PREFIX + node["id"]})
-        boot_node(node["id"], state)
-    ids = [n["id"] for n in model["nodes"]]
+    nodes = [n for n in model["nodes"] if not args.only or n["id"] in args.only.split(",")]
+    step(f"booting {len(nodes)} nodes")
+    for node in nodes:
+        add_machine(node, model, state)
+    ids = [n["id"] for n in nodes]
     wait_minions(ids)
     step("all minions answer test.ping")
     step("salt '*' saltutil.sync_all (custom modules, states, utils)")
@@ -524,6 +547,7 @@ def main(argv=None):
     up = sub.add_parser("up")
     up.add_argument("--topology", default=os.environ.get("TOPOLOGY", DEFAULT_TOPOLOGY))
     up.add_argument("--no-apply", action="store_true")
+    up.add_argument("--only", help="comma-separated node ids to boot (default: all)")
     up.set_defaults(fn=cmd_up)
     sub.add_parser("down").set_defaults(fn=cmd_down)
     sub.add_parser("status").set_defaults(fn=cmd_status)
@@ -531,6 +555,10 @@ def main(argv=None):
     ex.add_argument("node")
     ex.add_argument("argv", nargs=argparse.REMAINDER)
     ex.set_defaults(fn=cmd_exec)
+    bt = sub.add_parser("boot")
+    bt.add_argument("node")
+    bt.add_argument("--topology", required=True)
+    bt.set_defaults(fn=cmd_boot)
     rb = sub.add_parser("reboot")
     rb.add_argument("node")
     rb.set_defaults(fn=cmd_reboot)

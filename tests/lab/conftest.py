@@ -144,24 +144,22 @@ getent passwd consul
         return self.py(node, requests_code(targets, timeout), timeout=timeout * len(targets) + 30)
 
 
-    def wait_mesh_ready(self, timeout=120):
-        """Every sidecar of the cluster passes its checks (upstreams dial only passing ones)."""
+    def wait_mesh_ready(self, timeout=150):
+        """Wait until `salt '*' apigee_mtls.verify` passes on every node: all members, a
+        leader, every sidecar registered and passing, firewall as planned, every upstream
+        answering through the mesh (the formula's own check, so it is exercised too)."""
         deadline = time.monotonic() + timeout
-        code = ("import json, urllib.request; d = json.load(urllib.request.urlopen("
-                "'http://127.0.0.1:8500/v1/health/state/any')); "
-                "print(json.dumps(sorted(c['ServiceID'] for c in d if c['Status'] != 'passing' "
-                "and c['ServiceID'])))")
         bad = None
         while time.monotonic() < deadline:
-            proc = self.run(self.nodes[0], ["python3", "-c", code], check=False)
-            try:
-                bad = json.loads(proc.stdout)
-            except json.JSONDecodeError:
-                bad = ["(agent not answering)"]
+            ret = self.salt("-L", ",".join(self.nodes), "apigee_mtls.verify", timeout=120)
+            bad = {n: {k: v for k, v in (r.get("checks") or {}).items() if not v.get("ok")}
+                   or r.get("error") for n, r in ret.items()
+                   if not isinstance(r, dict) or not r.get("ok")}
+            bad.update({n: "no answer" for n in self.nodes if n not in ret})
             if not bad:
                 return True
-            time.sleep(1)
-        raise AssertionError(f"sidecars not passing after {timeout}s: {bad}")
+            time.sleep(2)
+        raise AssertionError(f"mesh not ready after {timeout}s: {bad}")
 
 
 def state_summary(ret):

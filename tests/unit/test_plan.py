@@ -834,6 +834,7 @@ def test_consul_config_server_and_client(topo5):
     assert s["retry_join"] == ["10.77.0.11", "10.77.0.13"]
     assert c["retry_join"] == ["10.77.0.11", "10.77.0.12", "10.77.0.13"]
     assert "retry_join_wan" not in s and "retry_join_wan" not in c
+    assert s["retry_interval"] == c["retry_interval"] == "5s"
     assert s["node_name"] == "n2"
     assert s["bind_addr"] == s["advertise_addr"] == s["advertise_addr_wan"] == "10.77.0.12"
     assert s["addresses"] == {"http": "127.0.0.1", "https": "10.77.0.12",
