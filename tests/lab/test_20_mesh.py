@@ -22,6 +22,19 @@ def _plan(lab, node):
     return planner.plan(lab.pillar, node)
 
 
+def _stamps(plan):
+    """{service: (public listener, {upstream destination: bind port})}, as mesh/init.sls keeps."""
+    out = {}
+    for svc in plan["services"]:
+        side = svc["connect"]["sidecar_service"]
+        listener = (side["address"], side["port"], side["proxy"]["local_service_address"],
+                    side["proxy"]["local_service_port"])
+        ups = {u["destination_name"]: u["local_bind_port"]
+               for u in side["proxy"].get("upstreams", [])}
+        out[svc["id"]] = (listener, ups)
+    return out
+
+
 def _sidecar_ports(lab):
     ports = set()
     for alloc in lab.model["allocation"].values():
@@ -247,14 +260,20 @@ def test_pillar_change_previews_exactly_what_would_change(mesh):
                 svc = f"cass-7000-{lab.ip[node].replace('.', '-')}"
                 expected |= {f"apigee-mtls-mesh-proxy-{svc}-dead",
                              f"apigee-mtls-mesh-proxy-{svc}-listener-absent"}
-            # sidecars whose public listener moves (cassandra needs one port less per node)
-            before = {x["id"]: x["connect"]["sidecar_service"] for x in _plan(lab, node)["services"]}
-            for x in planner.plan(pillar, node)["services"]:
-                new = x["connect"]["sidecar_service"]
-                if (new["port"], new["address"]) != (before[x["id"]]["port"], before[x["id"]]["address"]):
-                    # previewed as "would stop" (the start follows from it)
-                    expected |= {f"apigee-mtls-mesh-proxy-{x['id']}-listener-managed",
-                                 f"apigee-mtls-mesh-proxy-{x['id']}-stopped-for-move"}
+            # sidecar listener files that change, and sidecars that must restart (a public
+            # listener moves, or an upstream moves / takes a port another gives up)
+            before = _stamps(_plan(lab, node))
+            for svc, (listener, ups) in _stamps(planner.plan(pillar, node)).items():
+                if svc not in before:
+                    continue
+                old_listener, old_ups = before[svc]
+                if (listener, ups) != (old_listener, old_ups):
+                    expected.add(f"apigee-mtls-mesh-proxy-{svc}-listener-managed")
+                moved = (listener != old_listener
+                         or any(d in old_ups and old_ups[d] != p for d, p in ups.items())
+                         or any(d not in ups and p in ups.values() for d, p in old_ups.items()))
+                if moved:  # previewed as "would stop" (the start follows from it)
+                    expected.add(f"apigee-mtls-mesh-proxy-{svc}-stopped-for-move")
             if node == signer:
                 expected.add("apigee-mtls-intentions-managed")
             assert changed == expected, (node, sorted(changed ^ expected))

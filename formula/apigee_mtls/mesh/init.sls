@@ -29,32 +29,54 @@ apigee-mtls-mesh-listener-dir-managed:
     - require:
       - file: apigee-mtls-install-state-dir-managed
 
-{#- The built-in proxy follows upstream changes live, but binds its public listener once:
-    a moved listener (port or address) needs a restart. Each sidecar's listener settings are
-    kept in a small file; when it changes the sidecar is stopped, and every stop happens
-    before any start, so a listener can move to a port another sidecar is giving up
-    (a proxy that fails to bind keeps running without its listener: measured in the lab). #}
+{#- The built-in proxy follows new and removed upstreams live, but binds a listener once:
+    a public listener that moves, or an upstream listener that moves or takes over a port
+    another upstream gives up, needs a restart (a proxy that fails to bind keeps running
+    without that listener: measured in the lab). Each sidecar's listeners are kept in a
+    small file; comparing it with the plan at render time decides which sidecars restart.
+    Those are stopped before any sidecar starts, so listeners can swap ports. A sidecar
+    that only gains or loses upstreams keeps running (peers adding a node see no restart). #}
+{%- set restart = [] %}
 {%- for service in plan.services %}
 {%-   set svc = service.id %}
 {%-   set sidecar = service.connect.sidecar_service %}
+{%-   set stamp = params.state_dir ~ "/listeners/" ~ svc ~ ".json" %}
+{%-   set listener = {"address": sidecar.address, "port": sidecar.port,
+                      "local_service_address": sidecar.proxy.local_service_address,
+                      "local_service_port": sidecar.proxy.local_service_port} %}
+{%-   set ups = {} %}
+{%-   for up in sidecar.proxy.get("upstreams", []) %}
+{%-     do ups.update({up.destination_name: up.local_bind_port}) %}
+{%-   endfor %}
+{%-   if salt["file.file_exists"](stamp) %}
+{%-     set old = salt["file.read"](stamp) | load_json %}
+{%-     set old_ups = old.get("upstreams", {}) %}
+{%-     set moved = [] %}
+{%-     for key, value in listener.items() if old.get(key) != value %}{% do moved.append(key) %}{% endfor %}
+{%-     for dest, port in ups.items() if dest in old_ups and old_ups[dest] != port %}{% do moved.append(dest) %}{% endfor %}
+{%-     for dest, port in old_ups.items() if dest not in ups and port in ups.values() %}{% do moved.append(dest) %}{% endfor %}
+{%-     if moved %}{% do restart.append(svc) %}{% endif %}
+{%-   endif %}
 apigee-mtls-mesh-proxy-{{ svc }}-listener-managed:
   file.serialize:
-    - name: {{ params.state_dir }}/listeners/{{ svc }}.json
+    - name: {{ stamp }}
     - serializer: json
-    - dataset:
-        address: {{ sidecar.address }}
-        port: {{ sidecar.port }}
-        local_service_address: {{ sidecar.proxy.local_service_address }}
-        local_service_port: {{ sidecar.proxy.local_service_port }}
+    - dataset: {{ dict(listener, upstreams=ups) | json }}
     - mode: "0644"
     - require:
       - file: apigee-mtls-mesh-listener-dir-managed
+{%- endfor %}
 
+{%- for svc in restart %}
 apigee-mtls-mesh-proxy-{{ svc }}-stopped-for-move:
   cmd.run:
     - name: systemctl stop apigee-mtls-proxy@{{ svc }}
-    - onchanges:
-      - file: apigee-mtls-mesh-proxy-{{ svc }}-listener-managed
+    - require:
+      - cmd: apigee-mtls-service-reloaded
+    - require_in:
+{%-   for other in plan.proxies %}
+      - service: apigee-mtls-mesh-proxy-{{ other }}-running
+{%-   endfor %}
 {%- endfor %}
 
 {%- for svc in plan.proxies %}
@@ -65,9 +87,7 @@ apigee-mtls-mesh-proxy-{{ svc }}-running:
     - require:
       - service: apigee-mtls-service-running
       - cmd: apigee-mtls-service-reloaded
-{%-   for other in plan.proxies %}
-      - cmd: apigee-mtls-mesh-proxy-{{ other }}-stopped-for-move
-{%-   endfor %}
+      - file: apigee-mtls-mesh-proxy-{{ svc }}-listener-managed
     - watch:
       - file: apigee-mtls-mesh-proxy-unit-managed
 {%- endfor %}

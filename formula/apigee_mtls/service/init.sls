@@ -27,10 +27,12 @@ apigee-mtls-service-running:
       - apigee_mtls: apigee-mtls-tls-agent-cert-managed
       - file: apigee-mtls-config-services-file-managed
       - file: apigee-mtls-install-data-dir-managed
+      # encrypt.json seeds the keyring on the first start only; a later key change goes
+      # through `consul keyring`, so it must not restart every agent at once
+      - file: apigee-mtls-config-encrypt-file-managed
     - watch:
       - file: apigee-mtls-service-unit-managed
       - file: apigee-mtls-config-agent-file-managed
-      - file: apigee-mtls-config-encrypt-file-managed
       - file: apigee-mtls-install-consul-binary-managed
 
 {#- `consul reload` returns once the agent has re-read its configuration (a SIGHUP would
