@@ -202,6 +202,15 @@ def _consul(url):
     return consul.Consul(host=host.split("//")[-1], port=int(port), scheme="http")
 
 
+def _client(ret, url):
+    """A py-consul client for the local agent, or None with ``ret`` set to a failure."""
+    if not HAS_CONSUL:
+        ret["result"] = False
+        ret["comment"] = "py-consul is not installed on this minion"
+        return None
+    return _consul(url)
+
+
 def _list_intentions(client, token=None):
     headers = client.prepare_headers(token)
     return client.http.get(CB.json(), "/v1/connect/intentions", headers=headers) or []
@@ -227,11 +236,9 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
             - intentions: {{ salt['apigee_mtls.intentions']() | json }}
     """
     ret = _ret(name)
-    if not HAS_CONSUL:
-        ret["result"] = False
-        ret["comment"] = "py-consul is not installed on this minion"
+    client = _client(ret, url)
+    if client is None:
         return ret
-    client = _consul(url)
     deadline = time.monotonic() + (0 if __opts__["test"] else wait)
     while True:
         try:
@@ -359,4 +366,80 @@ def firewall_managed(name, rules_file, apply_cmd):
         ret["comment"] = f"{apply_cmd} failed: {out['stderr'] or out['stdout']}"
         return ret
     ret["comment"] = "Rebuilt the apigee_mtls firewall chains from " + rules_file
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# gossip keyring
+def _fingerprint(key):
+    """A printable identity for a gossip key that reveals nothing about it."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def gossip_keyring_managed(name, key, url="http://127.0.0.1:8500", wait=120, token=None):
+    """
+    Ensure the cluster's gossip keyring holds exactly ``key``, as the primary key, on every
+    node of every pool (LAN per data center, WAN). A new key is rotated in through
+    ``/v1/operator/keyring`` the way ``consul keyring`` does: install it everywhere, make it
+    primary, then remove the others, so that no node ever lacks a key its peers use. Keys
+    are shown only as fingerprints. Run it on one server (the formula uses the signer).
+
+    .. code-block:: yaml
+
+        apigee-mtls-keyring-managed:
+          apigee_mtls.gossip_keyring_managed:
+            - key: {{ pillar.apigee_mtls.secrets.gossip_key }}
+    """
+    ret = _ret(name)
+    client = _client(ret, url)
+    if client is None:
+        return ret
+    headers = client.prepare_headers(token)
+    deadline = time.monotonic() + (0 if __opts__["test"] else wait)
+    while True:
+        try:
+            pools = client.http.get(CB.json(), "/v1/operator/keyring", headers=headers) or []
+            break
+        except Exception as exc:  # pylint: disable=broad-except
+            if __opts__["test"] or time.monotonic() > deadline:
+                ret["result"] = None if __opts__["test"] else False
+                ret["comment"] = f"Consul keyring not readable: {exc}"
+                return ret
+            time.sleep(2)
+    present = set()
+    complete = True
+    for pool in pools:
+        present |= set(pool.get("Keys") or {})
+        if (pool.get("Keys") or {}).get(key) != pool.get("NumNodes"):
+            complete = False
+    others = sorted(present - {key})
+    if complete and not others:
+        ret["comment"] = f"Gossip keyring holds only {_fingerprint(key)}"
+        return ret
+    if not complete:
+        ret["changes"]["installed"] = _fingerprint(key)
+    if others:
+        ret["changes"]["primary"] = _fingerprint(key)
+        ret["changes"]["removed"] = [_fingerprint(k) for k in others]
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Would rotate the gossip keyring to " + _fingerprint(key)
+        return ret
+    body = json.dumps({"Key": key})
+    try:
+        if not complete:
+            client.http.post(CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)
+        client.http.put(CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)
+        for old in others:
+            client.http.delete(CB.boolean(), "/v1/operator/keyring",
+                               data=json.dumps({"Key": old}), headers=headers)
+    except Exception as exc:  # pylint: disable=broad-except
+        ret["result"] = False
+        ret["changes"] = {}
+        # the exception text could echo the request body: keep it out of the return
+        ret["comment"] = f"keyring rotation failed ({type(exc).__name__}); see the Consul log"
+        return ret
+    ret["comment"] = "Gossip keyring rotated to " + _fingerprint(key)
     return ret

@@ -1,6 +1,7 @@
 {#- Uninstall, in reverse order: firewall chains first (components reachable directly again),
     then sidecars, agent, config, certificates, binary and (unless pillar says keep) the user. -#}
 include:
+  - apigee_mtls.keyring.clean
   - apigee_mtls.intentions.clean
   - apigee_mtls.firewall.clean
   - apigee_mtls.mesh.clean

@@ -1,5 +1,6 @@
 {#- apigee_mtls: Consul service mesh (mutual TLS) between Apigee Edge components.
-    Order: install -> tls -> config -> service -> mesh (sidecars) -> firewall -> intentions. -#}
+    Order: install -> tls -> config -> service -> mesh (sidecars) -> firewall -> intentions
+    -> keyring (gossip key rotation). -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member %}
 include:
@@ -10,6 +11,7 @@ include:
   - apigee_mtls.mesh
   - apigee_mtls.firewall
   - apigee_mtls.intentions
+  - apigee_mtls.keyring
 {%- else %}
 apigee-mtls-not-a-member:
   test.succeed_without_changes:
