@@ -89,4 +89,9 @@ def test_remove_node_peers_lose_its_upstreams_rules_and_intentions(grown):
     assert dashed not in intentions
     rerun = state_summary(lab.apply())
     assert all(not s["changed"] for s in rerun.values()), rerun
-    labctl.stop_node(NEW["id"], labctl.load_state())
+    # decommission the machine: power it off and delete its minion key, so that later
+    # `salt '*'` runs do not wait for a minion that is gone
+    state = labctl.load_state()
+    labctl.stop_node(NEW["id"], state)
+    subprocess.run([os.path.join(labctl.VENV_BIN, "salt-key"), "-c", labctl.SALT_CONF, "-y",
+                    "-d", NEW["id"]], check=True, capture_output=True)
