@@ -15,7 +15,6 @@ import sys
 import time
 
 import pytest
-import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOPOLOGY = os.environ.get("TOPOLOGY", os.path.join(REPO, "tests", "topologies", "5-node.yaml"))
@@ -84,26 +83,6 @@ class Lab:
         proc = self.run(node, [python, "-c", code], timeout=timeout)
         return json.loads(proc.stdout)
 
-    def request(self, node, ip, port, payload="ping", timeout=5):
-        """From `node`, open a TCP connection to ip:port, send one line, return the JSON reply
-        (or {"error": ...}): proves a request/response, not only a connect."""
-        code = f"""
-import json, socket
-try:
-    s = socket.create_connection(({ip!r}, {port}), timeout={timeout})
-    s.sendall({payload!r}.encode() + b"\\n")
-    buf = b""
-    while not buf.endswith(b"\\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
-    print(json.dumps(json.loads(buf) if buf else {{"error": "closed without reply"}}))
-except Exception as exc:
-    print(json.dumps({{"error": type(exc).__name__ + ": " + str(exc)}}))
-"""
-        return self.py(node, code, timeout=timeout + 10)
-
     def fingerprint(self, node):
         """Everything the formula manages on a node, hashed: files, units, rules, processes."""
         script = r"""
@@ -117,22 +96,6 @@ getent passwd consul
 """
         out = self.run(node, script, check=False).stdout
         return hashlib.sha256(out.encode()).hexdigest(), out
-
-    def wait_passing(self, node, service, timeout=90):
-        """Wait until `service` has a passing Connect instance (upstreams dial only those)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            url = f"http://127.0.0.1:8500/v1/health/connect/{service}?passing"
-            proc = self.run(node, ["python3", "-c", "import sys, urllib.request; print("
-                                   "urllib.request.urlopen(sys.argv[1]).read().decode())", url],
-                            check=False)
-            try:
-                if json.loads(proc.stdout or "[]"):
-                    return True
-            except json.JSONDecodeError:
-                pass
-            time.sleep(1)
-        return False
 
     def set_pillar(self, pillar):
         """Replace the lab's apigee_mtls pillar and refresh it on every minion."""

@@ -72,7 +72,7 @@ def test_stopping_the_consul_leader_elects_another_and_flows_continue(mesh, reco
     client = next(n for n in lab.nodes if n not in servers)  # n4: postgres/qpid
     # hold an established flow from the client to zookeeper on a surviving server
     holder = subprocess.Popen(
-        lab_exec(lab, client, ["python3", "-c", HOLD_CODE, lab.ip[other], "2181", "24"]),
+        labctl.node_exec_cmd(client, ["python3", "-c", HOLD_CODE, lab.ip[other], "2181", "24"]),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
     t0 = time.monotonic()
@@ -102,5 +102,3 @@ def test_stopping_the_consul_leader_elects_another_and_flows_continue(mesh, reco
     assert all(not s["changed"] and not s["failed"] for s in rerun.values()), rerun
 
 
-def lab_exec(_lab, node, argv):
-    return labctl.node_exec_cmd(node, argv)
