@@ -93,7 +93,6 @@ import copy
 import datetime
 import gc
 import importlib.util
-import ipaddress
 import json
 import os
 import re
@@ -790,7 +789,7 @@ def print_dataplane(res):
         f"-> nat -> {res['mesh']['upstream']} ({res['mesh']['egress_service']}) -> mTLS -> "
         f"{res['mesh']['service']} -> 127.0.0.1:{res['component_port']}")
     idle = res["cpu"]["proxy_during_direct"]
-    say(f"  control: sidecar CPU during the direct throughput runs: "
+    say("  control: sidecar CPU during the direct throughput runs: "
         + ", ".join(f"{k} {v:.2f}s" for k, v in idle.items()))
     say("  both servers: the lab stand-in (one JSON reply echoing each line); throughput is echo "
         "throughput, payload one way; GiB for CPU counts bytes both ways; servers are "
