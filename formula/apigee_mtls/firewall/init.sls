@@ -31,6 +31,7 @@ apigee-mtls-firewall-unit-managed:
     - template: jinja
     - context:
         script: {{ params.firewall_script }}
+        after: {{ params.firewall_unit_after | json }}
     - user: root
     - group: root
     - mode: "0644"

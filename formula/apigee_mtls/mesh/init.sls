@@ -16,6 +16,7 @@ apigee-mtls-mesh-proxy-unit-managed:
     - context:
         consul: {{ c | json }}
         proxy: {{ plan.proxy | json }}
+        start_limit_in_service: {{ params.systemd_start_limit_in_service | json }}
     - user: root
     - group: root
     - mode: "0644"

@@ -1,0 +1,274 @@
+"""The whole formula rendered masterless with the grains of each supported OS: Debian 12 (what
+the lab runs), RHEL / Oracle Linux 7 and 8 (production). Nothing is applied:
+``salt-call --local state.show_sls`` compiles the states and stops there.
+
+Every state must render on every OS, for a Consul server that is the signer (n1) and for a
+client (n4), ``apigee_mtls.clean`` included; the families get the same states, differing only
+where a state renders an OS parameter (``parameters/``); the unit templates the states name
+exist and render with the context the states give them.
+"""
+
+import concurrent.futures
+import json
+import pathlib
+import subprocess
+import sys
+
+import jinja2
+import pytest
+import yaml
+
+from conftest import load_topology
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FORMULA = ROOT / "formula"
+SALT_CALL = pathlib.Path(sys.executable).with_name("salt-call")
+TOPOLOGY = "5-node"
+SIGNER, CLIENT = "n1", "n4"  # n1: ZooKeeper (Consul server) and signer; n4: postgres + qpid
+NODES = (SIGNER, CLIENT)
+SLS = ("apigee_mtls", "apigee_mtls.clean")
+
+OSES = {
+    "debian12": {"os": "Debian", "os_family": "Debian", "osmajorrelease": 12,
+                 "osrelease": "12.8", "osfinger": "Debian-12", "oscodename": "bookworm"},
+    "oracle7": {"os": "OEL", "os_family": "RedHat", "osmajorrelease": 7,
+                "osrelease": "7.9", "osfinger": "Oracle Linux Server-7"},
+    "rhel8": {"os": "RedHat", "os_family": "RedHat", "osmajorrelease": 8,
+              "osrelease": "8.10", "osfinger": "Red Hat Enterprise Linux-8"},
+}
+
+#: what each family must get (parameters/)
+EXPECTED = {
+    "Debian": {"pkgs": ["iptables", "netcat-openbsd"], "shell": "/usr/sbin/nologin",
+               "firewall_after": "After=local-fs.target"},
+    "RedHat": {"pkgs": ["iptables", "iptables-services", "nmap-ncat"], "shell": "/sbin/nologin",
+               "firewall_after": "After=local-fs.target iptables.service firewalld.service"},
+}
+
+#: the only states whose data may differ between OSes: those rendering an OS parameter
+PARAMETER_STATES = {
+    "apigee-mtls-install-pkgs-installed",  # pkgs
+    "apigee-mtls-install-user-present",  # nologin_shell
+    "apigee-mtls-install-proxy-user-present",  # nologin_shell
+    "apigee-mtls-firewall-unit-managed",  # firewall_unit_after
+    "apigee-mtls-mesh-proxy-unit-managed",  # systemd_start_limit_in_service
+}
+
+pytestmark = pytest.mark.skipif(not SALT_CALL.exists(), reason=f"no {SALT_CALL} (make venv)")
+
+
+def _salt_call(config_dir, *args, cachedir=None, minion_id=None):
+    cmd = [str(SALT_CALL), "--config-dir", str(config_dir), "--local", "--out=json",
+           "--log-level=quiet"]
+    if cachedir:
+        cmd.append(f"--cachedir={cachedir}")
+    if minion_id:
+        cmd.append(f"--id={minion_id}")
+    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120,
+                          check=False)
+    try:
+        out = json.loads(proc.stdout)["local"]
+    except (ValueError, KeyError):
+        out = None
+    return {"rc": proc.returncode, "out": out, "stdout": proc.stdout, "stderr": proc.stderr,
+            "cmd": " ".join(cmd + list(args))}
+
+
+def _write_tree(base):
+    """Pillar and the custom-module file root, shared by every OS's minion config."""
+    extmods_root = base / "extmods-root"
+    extmods_root.mkdir()
+    for kind in ("_modules", "_states", "_utils"):
+        (extmods_root / kind).symlink_to(ROOT / kind)
+    pillar_root = base / "pillar"
+    pillar_root.mkdir()
+    (pillar_root / "top.sls").write_text("base:\n  '*':\n    - apigee_mtls\n")
+    (pillar_root / "apigee_mtls.sls").write_text(
+        yaml.safe_dump({"apigee_mtls": load_topology(TOPOLOGY)}))
+    return extmods_root, pillar_root
+
+
+def _write_minion_config(base, name, grains, extmods_root, pillar_root):
+    config_dir = base / name
+    config_dir.mkdir()
+    config = {
+        "id": SIGNER,
+        "file_client": "local",
+        "file_roots": {"base": [str(FORMULA), str(extmods_root)]},
+        "pillar_roots": {"base": [str(pillar_root)]},
+        "cachedir": str(config_dir / "cache"),
+        "extension_modules": str(config_dir / "extmods"),  # shared by the per-call cachedirs
+        "pki_dir": str(config_dir / "pki"),
+        "sock_dir": str(config_dir / "sock"),
+        "log_file": str(config_dir / "minion.log"),
+        "enable_fqdns_grains": False,
+        "grains": dict(grains, init="systemd"),
+    }
+    (config_dir / "minion").write_text(yaml.safe_dump(config))
+    return config_dir
+
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory):
+    """``{os: {"grains": ..., (node, sls): salt-call result}}``, every call run once."""
+    base = tmp_path_factory.mktemp("render")
+    extmods_root, pillar_root = _write_tree(base)
+    dirs = {name: _write_minion_config(base, name, grains, extmods_root, pillar_root)
+            for name, grains in OSES.items()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        syncs = {name: pool.submit(_salt_call, d, "saltutil.sync_all")
+                 for name, d in dirs.items()}
+        for name, fut in syncs.items():
+            res = fut.result()
+            assert res["rc"] == 0 and "modules.apigee_mtls" in (res["out"] or {}).get(
+                "modules", []), res
+        jobs = {}
+        for name, d in dirs.items():
+            jobs[(name, "grains")] = pool.submit(
+                _salt_call, d, "grains.item", "os", "os_family", "osmajorrelease")
+            for node in NODES:
+                for sls in SLS:
+                    jobs[(name, (node, sls))] = pool.submit(
+                        _salt_call, d, "state.show_sls", sls, minion_id=node,
+                        cachedir=d / f"cache-{node}-{sls}")
+        results = {name: {} for name in OSES}
+        for (name, key), fut in jobs.items():
+            results[name][key] = fut.result()
+    return results
+
+
+def _states(renders, os_name, node, sls):
+    res = renders[os_name][(node, sls)]
+    assert res["rc"] == 0 and isinstance(res["out"], dict) and res["out"], (
+        f"{res['cmd']} did not render:\n{res['stdout']}\n{res['stderr']}")
+    return res["out"]
+
+
+def _args(state):
+    """A show_sls state ``{"__sls__": ..., "pkg": [{"pkgs": [...]}, "installed", ...]}`` ->
+    (function, {argument: value})."""
+    (module, body), = ((k, v) for k, v in state.items() if not k.startswith("__"))
+    fun = next(a for a in body if isinstance(a, str))
+    args = {}
+    for arg in body:
+        if isinstance(arg, dict):
+            args.update(arg)
+    return f"{module}.{fun}", args
+
+
+CASES = [(os_name, node, sls) for os_name in OSES for node in NODES for sls in SLS]
+
+
+@pytest.mark.parametrize("os_name", OSES)
+def test_minion_config_grains_take_effect(renders, os_name):
+    res = renders[os_name]["grains"]
+    assert res["rc"] == 0, res
+    want = OSES[os_name]
+    assert res["out"] == {k: want[k] for k in ("os", "os_family", "osmajorrelease")}
+
+
+@pytest.mark.parametrize("os_name,node,sls", CASES)
+def test_every_state_renders(renders, os_name, node, sls):
+    states = _states(renders, os_name, node, sls)
+    for state_id, state in states.items():
+        assert state["__sls__"].startswith("apigee_mtls"), state_id
+        fun, _ = _args(state)
+        assert "." in fun, (state_id, state)
+    if sls == "apigee_mtls":
+        signer_only = {"apigee-mtls-tls-ca-key-managed", "apigee-mtls-tls-ca-cert-managed",
+                       "apigee-mtls-intentions-managed", "apigee-mtls-keyring-managed"}
+        if node == SIGNER:
+            assert signer_only <= set(states)
+        else:
+            assert not signer_only & set(states)
+        assert "apigee-mtls-firewall-chains-managed" in states
+    else:
+        assert {"apigee-mtls-firewall-chains-absent", "apigee-mtls-install-user-absent",
+                "apigee-mtls-clean-systemd-forget"} <= set(states)
+
+
+@pytest.mark.parametrize("os_name", OSES)
+def test_packages_and_nologin_shell_follow_the_os_family(renders, os_name):
+    want = EXPECTED[OSES[os_name]["os_family"]]
+    for node in NODES:
+        states = _states(renders, os_name, node, "apigee_mtls")
+        fun, args = _args(states["apigee-mtls-install-pkgs-installed"])
+        assert (fun, args["pkgs"]) == ("pkg.installed", want["pkgs"])
+        users = [_args(s)[1] for s in states.values() if _args(s)[0] == "user.present"]
+        assert users and all(u["shell"] == want["shell"] for u in users), users
+
+
+@pytest.mark.parametrize("node,sls", [(node, sls) for node in NODES for sls in SLS])
+def test_families_differ_only_in_os_parameters(renders, node, sls):
+    debian = _states(renders, "debian12", node, sls)
+    for os_name in OSES:
+        other = _states(renders, os_name, node, sls)
+        assert set(other) == set(debian), os_name
+        differing = {i for i in debian if debian[i] != other[i]}
+        assert differing <= PARAMETER_STATES, (os_name, sorted(differing - PARAMETER_STATES))
+
+
+def _units(states):
+    """``{unit file name: rendered text}`` for the states' jinja templates, checking that every
+    ``salt://`` source but the pillar's Consul binary is a file of the formula."""
+    external = load_topology(TOPOLOGY)["consul"]["install"]["source"]
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    units = {}
+    for state_id, state in states.items():
+        fun, args = _args(state)
+        source = args.get("source")
+        if not fun.startswith("file.") or source is None or source == external:
+            continue
+        assert source.startswith("salt://apigee_mtls/files/"), (state_id, source)
+        path = FORMULA / source[len("salt://"):]
+        assert path.is_file(), (state_id, source)
+        if args.get("template") == "jinja":  # as file.managed renders it: the state's context
+            text = env.from_string(path.read_text()).render(**args.get("context", {}))
+            units[pathlib.PurePath(args["name"]).name] = text
+    return units
+
+
+def _sections(text):
+    """A unit's settings by section, comments and blank lines left out."""
+    sections, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+        elif current is not None and line and not line.startswith("#"):
+            current.append(line)
+    return sections
+
+
+@pytest.mark.parametrize("os_name,node", [(o, n) for o in OSES for n in NODES])
+def test_sources_exist_and_unit_templates_render(renders, os_name, node):
+    units = _units(_states(renders, os_name, node, "apigee_mtls"))
+    assert sorted(units) == [
+        "apigee-mtls-firewall.service", "apigee-mtls-proxy@.service", "consul.service"]
+    for name, text in units.items():
+        assert "{{" not in text and "{%" not in text, name
+        assert text.startswith("# Managed by Salt (apigee_mtls).") and "[Install]" in text, name
+
+
+def _unit(renders, os_name, name):
+    return _sections(_units(_states(renders, os_name, SIGNER, "apigee_mtls"))[name])
+
+
+@pytest.mark.parametrize("os_name", OSES)
+def test_firewall_unit_starts_after_what_would_flush_its_chains(renders, os_name):
+    unit = _unit(renders, os_name, "apigee-mtls-firewall.service")
+    after = [line for line in unit["Unit"] if line.startswith("After=")]
+    assert after == [EXPECTED[OSES[os_name]["os_family"]]["firewall_after"]]
+
+
+@pytest.mark.parametrize("os_name", OSES)
+def test_sidecar_restarts_are_unlimited_for_the_os_systemd(renders, os_name):
+    """systemd 219 (EL7) ignores [Unit] StartLimitIntervalSec=; [Service] StartLimitInterval=
+    is its spelling (still accepted by later versions, but Debian keeps its unit as it was)."""
+    unit = _unit(renders, os_name, "apigee-mtls-proxy@.service")
+    start_limits = {section: [line for line in lines if line.startswith("StartLimit")]
+                    for section, lines in unit.items()}
+    if OSES[os_name]["osmajorrelease"] == 7:
+        assert start_limits == {"Unit": [], "Service": ["StartLimitInterval=0"], "Install": []}
+    else:
+        assert start_limits == {"Unit": ["StartLimitIntervalSec=0"], "Service": [],
+                                "Install": []}
