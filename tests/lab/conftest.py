@@ -57,12 +57,41 @@ class Lab:
     # -- salt ----------------------------------------------------------------------------------
     def salt(self, *args, timeout=600):
         """Run the salt CLI against the lab master; returns the parsed JSON (--static)."""
+        return self.salt_proc(*args, timeout=timeout).json
+
+    def salt_proc(self, *args, timeout=600):
+        """The salt CLI's completed process, with its parsed JSON output as ``.json``."""
         cmd = labctl.salt_cmd(list(args) + ["--out=json", "--static"])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         try:
-            return json.loads(proc.stdout or "{}")
+            proc.json = json.loads(proc.stdout or "{}")
         except json.JSONDecodeError as exc:
             raise AssertionError(f"salt {args}: no JSON:\n{proc.stdout}\n{proc.stderr}") from exc
+        return proc
+
+    def salt_plain(self, *args, timeout=900):
+        """The salt CLI as an operator runs it (no ``--static``: a minion that does not return
+        is reported, and the exit code says so): (returncode, {minion: return}) parsed from
+        the stream of one JSON document per minion."""
+        proc = subprocess.run(labctl.salt_cmd(list(args) + ["--out=json"]), capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        out, text, dec, i = {}, proc.stdout, json.JSONDecoder(), 0
+        while True:
+            while i < len(text) and text[i].isspace():
+                i += 1
+            if i >= len(text):
+                break
+            doc, i = dec.raw_decode(text, i)
+            out.update(doc)
+        return proc.returncode, out
+
+    def salt_async(self, *args):
+        """Publish a job without waiting for it (``--async``); returns the job id."""
+        proc = subprocess.run(labctl.salt_cmd(list(args) + ["--async"]), capture_output=True,
+                              text=True, timeout=60, check=False)
+        jid = proc.stdout.strip().rsplit(" ", 1)[-1]
+        assert proc.returncode == 0 and jid.isdigit(), f"salt {args} --async: {proc.stdout}{proc.stderr}"
+        return jid
 
     def apply(self, target="*", sls="apigee_mtls", *extra, timeout=900):
         return self.salt(target, "state.apply", sls, "-t", str(timeout), *extra, timeout=timeout)
@@ -97,10 +126,14 @@ getent passwd consul
         out = self.run(node, script, check=False).stdout
         return hashlib.sha256(out.encode()).hexdigest(), out
 
-    def set_pillar(self, pillar):
-        """Replace the lab's apigee_mtls pillar and refresh it on every minion."""
+    def set_pillar(self, pillar, skip=()):
+        """Replace the lab's apigee_mtls pillar and refresh it on every minion (but ``skip``)."""
         labctl.write_pillar(pillar)
-        self.salt("*", "saltutil.refresh_pillar", "wait=True")
+        if skip:
+            targets = [n for n in self.nodes if n not in skip]
+            self.salt("-L", ",".join(targets), "saltutil.refresh_pillar", "wait=True")
+        else:
+            self.salt("*", "saltutil.refresh_pillar", "wait=True")
 
 
     def requests(self, node, targets, timeout=4):
