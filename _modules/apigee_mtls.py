@@ -90,7 +90,35 @@ def _mask(obj):
     return obj
 
 
-def plan(node_id=None, pillar=None, secrets=False):
+ROLLOUT_STAGES = ("agents", "mesh", "redirect", "full")
+
+
+def rollout_stage():
+    """
+    The stage of a staged rollout this run belongs to: ``apigee_mtls_rollout:stage`` of the
+    run's pillar (the orchestrate ``apigee_mtls.orch.rollout`` passes it inline), default
+    ``full`` (a plain ``state.apply apigee_mtls``).
+
+    - ``agents``: Consul agent only (install, tls, config, service);
+    - ``mesh``: also the sidecars, intentions and keyring; no iptables rules;
+    - ``redirect``: also the nat redirects and the member rules, but direct connections to
+      the components are still accepted;
+    - ``full``: everything, the meshed ports locked down to the sidecars.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call apigee_mtls.rollout_stage
+    """
+    stage = __salt__["pillar.get"]("apigee_mtls_rollout:stage", "full") or "full"
+    if stage not in ROLLOUT_STAGES:
+        raise ValueError(f"apigee_mtls_rollout:stage: {stage!r} is not one of "
+                         f"{', '.join(ROLLOUT_STAGES)}")
+    return stage
+
+
+def plan(node_id=None, pillar=None, secrets=False, lockdown=None):
     """
     The full plan for one node (default: this minion): Consul agent config, services,
     sidecars, upstreams, firewall chains, certificate identity. On a bad pillar returns
@@ -112,9 +140,12 @@ def plan(node_id=None, pillar=None, secrets=False):
         model = __utils__["apigee_mtls_plan.normalize"](data)
         if node_id not in {n["id"] for n in model["nodes"]}:
             return {"member": False, "node_id": node_id}
-        result = __utils__["apigee_mtls_plan.plan"](data, node_id)
+        if lockdown is None:
+            lockdown = rollout_stage() == "full"
+        result = __utils__["apigee_mtls_plan.plan"](data, node_id, lockdown=lockdown)
     except ValueError as exc:
         return _error(exc)
+    result["lockdown"] = lockdown
     result["member"] = True
     if not secrets and result.get("encrypt_config"):
         result["encrypt_config"] = {k: "<hidden>" if k == "encrypt" else v
@@ -321,7 +352,7 @@ def _probe(port, timeout):
         sock.close()
 
 
-def verify(probe_timeout=1.5, http_port=8500):
+def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
     """
     Check this node's part of the mesh and return a structured verdict
     ``{"ok": bool, "checks": {name: {"ok": bool, ...}}}``; on failure the salt command exits
@@ -330,13 +361,18 @@ def verify(probe_timeout=1.5, http_port=8500):
     the plan, and an end-to-end probe of every egress upstream (the connection must survive
     the mesh: mTLS handshake and intention check at the destination).
 
+    firewall
+        False skips the firewall check (a staged rollout before its redirect stage).
+    lockdown
+        False compares the chains with the redirect stage's (meshed ports not yet locked).
+
     CLI Example:
 
     .. code-block:: bash
 
         salt '*' apigee_mtls.verify
     """
-    node_plan = plan()
+    node_plan = plan(lockdown=lockdown)
     if node_plan.get("error"):
         __context__["retcode"] = 1
         return {"ok": False, "error": node_plan["error"]}
@@ -376,9 +412,10 @@ def verify(probe_timeout=1.5, http_port=8500):
         if failing:
             bad.append(f"{sidecar}: {', '.join(failing)}")
     checks["services"] = {"ok": not bad, "count": len(node_plan["proxies"]), "problems": bad}
-    fw = firewall_status(node_plan)
-    drift = [c for c, st in fw.items() if st["live"] != st["want"] or not st["jump"]]
-    checks["firewall"] = {"ok": not drift, "drifted": drift}
+    if firewall:
+        fw = firewall_status(node_plan)
+        drift = [c for c, st in fw.items() if st["live"] != st["want"] or not st["jump"]]
+        checks["firewall"] = {"ok": not drift, "drifted": drift}
     # all upstreams at once: each probe holds its connection for probe_timeout
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         futures = {up["service"]: pool.submit(_probe, up["proxy_port"], probe_timeout)

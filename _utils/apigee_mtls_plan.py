@@ -1369,7 +1369,7 @@ def _multiport_chunks(ports, limit=MULTIPORT_MAX):
     return chunks
 
 
-def _firewall(model, index, node, upstreams, proxy_owner):
+def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
     out, inp = NAT_CHAIN, FILTER_CHAIN
     nat = ["-A {} -m owner --uid-owner {} -j RETURN".format(out, proxy_owner)]
     for up in upstreams:
@@ -1397,7 +1397,9 @@ def _firewall(model, index, node, upstreams, proxy_owner):
         for chunk in member_udp:
             filt.append("-A {} -s {}/32 -p udp -m multiport --dports {} -j "
                         "RETURN".format(inp, member["ip"], chunk))
-    for port in meshed:
+    # lockdown: the meshed component ports refuse every new connection that does not come
+    # from loopback (the ingress sidecars); a staged rollout applies this last
+    for port in meshed if lockdown else ():
         filt.append("-A {} -p tcp -m tcp --dport {} -j REJECT --reject-with "
                     "tcp-reset".format(inp, port))
     for chunk in _multiport_chunks(sorted(CONSUL_PORTS) + sidecar):
@@ -1421,7 +1423,7 @@ def _certificate(node, is_server):
             "ip_sans": [node["ip"], "127.0.0.1", "::1"]}
 
 
-def _plan(model, index, node_id, proxy_uid=None):
+def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
     node = index.node(node_id)
     retired = node["retired"]
     is_server = not retired and "zookeeper" in node["components"]
@@ -1457,14 +1459,14 @@ def _plan(model, index, node_id, proxy_uid=None):
         "services": services,
         "upstreams": upstreams,
         "proxies": [s["id"] for s in services],
-        "firewall": _firewall(model, index, node, upstreams, owner),
+        "firewall": _firewall(model, index, node, upstreams, owner, lockdown),
         "certificate": _certificate(node, is_server),
         "signing_policy": "apigee_mtls_{}".format(node["id"]),
     })
     return result
 
 
-def plan(pillar, node_id, proxy_uid=None):
+def plan(pillar, node_id, proxy_uid=None, lockdown=True):
     """
     Everything the formula applies on one node.
 
@@ -1474,6 +1476,9 @@ def plan(pillar, node_id, proxy_uid=None):
         prints ``--uid-owner`` numerically, so pass it to compare the nat rules
         with live output; by default the user name is used (fine for
         ``iptables-restore``)
+    :param lockdown: False leaves out the filter rules that refuse direct
+        connections to meshed component ports (the redirect stage of a staged
+        rollout: traffic already goes through the mesh, direct still works)
     :return: dict with keys ``node``, ``servers``, ``is_server``,
         ``datacenter``, ``primary_datacenter``, ``ports``, ``consul``, ``tls``,
         ``proxy``, ``consul_config``, ``encrypt_config``, ``services``,
@@ -1486,7 +1491,7 @@ def plan(pillar, node_id, proxy_uid=None):
         ``node_id`` is not a node
     """
     model = normalize(pillar)
-    return _plan(model, _Index(model), node_id, proxy_uid)
+    return _plan(model, _Index(model), node_id, proxy_uid, lockdown)
 
 
 def render_iptables_restore(firewall):

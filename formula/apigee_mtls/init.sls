@@ -1,17 +1,24 @@
 {#- apigee_mtls: Consul service mesh (mutual TLS) between Apigee Edge components.
     Order: install -> tls -> config -> service -> mesh (sidecars) -> firewall -> intentions
     -> keyring (gossip key rotation). -#}
+{#- A staged rollout (orch/rollout.sls) passes apigee_mtls_rollout:stage inline: agents, then
+    mesh, then redirect (firewall without the lockdown), then full; a plain run is full. -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member %}
+{%- set stage = salt["apigee_mtls.rollout_stage"]() %}
 include:
   - apigee_mtls.install
   - apigee_mtls.tls
   - apigee_mtls.config
   - apigee_mtls.service
+{%- if stage != "agents" %}
   - apigee_mtls.mesh
-  - apigee_mtls.firewall
   - apigee_mtls.intentions
   - apigee_mtls.keyring
+{%- endif %}
+{%- if stage in ("redirect", "full") %}
+  - apigee_mtls.firewall
+{%- endif %}
 {%- else %}
 apigee-mtls-not-a-member:
   test.succeed_without_changes:

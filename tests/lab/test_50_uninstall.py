@@ -1,7 +1,12 @@
 """Uninstall: `state.apply apigee_mtls.clean` removes proxies, agents, units, config,
 certificates, the formula's chains (nat OUTPUT as before) and the consul user; components are
 reachable directly again; a second clean changes nothing; the formula installs again."""
-from conftest import state_summary
+import json
+import os
+import subprocess
+import time
+
+from conftest import labctl, planner, state_summary
 
 LEFTOVERS = r"""
 for p in /etc/consul.d /etc/apigee-mtls /var/lib/consul /usr/local/bin/consul \
@@ -39,10 +44,79 @@ def test_clean_removes_everything_and_components_are_direct_again(applied):
     assert all(not s["changed"] and not s["failed"] for s in again.values()), again
 
 
-def test_reinstall_after_clean(applied):
+# New connections, one after another, to every remote upstream of the node (a component
+# that keeps connecting while the mesh is rolled out under it); runs until /tmp/traffic.stop
+# exists, then prints per-target counts, the failures, and the path of the last reply.
+TRAFFIC = r"""
+import json, os, socket, sys, time
+targets = json.loads(sys.argv[1])
+stats = {f"{ip}:{port}": {"ok": 0, "failed": 0, "errors": [], "last_peer": None}
+         for ip, port in targets}
+while not os.path.exists("/tmp/traffic.stop"):
+    for ip, port in targets:
+        st = stats[f"{ip}:{port}"]
+        try:
+            s = socket.create_connection((ip, port), timeout=3)
+            s.settimeout(3)
+            s.sendall(b"rollout\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise OSError("closed without reply")
+                buf += chunk
+            s.close()
+            st["ok"] += 1
+            st["last_peer"] = json.loads(buf)["peer"]
+        except Exception as exc:
+            st["failed"] += 1
+            st["errors"].append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}")
+    time.sleep(0.05)
+print(json.dumps(stats))
+"""
+
+
+def _remote_upstreams(lab, node):
+    plan = planner.plan(lab.pillar, node)
+    return sorted({(u["ip"], u["component_port"]) for u in plan["upstreams"]
+                   if u["node"] != node})
+
+
+def test_zero_downtime_rollout_by_orchestrate_after_clean(applied):
+    """The cluster is as the vendor's setup starts it: components running, no mesh. The
+    orchestrate rolls the mesh out under components that keep opening connections: none
+    fails, and at the end they all go through the mesh; a plain rerun changes nothing."""
     lab = applied
-    summary = state_summary(lab.apply())
-    assert all(not s["failed"] for s in summary.values()), summary
+    clients = {n: _remote_upstreams(lab, n) for n in ("n1", "n5")}
+    assert all(clients.values()), clients
+    gens = {}
+    for node, targets in clients.items():
+        lab.run(node, "rm -f /tmp/traffic.stop")
+        gens[node] = subprocess.Popen(
+            labctl.node_exec_cmd(node, ["python3", "-c", TRAFFIC, json.dumps(targets)]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        proc = subprocess.run([os.path.join(labctl.VENV_BIN, "salt-run"), "-c", labctl.SALT_CONF,
+                               "state.orchestrate", "apigee_mtls.orch.rollout", "--out=json"],
+                              capture_output=True, text=True, timeout=1200, check=False)
+        time.sleep(3)  # a few rounds after the lockdown
+    finally:
+        for node in gens:
+            lab.run(node, "touch /tmp/traffic.stop", check=False)
+    stats = {node: json.loads(g.communicate(timeout=60)[0]) for node, g in gens.items()}
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    steps = json.loads(proc.stdout)["data"]
+    steps = next(iter(steps.values())) if len(steps) == 1 else steps
+    failed_steps = [k for k, v in steps.items() if not v.get("result")]
+    assert not failed_steps, failed_steps
+    for node, per_target in stats.items():
+        for target, st in per_target.items():
+            assert st["failed"] == 0, (node, target, st["errors"][:5])
+            assert st["ok"] >= 10, (node, target, st)
+            # the last connection went through the mesh: the component saw its sidecar
+            # (127.0.0.1, or its own node IP for the ports bound there), not the client
+            assert not st["last_peer"].startswith(lab.ip[node] + ":"), (node, target, st)
     lab.wait_mesh_ready()
-    r = lab.requests("n1", [(lab.ip["n2"], 8081, "mesh-again")])[0]
-    assert r.get("node") == "n2" and r["peer"].startswith("127.0.0.1:"), r
+    rerun = state_summary(lab.apply())
+    assert all(not s["changed"] and not s["failed"] for s in rerun.values()), rerun

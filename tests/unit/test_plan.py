@@ -739,6 +739,23 @@ def test_filter_chain_snapshot(topo5):
     assert len(rules) == 3 + 2 * 5 + 5 + 2
 
 
+def test_redirect_stage_differs_from_full_only_by_the_component_lockdown(any_topology):
+    """lockdown=False (a staged rollout's redirect stage): the same nat redirects and member
+    rules, minus exactly the REJECTs of meshed component ports."""
+    for node in [n["id"] for n in any_topology["nodes"]][:5]:
+        full = amp.plan(any_topology, node)
+        staged = amp.plan(any_topology, node, lockdown=False)
+        assert staged["firewall"]["nat"] == full["firewall"]["nat"]
+        meshed = {p for block in full["ports"]["ingress"].values() for p in block}
+        dropped = [r for r in full["firewall"]["filter"] if r not in staged["firewall"]["filter"]]
+        assert dropped == [IN + "-p tcp -m tcp --dport %d -j REJECT --reject-with tcp-reset" % p
+                           for p in sorted(meshed)]
+        assert [r for r in full["firewall"]["filter"] if r not in dropped] == \
+            staged["firewall"]["filter"]
+        assert {k: v for k, v in staged.items() if k != "firewall"} == \
+            {k: v for k, v in full.items() if k != "firewall"}
+
+
 def test_protected_ports_come_before_everything_restrictive(any_topology):
     for plan in all_plans(any_topology).values():
         rules = plan["firewall"]["filter"]
