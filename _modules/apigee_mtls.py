@@ -111,7 +111,7 @@ def rollout_stage():
 
         salt-call apigee_mtls.rollout_stage
     """
-    stage = __salt__["pillar.get"]("apigee_mtls_rollout:stage", "full") or "full"
+    stage = __salt__["pillar.get"]("apigee_mtls_rollout:stage", None, unmask=True) or "full"
     if stage not in ROLLOUT_STAGES:
         raise ValueError(f"apigee_mtls_rollout:stage: {stage!r} is not one of "
                          f"{', '.join(ROLLOUT_STAGES)}")
