@@ -6,7 +6,7 @@ TOPOLOGY ?= tests/topologies/5-node.yaml
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
-.PHONY: help venv lab lab-down lab-status test unit lab-test bench clean
+.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-multi-dc bench clean
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
@@ -35,8 +35,23 @@ unit: venv
 lab-test: venv
 	$(PY) -m pytest tests/lab -v -x --durations=15
 
+# The multi-DC session: the 12-node two-data-center topology (WAN federation) gets the same
+# flow and capture tests as the 5-node one, plus the topology checks, on a lab of its own.
+MULTI_DC_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes_previews_and_changes_nothing \
+	tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
+	tests/lab/test_10_foundation.py::test_rerun_reports_zero_changes \
+	tests/lab/test_10_foundation.py::test_no_secret_in_state_returns \
+	tests/lab/test_22_topology.py \
+	tests/lab/test_20_mesh.py::test_every_allowed_flow_reaches_the_right_component_through_the_mesh \
+	tests/lab/test_20_mesh.py::test_capture_shows_only_tls_between_sidecars \
+	tests/lab/test_99_teardown.py
+
 test: venv
 	$(PY) -m pytest tests -v --durations=20
+	TOPOLOGY=tests/topologies/12-node-2dc.yaml $(PY) -m pytest $(MULTI_DC_TESTS) -v --durations=10
+
+lab-test-multi-dc: venv
+	TOPOLOGY=tests/topologies/12-node-2dc.yaml $(PY) -m pytest $(MULTI_DC_TESTS) -v --durations=10
 
 bench: venv
 	$(PY) bench/run.py

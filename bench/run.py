@@ -87,7 +87,12 @@ rollout (only with ``--only rollout``: it destroys and re-creates the lab)
     ``--repeat`` times: ``labctl down``, then cold ``labctl up --no-apply`` (boot, minions,
     sync_all), the first ``state.apply apigee_mtls`` (timed), until every sidecar passes
     (``Lab.wait_mesh_ready`` from tests/lab/conftest.py), then an idempotent rerun (time and
-    changed states, which should be 0). Medians. The lab is left up with that topology.
+    changed states, which should be 0); then, unless ``--no-add-node``, adds a node (the next
+    id and IP, message-processor + router): its machine boots (timed apart: provisioning), then
+    from the pillar edit to its flows working: targeted ``state.highstate`` on it, the peers'
+    ``salt '*' state.apply apigee_mtls``, every node's ``apigee_mtls.verify`` passing (which
+    probes every upstream through the mesh). Medians of the complete runs, one JSON entry per
+    topology ("rollout 5-node", "rollout 13-node"). The lab is left up with the extra node.
 """
 import argparse
 import copy
@@ -715,6 +720,33 @@ def section_dataplane(args):
     finally:
         server.stop()
 
+    # where a new mesh connection's time goes: each per-connection step of the built-in proxy
+    # timed alone (bench/connect_profile.py), next to the measured new-connection figure
+    with open(os.path.join(BENCH, "connect_profile.py"), encoding="utf-8") as fh:
+        prof_src = fh.read()
+    ingress = (dst["ip"], upstream["proxy_port"])
+    dc = dst.get("datacenter") or model["datacenters"][0]
+    steps = [
+        ("resolve", src["id"], dict(mode="resolve", service=service)),
+        ("tcp", src["id"], dict(mode="tcp", host=ingress[0], port=ingress[1])),
+        ("handshake", src["id"], dict(mode="handshake", host=ingress[0], port=ingress[1],
+                                      client_service=egress)),
+        ("authorize", dst["id"], dict(mode="authorize", service=service, dc=dc,
+                                      client_service=egress)),
+    ]
+    profile = {}
+    for name, node, pargs in steps:
+        pargs.update(count=args.connect_count, host=pargs.get("host", ""),
+                     port=pargs.get("port", 0))
+        outs = [run_client(labctl, node, prof_src, **pargs) for _ in range(args.dp_repeats)]
+        profile[name] = {"node": node,
+                         "p50_us": median(o["p50_us"] for o in outs),
+                         "p99_us": median(o["p99_us"] for o in outs),
+                         **{k: outs[0][k] for k in ("tls_version", "cipher") if k in outs[0]}}
+        say(f"  profile {name:9} on {node}: p50 {profile[name]['p50_us']:.0f}us "
+            f"p99 {profile[name]['p99_us']:.0f}us")
+    result["connect_profile"] = profile
+
     summary = {}
     for path in targets:
         r = runs[path]
@@ -797,6 +829,21 @@ def print_dataplane(res):
         "throughput, payload one way; GiB for CPU counts bytes both ways; servers are "
         "single-threaded Python on 2 shared cores, so absolute numbers are the lab's, not "
         "Consul's")
+    prof = res.get("connect_profile")
+    if prof:
+        conn = d.get("connect_p50_us"), m.get("connect_p50_us")
+        rows = [["mesh new conn + 1st round trip (measured above)", fmt(conn[1], ".0f")],
+                ["direct new conn + 1st round trip (measured above)", fmt(conn[0], ".0f")],
+                [f"1. resolve: GET /v1/health/connect (on {prof['resolve']['node']})",
+                 fmt(prof["resolve"]["p50_us"], ".0f")],
+                ["2. TCP connect to the destination sidecar", fmt(prof["tcp"]["p50_us"], ".0f")],
+                [f"3. mTLS handshake incl. 4 ({prof['handshake'].get('tls_version')}, "
+                 f"Python ssl)", fmt(prof["handshake"]["p50_us"], ".0f")],
+                [f"4. authorize: POST /v1/agent/connect/authorize (on "
+                 f"{prof['authorize']['node']})", fmt(prof["authorize"]["p50_us"], ".0f")]]
+        say("\nNEW CONNECTION PROFILE: the built-in proxy's per-connection steps, each timed "
+            "alone (p50 us)")
+        say(table(["step", "p50 us"], rows, ["<", ">"]))
     if not res["server_code_identical_to_lab_standin"]:
         say("  ! the node's /usr/local/bin/apigee-standin differs from lab/standin.py")
 
@@ -812,6 +859,31 @@ def topology_path(name):
     return path
 
 
+def timed_apply(conftest, lab, prefix, target="*", fn="state.apply", *extra):
+    """Run one state run, timed; returns {prefix_s, prefix_states, prefix_changed, ...}."""
+    t = time.monotonic()
+    if fn == "state.apply":
+        ret = lab.apply(target, "apigee_mtls", *extra)
+    else:
+        ret = lab.salt(target, fn, "-t", "900", *extra, timeout=1000)
+    summary = conftest.state_summary(ret)
+    return {f"{prefix}_s": time.monotonic() - t,
+            f"{prefix}_states": sum(s["total"] for s in summary.values()),
+            f"{prefix}_changed": sum(len(s["changed"]) for s in summary.values()),
+            f"{prefix}_changed_ids": {n: s["changed"] for n, s in summary.items() if s["changed"]},
+            f"{prefix}_failed": {n: s["failed"] for n, s in summary.items() if s["failed"]}}
+
+
+def extra_node(model):
+    """The node the add-a-node stage adds: next id and IP after the topology's last node,
+    a message-processor + router (the role operators add most often)."""
+    last = model["nodes"][-1]
+    octets = last["ip"].split(".")
+    ip = ".".join(octets[:3] + [str(int(octets[3]) + 1)])
+    return {"id": f"n{len(model['nodes']) + 1}", "ip": ip,
+            "components": ["message-processor", "router"]}
+
+
 def section_rollout(args):
     """Destroys and re-creates the lab: only ever called for ``--only rollout``."""
     topo = topology_path(args.topology)
@@ -824,59 +896,91 @@ def section_rollout(args):
 
     def labctl(*argv, timeout=1800):
         t = time.monotonic()
-        subprocess.run([sys.executable, LABCTL] + list(argv), check=True, timeout=timeout)
+        subprocess.run([sys.executable, LABCTL] + list(argv), check=True, timeout=timeout,
+                       stdout=subprocess.DEVNULL)
         return time.monotonic() - t
+
+    def applied(lab, run, key, *apply_args):
+        """A timed state run recorded under ``key``; False (and said) when a state failed."""
+        run.update(timed_apply(conftest, lab, key, *apply_args))
+        if run[f"{key}_failed"]:
+            say(f"rollout: {key} failed: {run[f'{key}_failed']}")
+        return not run[f"{key}_failed"]
+
+    def ready(lab, run, key):
+        t = time.monotonic()
+        lab.wait_mesh_ready(timeout=600)
+        run[key] = time.monotonic() - t
+        run[key[:-2] + "_waited_for"] = lab.mesh_wait_log  # what verify failed on, per round
 
     for rep in range(args.repeat):
         say(f"rollout #{rep + 1}/{args.repeat}: {result['topology']}")
         run = {"down_s": labctl("down")}
         run["boot_s"] = labctl("up", "--topology", topo, "--no-apply")
         lab = conftest.Lab(topo)
-        t = time.monotonic()
-        first = conftest.state_summary(lab.apply())
-        run["first_apply_s"] = time.monotonic() - t
-        run["first_apply_states"] = sum(s["total"] for s in first.values())
-        run["first_apply_changed"] = sum(len(s["changed"]) for s in first.values())
-        run["first_apply_failed"] = {n: s["failed"] for n, s in first.items() if s["failed"]}
-        missing = sorted(set(lab.nodes) - set(first))
-        if run["first_apply_failed"] or missing:
-            run["missing"] = missing
-            result["runs"].append(run)
-            say(f"rollout: first apply failed: {run['first_apply_failed']} missing={missing}")
-            break
-        t = time.monotonic()
-        lab.wait_mesh_ready(timeout=300)
-        run["mesh_ready_s"] = time.monotonic() - t
-        run["cold_total_s"] = run["boot_s"] + run["first_apply_s"] + run["mesh_ready_s"]
-        t = time.monotonic()
-        rerun = conftest.state_summary(lab.apply())
-        run["rerun_s"] = time.monotonic() - t
-        run["rerun_states"] = sum(s["total"] for s in rerun.values())
-        run["rerun_changed"] = sum(len(s["changed"]) for s in rerun.values())
-        run["rerun_changed_ids"] = {n: s["changed"] for n, s in rerun.items() if s["changed"]}
-        run["rerun_failed"] = {n: s["failed"] for n, s in rerun.items() if s["failed"]}
         result["runs"].append(run)
+        if not applied(lab, run, "first_apply"):
+            break
+        ready(lab, run, "mesh_ready_s")
+        run["cold_total_s"] = run["boot_s"] + run["first_apply_s"] + run["mesh_ready_s"]
+        run["apply_to_flows_s"] = run["first_apply_s"] + run["mesh_ready_s"]
+        if not applied(lab, run, "rerun"):
+            break
+        if not args.no_add_node:
+            # add a node: boot the machine (provisioning, timed apart), then from the pillar
+            # edit to its flows working: targeted highstate on it, the peers' one-liner,
+            # every node's verify (flows through the mesh) passing
+            new = extra_node(lab.model)
+            pillar = dict(lab.pillar, nodes=list(lab.pillar["nodes"]) + [new])
+            path = os.path.join(conftest.labctl.STATE, "bench-add-node.yaml")
+            with open(path, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(pillar, fh)
+            run["add_boot_s"] = labctl("boot", new["id"], "--topology", path)
+            t0 = time.monotonic()
+            lab.set_pillar(pillar)
+            lab.nodes.append(new["id"])
+            run["add_pillar_s"] = time.monotonic() - t0
+            if not (applied(lab, run, "add_highstate", new["id"], "state.highstate")
+                    and applied(lab, run, "add_peers")):
+                break
+            ready(lab, run, "add_mesh_ready_s")
+            run["add_node_s"] = time.monotonic() - t0
         say(f"rollout #{rep + 1}: " + ", ".join(
             f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
             for k, v in run.items() if not isinstance(v, dict)))
-    keys = ("down_s", "boot_s", "first_apply_s", "mesh_ready_s", "cold_total_s", "rerun_s",
-            "rerun_changed", "first_apply_states", "first_apply_changed")
-    result["median"] = {k: median(r.get(k) for r in result["runs"]) for k in keys}
+    keys = ("down_s", "boot_s", "first_apply_s", "mesh_ready_s", "apply_to_flows_s",
+            "cold_total_s", "rerun_s", "rerun_changed", "first_apply_states",
+            "first_apply_changed", "add_boot_s", "add_highstate_s", "add_peers_s",
+            "add_peers_changed", "add_mesh_ready_s", "add_node_s")
+    complete = [r for r in result["runs"] if "rerun_s" in r]
+    result["median"] = {k: median(r.get(k) for r in complete if r.get(k) is not None)
+                        for k in keys}
+    result["nodes"] = len(conftest.Lab(topo).nodes)
     result["meta"]["loadavg_after"] = loadavg()
+    if len(complete) < len(result["runs"]):
+        return result, "rollout: a run failed (see above); medians are of the complete runs"
     return result, None
 
 
 def print_rollout(res):
     m = res["median"]
-    labels = [("down_s", "labctl down s"), ("boot_s", "cold boot s (up --no-apply)"),
+    labels = [("boot_s", "cold boot s (labctl up --no-apply)"),
               ("first_apply_s", "first state.apply s"),
-              ("mesh_ready_s", "apply end -> every sidecar passing s"),
-              ("cold_total_s", "cold total s (boot + apply + mesh ready)"),
+              ("mesh_ready_s", "apply end -> every flow working (verify) s"),
+              ("apply_to_flows_s", "cold rollout: apply start -> every flow working s"),
+              ("cold_total_s", "cold total s (boot + rollout)"),
               ("rerun_s", "idempotent rerun s"), ("rerun_changed", "rerun changed states"),
               ("first_apply_states", "states (all nodes)"),
-              ("first_apply_changed", "first apply changed states")]
+              ("first_apply_changed", "first apply changed states"),
+              ("add_boot_s", "add a node: boot its machine s"),
+              ("add_highstate_s", "add a node: targeted highstate s"),
+              ("add_peers_s", "add a node: peers' state.apply s"),
+              ("add_peers_changed", "add a node: peers' changed states"),
+              ("add_mesh_ready_s", "add a node: apply end -> every flow working s"),
+              ("add_node_s", "add a node: pillar edit -> its flows working s")]
     rows = [[label, fmt(m.get(k), ".1f" if k.endswith("_s") else ".0f")] for k, label in labels]
-    say(f"\nROLLOUT ({res['topology']}, median of {len(res['runs'])} run(s))")
+    runs = [r for r in res["runs"] if "rerun_s" in r]
+    say(f"\nROLLOUT ({res['topology']}, {res.get('nodes')} nodes, median of {len(runs)} run(s))")
     say(table(["step", "value"], rows))
 
 
@@ -925,6 +1029,7 @@ def main(argv=None):
                    help="run dataplane/rollout even while tests or captures use the lab")
     p.add_argument("--topology", default="5-node", help="rollout: 5-node, 13-node or a file")
     p.add_argument("--repeat", type=int, default=1, help="rollout: cold rollouts to run")
+    p.add_argument("--no-add-node", action="store_true", help="rollout: skip the add-a-node stage")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     if not 0 < args.line_bytes < 65536:
@@ -958,9 +1063,11 @@ def main(argv=None):
         elif name == "rollout":
             res, why = section_rollout(args)
             if res:
-                results["rollout"] = res
+                # one entry per topology: the 5- and 13-node runs do not replace each other
+                results["rollout " + os.path.basename(res["topology"])[:-5]] = res
                 print_rollout(res)
-            else:
+            if why:
+                failed = failed or bool(res)
                 skipped.append(why)
                 say("\n" + why)
     if results:

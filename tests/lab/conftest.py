@@ -144,14 +144,17 @@ getent passwd consul
         """Wait until `salt '*' apigee_mtls.verify` passes on every node: all members, a
         leader, every sidecar registered and passing, firewall as planned, every upstream
         answering through the mesh (the formula's own check, so it is exercised too)."""
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = t0 + timeout
         bad = None
+        self.mesh_wait_log = []  # [(seconds, {node: what failed})]: what the wait waited for
         while time.monotonic() < deadline:
             ret = self.salt("-L", ",".join(self.nodes), "apigee_mtls.verify", timeout=120)
             bad = {n: {k: v for k, v in (r.get("checks") or {}).items() if not v.get("ok")}
                    or r.get("error") for n, r in ret.items()
                    if not isinstance(r, dict) or not r.get("ok")}
             bad.update({n: "no answer" for n in self.nodes if n not in ret})
+            self.mesh_wait_log.append((round(time.monotonic() - t0, 1), bad))
             if not bad:
                 return True
             time.sleep(2)
