@@ -34,8 +34,6 @@ __virtualname__ = "apigee_mtls"
 
 PILLAR_KEY = "apigee_mtls"
 CA_DIR = "/etc/apigee-mtls/ca"
-CA_KEY = os.path.join(CA_DIR, "ca-key.pem")
-CA_CERT = os.path.join(CA_DIR, "ca.pem")
 #: the formula's iptables chains: table -> (chain, the built-in chain that jumps to it)
 CHAINS = {"nat": ("APIGEE-MTLS-OUT", "OUTPUT"), "filter": ("APIGEE-MTLS-IN", "INPUT")}
 
@@ -213,9 +211,44 @@ def gossip_keygen():
     return __utils__["apigee_mtls_plan.gossip_keygen"]()
 
 
-def ca_ready():
+def _ca_file(generation, kind, ca_dir=None):
+    """Path of a CA generation's ``cert`` or ``key`` on the signer."""
+    names = __utils__["apigee_mtls_plan.ca_file_names"](generation)
+    return os.path.join(ca_dir or CA_DIR, names[kind])
+
+
+def ca_files(ca_dir=None):
     """
-    True when this minion holds the cluster CA (key and certificate).
+    The CA generations that have a certificate or key on this minion (the signer), ascending:
+    ``[{"generation": N, "cert": path, "key": path}, ...]`` (paths whether or not both exist).
+    The formula removes those the pillar no longer trusts (``tls:ca_generation``,
+    ``tls:ca_trust``).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt n1 apigee_mtls.ca_files
+    """
+    try:
+        names = os.listdir(ca_dir or CA_DIR)
+    except OSError:
+        return []
+    gens = {__utils__["apigee_mtls_plan.ca_file_generation"](n) for n in names}
+    return [{"generation": g, "cert": _ca_file(g, "cert", ca_dir),
+             "key": _ca_file(g, "key", ca_dir)} for g in sorted(x for x in gens if x)]
+
+
+def _missing_generations(generations):
+    return [g for g in generations
+            if not (os.path.isfile(_ca_file(g, "key")) and os.path.isfile(_ca_file(g, "cert")))]
+
+
+def ca_ready(generations=None):
+    """
+    True when this minion holds the key and certificate of every CA generation the pillar
+    trusts (``tls:ca_generation`` and ``tls:ca_trust``; generation 1 is ``ca.pem`` and
+    ``ca-key.pem``), or of the given list of generations.
 
     CLI Example:
 
@@ -223,10 +256,26 @@ def ca_ready():
 
         salt n1 apigee_mtls.ca_ready
     """
-    return os.path.isfile(CA_KEY) and os.path.isfile(CA_CERT)
+    if generations is None:
+        try:
+            model = __utils__["apigee_mtls_plan.normalize"](_pillar())
+        except ValueError:
+            return False
+        generations = [model["tls"]["ca_generation"]] + model["tls"]["ca_trust"]
+    return not _missing_generations(generations)
 
 
-def sign_agent_certificate(public_key, **kwargs):
+def _ca_bundle(generations):
+    """The trusted CA certificates, in the given order (the signing generation first)."""
+    parts = []
+    for gen in generations:
+        with open(_ca_file(gen, "cert"), encoding="utf-8") as fh:
+            pem = fh.read()
+        parts.append(pem if pem.endswith("\n") else pem + "\n")
+    return "".join(parts)
+
+
+def sign_agent_certificate(public_key=None, bundle_only=False, **kwargs):
     """
     Sign a Consul agent certificate for the requesting minion. Runs on the signer only; other
     minions reach it through peer publish (master config
@@ -236,11 +285,18 @@ def sign_agent_certificate(public_key, **kwargs):
     SANs for the *requesting minion id* (``__pub_id``, set by the master) from its own copy of
     the topology pillar. A minion can therefore only obtain its own identity, and only a
     Consul server gets ``server.<dc>.consul``. The CA private key never leaves this host.
+    The signing CA generation and the trusted ones come from this minion's pillar too
+    (``tls:ca_generation``, ``tls:ca_trust``), never from the request.
 
     public_key
         PEM public key of the requester (its private key stays on the requester).
+    bundle_only
+        True: sign nothing, only return the CA bundle (a node that must trust a new CA
+        generation while its certificate stays valid).
 
-    Returns ``{"certificate": PEM, "ca_bundle": PEM}`` or ``{"error": ...}``.
+    Returns ``{"certificate": PEM, "ca_bundle": PEM, "generation": N, "generations": [...]}``
+    (no ``certificate`` with ``bundle_only``), or ``{"error": ...}`` (with ``"retry": True``
+    while a trusted CA generation does not exist yet on the signer).
 
     CLI Example (signing for the signer itself):
 
@@ -260,16 +316,26 @@ def sign_agent_certificate(public_key, **kwargs):
     if requester not in nodes or nodes[requester].get("retired"):
         log.warning("apigee_mtls: refused to sign for %s: not a node", requester)
         return {"error": f"{requester} is not an active node in apigee_mtls:nodes"}
-    if not ca_ready():
-        return {"error": "CA not ready yet on the signer", "retry": True}
+    generation = model["tls"]["ca_generation"]
+    generations = [generation] + model["tls"]["ca_trust"]
+    missing = _missing_generations(generations)
+    if missing:
+        return {"error": "CA not ready yet on the signer (generation "
+                         f"{', '.join(str(g) for g in missing)})", "retry": True}
+    answer = {"ca_bundle": _ca_bundle(generations), "generation": generation,
+              "generations": generations}
+    if bundle_only:
+        return answer
+    if not public_key:
+        return {"error": "no public key to sign"}
     ident = __utils__["apigee_mtls_plan.plan"](data, requester)["certificate"]
     san = ", ".join(
         [f"DNS:{d}" for d in ident["dns_sans"]] + [f"IP:{i}" for i in ident["ip_sans"]]
     )
     try:
         cert = __salt__["x509.create_certificate"](
-            signing_private_key=CA_KEY,
-            signing_cert=CA_CERT,
+            signing_private_key=_ca_file(generation, "key"),
+            signing_cert=_ca_file(generation, "cert"),
             public_key=public_key,
             CN=ident["cn"],
             O="apigee_mtls",
@@ -285,10 +351,10 @@ def sign_agent_certificate(public_key, **kwargs):
     except Exception as exc:  # pylint: disable=broad-except
         log.error("apigee_mtls: signing for %s failed: %s", requester, exc)
         raise CommandExecutionError(f"signing failed: {exc}") from exc
-    with open(CA_CERT, encoding="utf-8") as fh:
-        ca_pem = fh.read()
-    log.info("apigee_mtls: signed agent certificate for %s", requester)
-    return {"certificate": cert, "ca_bundle": ca_pem}
+    log.info("apigee_mtls: signed agent certificate for %s (CA generation %s)", requester,
+             generation)
+    answer["certificate"] = cert
+    return answer
 
 
 def _uid_to_name(rule):

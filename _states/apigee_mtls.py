@@ -14,6 +14,7 @@ All of them fill ``changes`` before looking at ``test``, answer ``result: None``
 """
 
 import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -56,25 +57,60 @@ def _ret(name):
 
 # ---------------------------------------------------------------------------------------------
 # agent certificate
-def _cert_problems(cert_path, key_path, ca_path, ident, days_remaining):
-    """Why the current certificate must be replaced ([] when it is fine)."""
-    if not os.path.isfile(cert_path):
-        return ["certificate missing"]
-    if not os.path.isfile(ca_path):
-        return ["CA bundle missing"]
+def _common_name(name):
+    attrs = name.get_attributes_for_oid(cx509.NameOID.COMMON_NAME)
+    return attrs[0].value if attrs else name.rfc4514_string()
+
+
+def _issued_by(cert, ca):
     try:
-        with open(cert_path, "rb") as fh:
-            cert = cx509.load_pem_x509_certificate(fh.read())
-        with open(key_path, "rb") as fh:
-            key = serialization.load_pem_private_key(fh.read(), password=None)
-        with open(ca_path, "rb") as fh:
-            cas = cx509.load_pem_x509_certificates(fh.read())
-    except (ValueError, OSError) as exc:
-        return [f"unreadable: {exc}"]
-    problems = []
+        cert.verify_directly_issued_by(ca)
+    except Exception:  # pylint: disable=broad-except  # name mismatch, bad signature, key type
+        return False
+    return True
+
+
+def _cert_problems(cert_pem, key_pem, bundle_pem, ident, days_remaining, generations,
+                   now=None):
+    """
+    Why this node's agent certificate or CA bundle must change (pure: PEM bytes in, text out).
+
+    ``generations`` is the plan's ``ca_generations`` (``[{"generation", "cn"}, ...]``, the
+    signing generation first): the bundle must hold exactly those CAs in that order, and the
+    certificate must be issued by the first. ``cert_pem``, ``key_pem``, ``bundle_pem`` are
+    ``None`` for a missing file.
+
+    :return: ``{"certificate": [problems], "ca_bundle": [problems]}``: a certificate problem
+        needs a new certificate from the signer, a bundle problem alone only a new bundle
+    """
+    out = {"certificate": [], "ca_bundle": []}
+    want = [g["cn"] for g in generations]
+    cas = []
+    if bundle_pem is None:
+        out["ca_bundle"].append("CA bundle missing")
+    else:
+        try:
+            cas = cx509.load_pem_x509_certificates(bundle_pem)
+        except ValueError as exc:
+            out["ca_bundle"].append(f"CA bundle unreadable: {exc}")
+        have = [_common_name(ca.subject) for ca in cas]
+        if cas and have != want:
+            out["ca_bundle"].append(f"CA bundle holds {have}; expected {want}")
+    if cert_pem is None:
+        out["certificate"].append("certificate missing")
+        return out
+    try:
+        cert = cx509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None) if key_pem else None
+    except ValueError as exc:
+        out["certificate"].append(f"unreadable: {exc}")
+        return out
+    problems = out["certificate"]
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     enc = serialization.Encoding.PEM
-    if cert.public_key().public_bytes(enc, pub) != key.public_key().public_bytes(enc, pub):
+    if key is None:
+        problems.append("private key missing")
+    elif cert.public_key().public_bytes(enc, pub) != key.public_key().public_bytes(enc, pub):
         problems.append("certificate does not match the private key")
     try:
         san = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
@@ -83,24 +119,29 @@ def _cert_problems(cert_path, key_path, ca_path, ident, days_remaining):
     except cx509.ExtensionNotFound:
         dns, ips = [], []
     if dns != sorted(ident["dns_sans"]) or ips != sorted(
-        str(__import__("ipaddress").ip_address(i)) for i in ident["ip_sans"]
+        str(ipaddress.ip_address(i)) for i in ident["ip_sans"]
     ):
         problems.append("SANs differ from the topology")
-    not_after = cert.not_valid_after_utc
-    left = not_after - datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    left = cert.not_valid_after_utc - now
     if left < datetime.timedelta(days=days_remaining):
         problems.append(f"expires in {left.days} days (renew below {days_remaining})")
-    issuers = [ca for ca in cas if ca.subject == cert.issuer]
-    verified = False
-    for ca in issuers:
-        try:
-            cert.verify_directly_issued_by(ca)
-            verified = True
-        except (ValueError, TypeError, Exception):  # pylint: disable=broad-except
-            continue
-    if not verified:
+    issuers = [ca for ca in cas if _issued_by(cert, ca)]
+    current = [ca for ca in issuers if _common_name(ca.subject) == want[0]]
+    if not issuers:
         problems.append("not issued by a CA in the trusted bundle")
-    return problems
+    elif not current:
+        problems.append(f"issued by {_common_name(cert.issuer)!r}, not by the signing CA "
+                        f"{want[0]!r} (tls:ca_generation)")
+    return out
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
 
 
 def _write(path, text, mode, user, group):
@@ -112,16 +153,37 @@ def _write(path, text, mode, user, group):
     os.replace(tmp, path)
 
 
+def _ask_signer(signer, pub, bundle_only):
+    """The signer's answer (a dict), or what came back instead."""
+    if signer == __opts__["id"]:
+        return __salt__["apigee_mtls.sign_agent_certificate"](pub, bundle_only=bundle_only)
+    arg = [pub, "bundle_only=True"] if bundle_only else [pub]
+    res = __salt__["publish.publish"](
+        signer, "apigee_mtls.sign_agent_certificate", arg=arg, timeout=60
+    )
+    return res.get(signer) if isinstance(res, dict) else res
+
+
+def _gens(generations):
+    return ", ".join(str(g["generation"]) for g in generations)
+
+
 def agent_certificate_managed(
     name, private_key, ca_bundle, user="root", group="consul", wait=180, **kwargs
 ):
     """
     Ensure ``name`` holds a valid Consul agent certificate for this node, issued by the
-    cluster signer, and ``ca_bundle`` the CA certificates to trust.
+    cluster signer with the signing CA generation, and ``ca_bundle`` the CA certificates of
+    the trusted generations (``apigee_mtls:tls:ca_generation`` first, then ``ca_trust``).
 
     The certificate is (re)requested when it is missing, does not match ``private_key``,
     has other SANs than the topology gives this node, expires within
-    ``apigee_mtls:tls:cert_days_remaining`` days, or does not chain to the bundle.
+    ``apigee_mtls:tls:cert_days_remaining`` days, or is not issued by the signing CA
+    generation (a CA rotation). When only the bundle differs (a rotation begins or ends), the
+    bundle alone is fetched and the certificate kept. The answer is checked against this
+    node's own pillar before anything is written: a signer that does not have the trusted
+    generations yet (or an older pillar) is asked again until ``wait`` runs out, then the
+    state fails, without writing.
 
     name
         Path of the certificate (PEM).
@@ -130,8 +192,8 @@ def agent_certificate_managed(
     ca_bundle
         Path of the CA bundle to write.
     wait
-        Seconds to keep asking while the signer's CA is not ready (first rollout: every node
-        runs at once).
+        Seconds to keep asking while the signer's CA is not ready (first rollout, or a new CA
+        generation: every node runs at once).
 
     .. code-block:: yaml
 
@@ -147,51 +209,80 @@ def agent_certificate_managed(
         ret["result"] = False
         ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
         return ret
-    ident = plan["certificate"]
-    days_remaining = plan["tls"]["cert_days_remaining"] if "tls" in plan else 30
-    problems = _cert_problems(name, private_key, ca_bundle, ident, days_remaining)
-    if not problems:
-        ret["comment"] = "Agent certificate is valid and matches the topology"
+    ident, cas, signer = plan["certificate"], plan["ca_generations"], plan["signer"]
+    days_remaining = plan["tls"]["cert_days_remaining"]
+    key_pem, cert_pem, bundle_pem = _read(private_key), _read(name), _read(ca_bundle)
+    problems = _cert_problems(cert_pem, key_pem, bundle_pem, ident, days_remaining, cas)
+    if not problems["certificate"] and not problems["ca_bundle"]:
+        ret["comment"] = (f"Agent certificate is valid, issued by CA generation "
+                          f"{cas[0]['generation']}; the CA bundle holds generations {_gens(cas)}")
         return ret
-    ret["changes"] = {"certificate": {"reason": problems, "sans": ident}}
+    need_cert = bool(problems["certificate"])
+    if need_cert:
+        ret["changes"]["certificate"] = {"reason": problems["certificate"], "sans": ident,
+                                         "ca_generation": cas[0]["generation"]}
+    if problems["ca_bundle"]:
+        ret["changes"]["ca_bundle"] = {"reason": problems["ca_bundle"],
+                                       "generations": [g["generation"] for g in cas]}
     if __opts__["test"]:
         ret["result"] = None
-        ret["comment"] = "Would request a new agent certificate from " + plan["signer"]
+        ret["comment"] = (
+            f"Would request a new agent certificate (CA generation {cas[0]['generation']})"
+            if need_cert else f"Would fetch the CA bundle (generations {_gens(cas)})"
+        ) + " from " + signer
         return ret
-    if not os.path.isfile(private_key):
+    if key_pem is None:
         ret["result"] = False
         ret["comment"] = f"private key {private_key} missing"
         ret["changes"] = {}
         return ret
     pub = __salt__["x509.get_public_key"](private_key)
     deadline = time.monotonic() + wait
-    answer, last = None, None
     while True:
-        if plan["signer"] == __opts__["id"]:
-            answer = __salt__["apigee_mtls.sign_agent_certificate"](pub)
-        else:
-            res = __salt__["publish.publish"](
-                plan["signer"], "apigee_mtls.sign_agent_certificate", arg=[pub], timeout=60
-            )
-            answer = res.get(plan["signer"]) if isinstance(res, dict) else None
-        if isinstance(answer, dict) and answer.get("certificate"):
-            break
-        last = answer.get("error") if isinstance(answer, dict) else answer
-        if time.monotonic() > deadline or (
-            isinstance(answer, dict) and answer.get("error") and not answer.get("retry")
+        answer = _ask_signer(signer, pub, bundle_only=not need_cert)
+        retry = True
+        if isinstance(answer, dict) and answer.get("ca_bundle") and (
+            answer.get("certificate") or not need_cert
         ):
+            new_cert = answer["certificate"].encode() if need_cert else cert_pem
+            after = _cert_problems(new_cert, key_pem, answer["ca_bundle"].encode(), ident,
+                                   days_remaining, cas)
+            if not after["certificate"] and not after["ca_bundle"]:
+                break
+            if after["certificate"] and not need_cert:
+                # the signer's bundle does not vouch for the certificate we have: replace it
+                need_cert = True
+                ret["changes"]["certificate"] = {"reason": after["certificate"], "sans": ident,
+                                                 "ca_generation": cas[0]["generation"]}
+                continue
+            # e.g. the signer's pillar is not refreshed yet: its CAs are not ours
+            last = "its answer does not match this node's pillar: " + "; ".join(
+                after["certificate"] + after["ca_bundle"])
+        else:
+            last = answer.get("error") if isinstance(answer, dict) else answer
+            retry = not isinstance(answer, dict) or not answer.get("error") or bool(
+                answer.get("retry"))
+        if time.monotonic() > deadline or not retry:
             ret["result"] = False
             ret["changes"] = {}
-            ret["comment"] = f"signer {plan['signer']} did not sign: {last or 'no answer'}"
+            ret["comment"] = f"signer {signer} did not sign: {last or 'no answer'}"
             return ret
         time.sleep(3)
-    _write(name, answer["certificate"], 0o644, user, group)
-    _write(ca_bundle, answer["ca_bundle"], 0o644, user, group)
-    cert = cx509.load_pem_x509_certificate(answer["certificate"].encode())
-    ret["changes"]["certificate"].update(
-        {"serial": format(cert.serial_number, "x"), "not_after": str(cert.not_valid_after_utc)}
-    )
-    ret["comment"] = "Agent certificate issued by " + plan["signer"]
+    if answer["ca_bundle"].encode() != bundle_pem:
+        _write(ca_bundle, answer["ca_bundle"], 0o644, user, group)
+        ret["changes"].setdefault("ca_bundle", {
+            "reason": ["the signer's CA certificates changed"],
+            "generations": [g["generation"] for g in cas]})
+    if need_cert:
+        _write(name, answer["certificate"], 0o644, user, group)
+        cert = cx509.load_pem_x509_certificate(answer["certificate"].encode())
+        ret["changes"]["certificate"].update(
+            {"serial": format(cert.serial_number, "x"), "not_after": str(cert.not_valid_after_utc)}
+        )
+        ret["comment"] = (f"Agent certificate issued by {signer} (CA generation "
+                          f"{cas[0]['generation']})")
+    else:
+        ret["comment"] = f"CA bundle (generations {_gens(cas)}) fetched from {signer}"
     return ret
 
 

@@ -27,7 +27,8 @@ and returns a *model*: a plain dict (lists, dicts, strings, ints, booleans and
     flows               {source component: [destination components]}
     secrets             {"gossip_key"}
     tls                 {"signer", "ca_days_valid", "cert_days_valid",
-                          "cert_days_remaining", "key_algo"}
+                          "cert_days_remaining", "key_algo", "ca_generation",
+                          "ca_trust" (sorted)}
     consul              {"version", "user", "group", "keep_user", "bin",
                           "config_dir", "data_dir", "tls_dir", "log_level",
                           "dns_exposed", "install": {"method", "source",
@@ -216,7 +217,13 @@ TLS_DEFAULTS = {
     "cert_days_valid": 365,
     "cert_days_remaining": 30,
     "key_algo": "ec",
+    "ca_generation": 1,
+    "ca_trust": (),
 }
+
+#: Common name of the agent-TLS CA of generation 1 (the original CA); generation N > 1
+#: appends " generation N" (see :func:`ca_common_name`).
+CA_COMMON_NAME = "apigee_mtls cluster CA"
 
 _TOP_KEYS = (
     "datacenters", "nodes", "cassandra_internode", "port_ranges", "components",
@@ -225,7 +232,7 @@ _TOP_KEYS = (
 _NODE_KEYS = ("id", "ip", "datacenter", "fqdn", "components", "retired")
 _COMPONENT_OVERRIDE_KEYS = ("ports", "target", "peer_ports")
 _TLS_KEYS = ("signer", "ca_days_valid", "cert_days_valid", "cert_days_remaining",
-             "key_algo")
+             "key_algo", "ca_generation", "ca_trust")
 _CONSUL_KEYS = tuple(CONSUL_DEFAULTS) + ("install",)
 _INSTALL_KEYS = ("method", "source", "source_hash", "name")
 _INSTALL_METHODS = ("binary", "archive", "pkg")
@@ -246,6 +253,7 @@ _HASH_LENGTHS = {"md5": 32, "sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96
                  "sha512": 128}
 _HASH_RE = re.compile(r"([a-z0-9]+)=([0-9a-fA-F]+)")
 _HEX_RE = re.compile(r"[0-9a-fA-F]+")
+_CA_FILE_RE = re.compile(r"ca(-key)?(?:-([1-9][0-9]*))?\.pem")
 _URL_RE = re.compile(r"(?:salt|https?|ftp|s3|swift|file)://\S+")
 
 
@@ -436,6 +444,58 @@ def check_gossip_key(key):
               "expected the base64 of 16, 24 or 32 bytes".format(len(key)))
     if len(raw) not in _GOSSIP_KEY_SIZES:
         _fail(path, "decodes to {} bytes; expected 16, 24 or 32 bytes".format(len(raw)))
+
+
+def ca_common_name(generation):
+    """
+    Common name of the agent-TLS CA of ``generation``.
+
+    :return: ``apigee_mtls cluster CA`` for generation 1 (the name the first CA
+        always had), ``apigee_mtls cluster CA generation <N>`` after it
+    """
+    if generation == 1:
+        return CA_COMMON_NAME
+    return "{} generation {}".format(CA_COMMON_NAME, generation)
+
+
+def ca_file_names(generation):
+    """
+    File names of a CA generation in the signer's CA directory.
+
+    :return: ``{"cert": "ca.pem", "key": "ca-key.pem"}`` for generation 1 (where
+        the first CA always was), ``{"cert": "ca-<N>.pem", "key": "ca-key-<N>.pem"}``
+        after it
+    """
+    if generation == 1:
+        return {"cert": "ca.pem", "key": "ca-key.pem"}
+    return {"cert": "ca-{}.pem".format(generation),
+            "key": "ca-key-{}.pem".format(generation)}
+
+
+def ca_file_generation(name):
+    """
+    The CA generation a file of the CA directory belongs to (inverse of
+    :func:`ca_file_names`).
+
+    :return: the generation, or ``None`` for a name that is not a CA file
+    """
+    match = _CA_FILE_RE.fullmatch(name)
+    if not match or match.group(2) == "1":
+        return None
+    return int(match.group(2) or 1)
+
+
+def ca_generations(tls):
+    """
+    The CA generations every node trusts, the signing one first.
+
+    :param tls: ``model["tls"]`` (or a plan's ``tls``)
+    :return: ``[{"generation", "cn", "cert", "key"}, ...]``: ``ca_generation``
+        then ``ca_trust`` in ascending order; the CA bundle holds their
+        certificates in this order
+    """
+    gens = [tls["ca_generation"]] + list(tls["ca_trust"])
+    return [dict(ca_file_names(g), generation=g, cn=ca_common_name(g)) for g in gens]
 
 
 # ---------------------------------------------------------------------------
@@ -774,6 +834,36 @@ def _norm_secrets(raw):
     return {"gossip_key": raw["gossip_key"]}
 
 
+def _norm_ca_generations(raw, path):
+    """``(ca_generation, sorted ca_trust)``: the CA generation that signs agent
+    certificates and the other generations trusted during a CA rotation."""
+    gen = raw.get("ca_generation")
+    if gen is None:
+        gen = TLS_DEFAULTS["ca_generation"]
+    elif not _is_int(gen) or gen < 1:
+        _fail(path + ("ca_generation",), "found {}; expected a CA generation, an "
+              "integer >= 1 (1: the first CA)".format(_what(gen)))
+    trust = raw.get("ca_trust")
+    tpath = path + ("ca_trust",)
+    if trust is None:
+        trust = list(TLS_DEFAULTS["ca_trust"])
+    elif not isinstance(trust, list):
+        _fail(tpath, "found {}; expected a list of CA generations (integers >= 1) "
+              "trusted besides ca_generation".format(_what(trust)))
+    for j, other in enumerate(trust):
+        if not _is_int(other) or other < 1:
+            _fail(tpath + (j,), "found {}; expected a CA generation, an integer "
+                  ">= 1".format(_what(other)))
+        if other == gen:
+            _fail(tpath + (j,), "generation {} is ca_generation, which is always "
+                  "trusted; expected only the other generations to trust during a "
+                  "rotation".format(other))
+        if other in trust[:j]:
+            _fail(tpath + (j,), "duplicate generation {}; expected each generation "
+                  "once".format(other))
+    return gen, sorted(trust)
+
+
 def _norm_tls(raw, nodes):
     path = ("tls",)
     raw = _mapping(raw, path)
@@ -799,6 +889,7 @@ def _norm_tls(raw, nodes):
         _fail(path + ("key_algo",), "found {}; expected one of: {}".format(
             _what(algo), ", ".join(_KEY_ALGOS)))
     tls["key_algo"] = algo
+    tls["ca_generation"], tls["ca_trust"] = _norm_ca_generations(raw, path)
     if tls["cert_days_remaining"] >= tls["cert_days_valid"]:
         blame = "cert_days_remaining" if "cert_days_remaining" in raw else "cert_days_valid"
         _fail(path + (blame,), "cert_days_remaining ({}) >= cert_days_valid ({}): "
@@ -1435,7 +1526,8 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "primary_datacenter": model["primary_datacenter"],
         "ports": copy.deepcopy(index.allocation[node["id"]]),
         "consul": copy.deepcopy(model["consul"]),
-        "tls": dict(model["tls"]),
+        "tls": copy.deepcopy(model["tls"]),
+        "ca_generations": ca_generations(model["tls"]),
         "proxy": dict(model["proxy"]),
         "signer": model["tls"]["signer"],
     }
@@ -1483,7 +1575,7 @@ def plan(pillar, node_id, proxy_uid=None, lockdown=True):
         ``datacenter``, ``primary_datacenter``, ``ports``, ``consul``, ``tls``,
         ``proxy``, ``consul_config``, ``encrypt_config``, ``services``,
         ``upstreams``, ``proxies``, ``firewall``, ``certificate``, ``signer``,
-        ``signing_policy``.  A retired node gets empty ``services``,
+        ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`).  A retired node gets empty ``services``,
         ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
         ``consul_config``, ``encrypt_config``, ``certificate`` and
         ``signing_policy``.

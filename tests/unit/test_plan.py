@@ -224,7 +224,8 @@ def test_defaults_are_filled():
         "components": ["zookeeper"], "retired": False, "index": 1}
     assert model["cassandra_internode"] is True
     assert model["tls"] == {"signer": "n1", "ca_days_valid": 3650, "cert_days_valid": 365,
-                            "cert_days_remaining": 30, "key_algo": "ec"}
+                            "cert_days_remaining": 30, "key_algo": "ec",
+                            "ca_generation": 1, "ca_trust": []}
     consul = model["consul"]
     assert consul["version"] == "1.8.7"
     assert (consul["user"], consul["group"], consul["keep_user"]) == ("consul", "consul", False)
@@ -1014,6 +1015,76 @@ def test_plan_keys(topo5):
 # Certificates and signing policies
 # ---------------------------------------------------------------------------
 
+def test_ca_generations_default_to_the_first_ca(topo5):
+    plan = amp.plan(topo5, "n4")
+    assert (plan["tls"]["ca_generation"], plan["tls"]["ca_trust"]) == (1, [])
+    # generation 1 is the CA every existing cluster has: same files, same name
+    assert plan["ca_generations"] == [{"generation": 1, "cn": "apigee_mtls cluster CA",
+                                       "cert": "ca.pem", "key": "ca-key.pem"}]
+
+
+@pytest.mark.parametrize("tls, gens", [
+    ({"ca_trust": [2]}, [1, 2]),                       # 1. roll: 2 created and trusted
+    ({"ca_generation": 2, "ca_trust": [1]}, [2, 1]),   # 2. certificates re-issued by 2
+    ({"ca_generation": 2}, [2]),                       # 3. 1 dropped
+    ({"ca_generation": 2, "ca_trust": [5, 1, 3]}, [2, 1, 3, 5]),
+    ({"ca_generation": 3, "ca_trust": None}, [3]),
+])
+def test_ca_generations_current_first_then_trusted_ascending(topo5, tls, gens):
+    topo5["tls"] = tls
+    plans = all_plans(topo5)
+    for plan in plans.values():
+        assert [c["generation"] for c in plan["ca_generations"]] == gens
+    assert plans["n1"]["ca_generations"] == plans["n5"]["ca_generations"]
+    assert amp.normalize(topo5)["tls"]["ca_trust"] == sorted(gens[1:])
+
+
+def test_ca_generation_files_and_names():
+    assert amp.ca_file_names(1) == {"cert": "ca.pem", "key": "ca-key.pem"}
+    assert amp.ca_file_names(12) == {"cert": "ca-12.pem", "key": "ca-key-12.pem"}
+    assert amp.ca_common_name(1) == "apigee_mtls cluster CA"
+    assert amp.ca_common_name(2) == "apigee_mtls cluster CA generation 2"
+    for gen in (1, 2, 9, 10, 123):
+        names = amp.ca_file_names(gen)
+        assert amp.ca_file_generation(names["cert"]) == gen
+        assert amp.ca_file_generation(names["key"]) == gen
+    for other in ("ca-1.pem", "ca-key-1.pem", "ca-0.pem", "ca-02.pem", "ca.pem.tmp",
+                  "agent.pem", "ca-x.pem", "ca-key.pem.bak", "cakey.pem", "ca-2-key.pem"):
+        assert amp.ca_file_generation(other) is None, other
+
+
+def test_ca_generation_names_are_distinct_and_short():
+    names = {amp.ca_common_name(g) for g in range(1, 1000)}
+    assert len(names) == 999
+    assert max(len(n) for n in names) <= 64  # X.520 upper bound of a common name
+
+
+def test_ca_generations_in_plan_are_copies(topo5):
+    topo5["tls"] = {"ca_trust": [2]}
+    plan = amp.plan(topo5, "n1")
+    plan["tls"]["ca_trust"].append(7)
+    assert amp.plan(topo5, "n1")["tls"]["ca_trust"] == [2]
+    assert topo5["tls"] == {"ca_trust": [2]}
+
+
+@pytest.mark.parametrize("tls, key, fragment", [
+    ({"ca_generation": 0}, "ca_generation", "expected a CA generation, an integer >= 1"),
+    ({"ca_generation": "2"}, "ca_generation", "found string '2'"),
+    ({"ca_generation": True}, "ca_generation", "found boolean true"),
+    ({"ca_trust": 2}, "ca_trust", "expected a list of CA generations"),
+    ({"ca_trust": [2, -1]}, "ca_trust:1", "found integer -1"),
+    ({"ca_trust": [2.0]}, "ca_trust:0", "found number 2.0"),
+    ({"ca_trust": [1]}, "ca_trust:0", "generation 1 is ca_generation"),
+    ({"ca_generation": 3, "ca_trust": [2, 3]}, "ca_trust:1", "generation 3 is ca_generation"),
+    ({"ca_trust": [2, 3, 2]}, "ca_trust:2", "duplicate generation 2"),
+])
+def test_ca_generation_validation(tls, key, fragment):
+    with pytest.raises(amp.PillarError) as info:
+        amp.validate(minimal(tls=tls))
+    assert info.value.key == "apigee_mtls:tls:" + key, str(info.value)
+    assert fragment in info.value.message, str(info.value)
+
+
 def test_certificate_sans(topo5):
     node_by_id(topo5, "n1")["fqdn"] = "n1.lab.example"
     server = amp.plan(topo5, "n1")["certificate"]
@@ -1137,7 +1208,8 @@ def _replaced(value, path, new):
 
 def test_garbage_anywhere_raises_only_pillar_errors():
     base = load_topology("5-node")
-    base.update({"tls": {"signer": "n2", "cert_days_valid": 100},
+    base.update({"tls": {"signer": "n2", "cert_days_valid": 100, "ca_generation": 2,
+                         "ca_trust": [1, 3]},
                  "port_ranges": {"zookeeper": [10001, 10099]},
                  "components": {"zookeeper": {"target": {2181: "loopback"}}},
                  "flows": {"router": ["qpid"]},

@@ -74,7 +74,7 @@ def _salt_call(config_dir, *args, cachedir=None, minion_id=None):
             "cmd": " ".join(cmd + list(args))}
 
 
-def _write_tree(base):
+def _write_tree(base, tls=None):
     """Pillar and the custom-module file root, shared by every OS's minion config."""
     extmods_root = base / "extmods-root"
     extmods_root.mkdir()
@@ -83,21 +83,26 @@ def _write_tree(base):
     pillar_root = base / "pillar"
     pillar_root.mkdir()
     (pillar_root / "top.sls").write_text("base:\n  '*':\n    - apigee_mtls\n")
-    (pillar_root / "apigee_mtls.sls").write_text(
-        yaml.safe_dump({"apigee_mtls": load_topology(TOPOLOGY)}))
+    pillar = load_topology(TOPOLOGY)
+    if tls is not None:
+        pillar["tls"] = tls
+    (pillar_root / "apigee_mtls.sls").write_text(yaml.safe_dump({"apigee_mtls": pillar}))
     return extmods_root, pillar_root
 
 
-def _write_minion_config(base, name, grains, extmods_root, pillar_root):
+def _write_minion_config(base, name, grains, extmods_root, pillar_root, overlay=None,
+                         extmods=None):
     config_dir = base / name
     config_dir.mkdir()
+    roots = ([str(overlay)] if overlay else []) + [str(FORMULA), str(extmods_root)]
     config = {
         "id": SIGNER,
         "file_client": "local",
-        "file_roots": {"base": [str(FORMULA), str(extmods_root)]},
+        "file_roots": {"base": roots},
         "pillar_roots": {"base": [str(pillar_root)]},
         "cachedir": str(config_dir / "cache"),
-        "extension_modules": str(config_dir / "extmods"),  # shared by the per-call cachedirs
+        # shared by the per-call cachedirs
+        "extension_modules": str(extmods or config_dir / "extmods"),
         "pki_dir": str(config_dir / "pki"),
         "sock_dir": str(config_dir / "sock"),
         "log_file": str(config_dir / "minion.log"),
@@ -272,3 +277,129 @@ def test_sidecar_restarts_are_unlimited_for_the_os_systemd(renders, os_name):
     else:
         assert start_limits == {"Unit": ["StartLimitIntervalSec=0"], "Service": [],
                                 "Install": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# CA rotation: the signer's CA states follow tls:ca_generation and tls:ca_trust
+
+#: the three applies of a rotation from generation 1 to 2 (README "CA rotation")
+ROTATION = {"trust-2": {"ca_trust": [2]}, "sign-2": {"ca_generation": 2, "ca_trust": [1]},
+            "only-2": {"ca_generation": 2}}
+CA_STATES = ("apigee-mtls-tls-ca-key-managed", "apigee-mtls-tls-ca-cert-managed")
+
+
+@pytest.fixture(scope="module")
+def rotation(tmp_path_factory):
+    """``{"ca_dir": path, (step, node): salt-call result}``: the formula rendered (Debian) for
+    each rotation step, on a signer whose CA directory holds generations 1 and 2 (a
+    parameters overlay points state_dir at a temporary directory)."""
+    base = tmp_path_factory.mktemp("rotation")
+    ca_dir = base / "state" / "ca"
+    ca_dir.mkdir(parents=True)
+    for name in ("ca.pem", "ca-key.pem", "ca-2.pem", "ca-key-2.pem", "ca.pem.tmp"):
+        (ca_dir / name).write_text("not read, only listed\n")
+    params = base / "overlay" / "apigee_mtls" / "parameters"
+    params.mkdir(parents=True)
+    defaults = yaml.safe_load((FORMULA / "apigee_mtls/parameters/defaults.yaml").read_text())
+    defaults["state_dir"] = str(base / "state")
+    (params / "defaults.yaml").write_text(yaml.safe_dump(defaults))
+    extmods = base / "extmods"
+    dirs = {}
+    for step, tls in ROTATION.items():
+        (base / step).mkdir()
+        extmods_root, pillar_root = _write_tree(base / step, tls)
+        dirs[step] = _write_minion_config(base / step, "debian12", OSES["debian12"],
+                                          extmods_root, pillar_root, base / "overlay", extmods)
+    sync = _salt_call(dirs["trust-2"], "saltutil.sync_all")
+    assert sync["rc"] == 0, sync
+    cases = [(step, SIGNER) for step in ROTATION] + [("only-2", CLIENT)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = {(step, node): pool.submit(
+            _salt_call, dirs[step], "state.show_sls", "apigee_mtls", minion_id=node,
+            cachedir=dirs[step] / f"cache-{node}") for step, node in cases}
+        results = {key: fut.result() for key, fut in jobs.items()}
+    results["ca_dir"] = ca_dir
+    return results
+
+
+def _ca_states(states):
+    """``{state id: (function, args)}`` of the signer's CA states."""
+    return {i: _args(s) for i, s in states.items() if i.startswith("apigee-mtls-tls-ca-")}
+
+
+def _rotation_states(rotation, step, node=SIGNER):
+    res = rotation[(step, node)]
+    assert res["rc"] == 0 and isinstance(res["out"], dict) and res["out"], (
+        f"{res['cmd']} did not render:\n{res['stdout']}\n{res['stderr']}")
+    return res["out"]
+
+
+def _requires(args, kind):
+    return [r[kind] for r in args.get("require", []) if kind in r]
+
+
+def test_first_ca_is_unchanged_without_rotation_keys(renders):
+    """An existing cluster (no ca_generation, no ca_trust) keeps its CA states as they were."""
+    states = _ca_states(_states(renders, "debian12", SIGNER, "apigee_mtls"))
+    assert sorted(states) == ["apigee-mtls-tls-ca-cert-managed", "apigee-mtls-tls-ca-dir-managed",
+                              "apigee-mtls-tls-ca-key-managed"]
+    fun, key = states["apigee-mtls-tls-ca-key-managed"]
+    assert (fun, key["name"], key["new"]) == (
+        "x509.private_key_managed", "/etc/apigee-mtls/ca/ca-key.pem", False)
+    fun, cert = states["apigee-mtls-tls-ca-cert-managed"]
+    assert (fun, cert["name"], cert["signing_private_key"], cert["CN"]) == (
+        "x509.certificate_managed", "/etc/apigee-mtls/ca/ca.pem",
+        "/etc/apigee-mtls/ca/ca-key.pem", "apigee_mtls cluster CA")
+
+
+@pytest.mark.parametrize("step, signing, other", [("trust-2", 1, 2), ("sign-2", 2, 1)])
+def test_rotation_signer_keeps_every_trusted_ca(rotation, step, signing, other):
+    states = _rotation_states(rotation, step)
+    ca_dir = rotation["ca_dir"]
+    files = {1: ("ca.pem", "ca-key.pem"), 2: ("ca-2.pem", "ca-key-2.pem")}
+    names = {1: "apigee_mtls cluster CA", 2: "apigee_mtls cluster CA generation 2"}
+    cas = _ca_states(states)
+    assert not [i for i in cas if "absent" in i], sorted(cas)
+    for gen, suffix in ((signing, ""), (other, f"-gen-{other}")):
+        _, key = cas["apigee-mtls-tls-ca-key-managed" + suffix]
+        _, cert = cas["apigee-mtls-tls-ca-cert-managed" + suffix]
+        assert key["name"] == str(ca_dir / files[gen][1])
+        assert (cert["name"], cert["signing_private_key"], cert["CN"]) == (
+            str(ca_dir / files[gen][0]), str(ca_dir / files[gen][1]), names[gen])
+        assert _requires(cert, "x509") == ["apigee-mtls-tls-ca-key-managed" + suffix]
+    # the signer signs its own certificate once every trusted CA exists
+    _, agent = _args(states["apigee-mtls-tls-agent-cert-managed"])
+    assert _requires(agent, "x509") == ["apigee-mtls-tls-agent-key-managed",
+                                        "apigee-mtls-tls-ca-cert-managed",
+                                        f"apigee-mtls-tls-ca-cert-managed-gen-{other}"]
+
+
+def test_rotation_end_removes_the_untrusted_ca(rotation):
+    states = _rotation_states(rotation, "only-2")
+    ca_dir = rotation["ca_dir"]
+    cas = _ca_states(states)
+    assert sorted(cas) == [
+        "apigee-mtls-tls-ca-cert-absent-gen-1", "apigee-mtls-tls-ca-cert-managed",
+        "apigee-mtls-tls-ca-dir-managed", "apigee-mtls-tls-ca-key-absent-gen-1",
+        "apigee-mtls-tls-ca-key-managed"]
+    assert cas["apigee-mtls-tls-ca-cert-managed"][1]["name"] == str(ca_dir / "ca-2.pem")
+    for kind, name in (("key", "ca-key.pem"), ("cert", "ca.pem")):
+        fun, args = cas[f"apigee-mtls-tls-ca-{kind}-absent-gen-1"]
+        assert (fun, args["name"]) == ("file.absent", str(ca_dir / name))
+        # never before the signing CA is in place
+        assert _requires(args, "x509") == ["apigee-mtls-tls-ca-cert-managed"]
+
+
+def test_rotation_leaves_other_nodes_without_ca_states(rotation):
+    states = _rotation_states(rotation, "only-2", CLIENT)
+    assert not _ca_states(states)
+    _, agent = _args(states["apigee-mtls-tls-agent-cert-managed"])
+    assert _requires(agent, "x509") == ["apigee-mtls-tls-agent-key-managed"]
+
+
+def test_certificate_or_bundle_change_reloads_consul(renders):
+    """The certificate and the CA bundle are written by one state: one reload for both."""
+    for node in NODES:
+        states = _states(renders, "debian12", node, "apigee_mtls")
+        _, reload = _args(states["apigee-mtls-service-reloaded"])
+        assert {"apigee_mtls": "apigee-mtls-tls-agent-cert-managed"} in reload["onchanges"]

@@ -1,5 +1,7 @@
-{#- The Consul agent as a systemd unit. Agent config changes restart it; service definitions
-    and certificates only need a reload (SIGHUP), which keeps the sidecars' connections. -#}
+{#- The Consul agent as a systemd unit. Agent config changes restart it; service definitions,
+    the agent certificate and the CA bundle only need a reload (Consul 1.8 re-reads
+    ca_file, cert_file and key_file on reload, hashicorp/consul#5419), which keeps the
+    sidecars' connections. -#}
 {%- from "apigee_mtls/map.jinja" import params, plan with context %}
 {%- if plan.member %}
 {%- set c = plan.consul %}
@@ -45,6 +47,8 @@ apigee-mtls-service-reloaded:
         interval: 2
     - onchanges:
       - file: apigee-mtls-config-services-file-managed
+      # the certificate and the CA bundle are one state: a renewal or a CA rotation step
+      # reloads once, an unchanged run not at all
       - apigee_mtls: apigee-mtls-tls-agent-cert-managed
     - require:
       - service: apigee-mtls-service-running

@@ -1,5 +1,7 @@
 {#- Agent TLS: this node's key is generated here and never leaves it; the certificate is
-    signed by the cluster signer (peer publish), whose CA key never leaves the signer. -#}
+    signed by the cluster signer (peer publish), whose CA key never leaves the signer. The
+    CA bundle holds the trusted CA generations (a CA rotation trusts two for a while); a new
+    certificate or bundle reloads Consul (service/init.sls). -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member %}
 {%- set c = plan.consul %}
@@ -32,6 +34,9 @@ apigee-mtls-tls-agent-cert-managed:
     - require:
       - x509: apigee-mtls-tls-agent-key-managed
 {%- if plan.signer == grains.id %}
-      - x509: apigee-mtls-tls-ca-cert-managed
+{#-   the signer answers its own request too: every trusted CA generation must exist #}
+{%-   for ca in plan.ca_generations %}
+      - x509: apigee-mtls-tls-ca-cert-managed{{ "" if loop.first else "-gen-" ~ ca.generation }}
+{%-   endfor %}
 {%- endif %}
 {%- endif %}
