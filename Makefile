@@ -6,7 +6,7 @@ TOPOLOGY ?= tests/topologies/5-node.yaml
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
-.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-multi-dc bench clean
+.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies bench clean
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
@@ -35,9 +35,11 @@ unit: venv
 lab-test: venv
 	$(PY) -m pytest tests/lab -v -x --durations=15
 
-# The multi-DC session: the 12-node two-data-center topology (WAN federation) gets the same
-# flow and capture tests as the 5-node one, plus the topology checks, on a lab of its own.
-MULTI_DC_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes_previews_and_changes_nothing \
+# The other supported topologies, each on a lab of its own: the 9- and 13-node single-DC ones
+# and the 12-node two-data-center one (WAN federation) get the same flow and capture tests as
+# the 5-node lab, plus the topology checks (membership per DC, WAN, leaders, cross-DC flows).
+TOPOLOGY_SESSIONS := 9-node 13-node 12-node-2dc
+TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes_previews_and_changes_nothing \
 	tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
 	tests/lab/test_10_foundation.py::test_rerun_reports_zero_changes \
 	tests/lab/test_10_foundation.py::test_no_secret_in_state_returns \
@@ -48,10 +50,13 @@ MULTI_DC_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes
 
 test: venv
 	$(PY) -m pytest tests -v --durations=20
-	TOPOLOGY=tests/topologies/12-node-2dc.yaml $(PY) -m pytest $(MULTI_DC_TESTS) -v --durations=10
+	$(MAKE) lab-test-topologies
 
-lab-test-multi-dc: venv
-	TOPOLOGY=tests/topologies/12-node-2dc.yaml $(PY) -m pytest $(MULTI_DC_TESTS) -v --durations=10
+lab-test-topologies: venv
+	set -e; for t in $(TOPOLOGY_SESSIONS); do \
+	  echo "=== topology $$t ==="; \
+	  TOPOLOGY=tests/topologies/$$t.yaml $(PY) -m pytest $(TOPOLOGY_TESTS) -v --durations=5; \
+	done
 
 bench: venv
 	$(PY) bench/run.py
