@@ -43,7 +43,7 @@ TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes
 	tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
 	tests/lab/test_10_foundation.py::test_rerun_reports_zero_changes \
 	tests/lab/test_10_foundation.py::test_no_secret_in_state_returns \
-	tests/lab/test_22_topology.py \
+	tests/lab/test_15_topology.py \
 	tests/lab/test_20_mesh.py::test_every_allowed_flow_reaches_the_right_component_through_the_mesh \
 	tests/lab/test_20_mesh.py::test_capture_shows_only_tls_between_sidecars \
 	tests/lab/test_99_teardown.py

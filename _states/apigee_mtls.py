@@ -469,7 +469,8 @@ def _fingerprint(key):
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def gossip_keyring_managed(name, key, url="http://127.0.0.1:8500", wait=120, token=None):
+def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.1:8500",
+                           wait=120, token=None):
     """
     Ensure the cluster's gossip keyring holds exactly ``key``, as the primary key, on every
     node of every pool (LAN per data center, WAN). A new key is rotated in through
@@ -481,9 +482,19 @@ def gossip_keyring_managed(name, key, url="http://127.0.0.1:8500", wait=120, tok
 
         apigee-mtls-keyring-managed:
           apigee_mtls.gossip_keyring_managed:
-            - key: {{ pillar.apigee_mtls.secrets.gossip_key }}
+            - key_pillar: apigee_mtls:secrets:gossip_key
+
+    key_pillar
+        Pillar path of the key, read here: the key is then not part of the rendered SLS
+        (``state.show_sls``) nor of the job's arguments. ``key`` passes it directly.
     """
     ret = _ret(name)
+    if key_pillar:
+        key = __salt__["pillar.get"](key_pillar, None, unmask=True)
+    if not key:
+        ret["result"] = False
+        ret["comment"] = f"no gossip key ({key_pillar or 'key'} is empty)"
+        return ret
     client = _client(ret, url)
     if client is None:
         return ret

@@ -18,6 +18,7 @@ import jinja2
 import pytest
 import yaml
 
+import apigee_mtls_plan  # registered by conftest.py
 from conftest import load_topology
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -227,7 +228,9 @@ def _units(states):
         assert source.startswith("salt://apigee_mtls/files/"), (state_id, source)
         path = FORMULA / source[len("salt://"):]
         assert path.is_file(), (state_id, source)
-        if args.get("template") == "jinja":  # as file.managed renders it: the state's context
+        # systemd units, as file.managed renders them: the state's context (encrypt.json's
+        # template calls the execution module: test_encrypt_json_template_... covers it)
+        if args.get("template") == "jinja" and args["name"].endswith(".service"):
             text = env.from_string(path.read_text()).render(**args.get("context", {}))
             units[pathlib.PurePath(args["name"]).name] = text
     return units
@@ -403,3 +406,22 @@ def test_certificate_or_bundle_change_reloads_consul(renders):
         states = _states(renders, "debian12", node, "apigee_mtls")
         _, reload = _args(states["apigee-mtls-service-reloaded"])
         assert {"apigee_mtls": "apigee-mtls-tls-agent-cert-managed"} in reload["onchanges"]
+
+
+def test_encrypt_json_template_renders_the_plan_and_keeps_the_key_out_of_the_sls(renders):
+    """The gossip key is rendered on the minion from its own pillar: the SLS (what
+    state.show_sls prints) names only the template, and the template gives the planner's
+    encrypt_config as JSON."""
+    states = _states(renders, "debian12", SIGNER, "apigee_mtls")
+    key = load_topology(TOPOLOGY)["secrets"]["gossip_key"]
+    assert key not in json.dumps(states)
+    fun, args = _args(states["apigee-mtls-config-encrypt-file-managed"])
+    assert (fun, args["source"], args["template"], args["mode"]) == (
+        "file.managed", "salt://apigee_mtls/files/encrypt.json.jinja", "jinja", "0640")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters["json"] = lambda value, **kw: json.dumps(value, **kw)
+    plan = apigee_mtls_plan.plan(load_topology(TOPOLOGY), SIGNER)
+    stub = {"apigee_mtls.plan": lambda secrets=False: plan if secrets else {}}
+    text = env.from_string((FORMULA / "apigee_mtls/files/encrypt.json.jinja").read_text())
+    assert json.loads(text.render(salt=stub)) == plan["encrypt_config"]
+    assert json.loads(text.render(salt=stub))["encrypt"] == key

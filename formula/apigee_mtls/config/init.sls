@@ -1,5 +1,6 @@
 {#- Consul agent configuration, all derived from the pillar by the planner:
-    consul.json (agent, TLS), encrypt.json (gossip key: 0640, diff never shown),
+    consul.json (agent, TLS), encrypt.json (gossip key: 0640, diff never shown, rendered from
+    a template on the minion so the key is not in the rendered SLS),
     apigee-mtls-services.json (ingress services, the egress service, their sidecars). -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member %}
@@ -19,10 +20,10 @@ apigee-mtls-config-agent-file-managed:
       - file: apigee-mtls-install-config-dir-managed
 
 apigee-mtls-config-encrypt-file-managed:
-  file.serialize:
+  file.managed:
     - name: {{ c.config_dir }}/encrypt.json
-    - serializer: json
-    - dataset: {{ plan.encrypt_config | json }}
+    - source: salt://apigee_mtls/files/encrypt.json.jinja
+    - template: jinja
     - user: root
     - group: {{ c.group }}
     - mode: "0640"

@@ -8,7 +8,7 @@ include:
 
 apigee-mtls-keyring-managed:
   apigee_mtls.gossip_keyring_managed:
-    - key: {{ plan.encrypt_config.encrypt | json }}
+    - key_pillar: apigee_mtls:secrets:gossip_key
     - require:
       - service: apigee-mtls-service-running
 {%- endif %}

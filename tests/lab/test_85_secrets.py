@@ -1,0 +1,118 @@
+"""Secrets hygiene after every rollout the session did (first apply, reruns, Day-2 changes,
+gossip rotation): the gossip key, the agent private keys and the CA private key appear in no
+job cache, log, journal or `state.show_sls` output, on any minion or on the master; every
+file holding a secret has the expected owner and mode."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import labctl
+
+
+# the base64 body of a PEM private key, without its armour: what would leak if it leaked
+KEY_BODY = r"""
+import json, sys
+lines = [l for l in open(sys.argv[1]).read().splitlines() if l and not l.startswith("-----")]
+print(json.dumps("".join(lines)))
+"""
+
+# where a secret could end up on a minion besides its own file: Salt's caches and logs, the
+# journal (every unit's output), and /tmp
+HUNT = r"""
+needle="$1"
+grep -rlF -- "$needle" /var/cache/salt /var/log /tmp /root 2>/dev/null
+journalctl --no-pager -o cat 2>/dev/null | grep -cF -- "$needle" | sed 's/^/journal matches: /' | grep -v ': 0$'
+true
+"""
+
+
+def _key_bodies(lab):
+    """{label: secret} for every private key the formula created, plus the gossip key; each
+    key body also as its PEM lines (how a log would quote it), first line only."""
+    out = {"gossip key": lab.pillar["secrets"]["gossip_key"]}
+    for node in lab.nodes:
+        body = lab.py(node, KEY_BODY.replace("sys.argv[1]", '"/etc/consul.d/tls/agent-key.pem"'))
+        out[f"{node} agent key"] = body[:64]
+    signer = lab.model["tls"]["signer"]
+    body = lab.py(signer, KEY_BODY.replace("sys.argv[1]", '"/etc/apigee-mtls/ca/ca-key.pem"'))
+    out["CA key"] = body[:64]
+    return out
+
+
+@pytest.fixture(scope="module")
+def secrets(applied):
+    applied.wait_mesh_ready()
+    return _key_bodies(applied)
+
+
+def test_no_secret_in_any_minion_cache_log_or_journal(applied, secrets):
+    lab = applied
+    found = {}
+    for node in lab.nodes:
+        for label, needle in secrets.items():
+            hits = lab.run(node, ["sh", "-c", HUNT, "hunt", needle]).stdout.split()
+            if hits:
+                found[(node, label)] = hits
+    assert not found, found
+
+
+def test_no_secret_in_the_master_job_cache_or_log(applied, secrets):
+    root = os.path.join(labctl.STATE, "master")
+    jobs = os.path.join(root, "var", "cache", "salt", "master", "jobs")
+    logs = os.path.join(root, "var", "log", "salt")
+    assert os.path.isdir(jobs) and os.listdir(jobs), "no job cache: the test would prove nothing"
+    found = {}
+    for label, needle in secrets.items():
+        hits = subprocess.run(["grep", "-rlF", "--", needle, jobs, logs], capture_output=True,
+                              text=True, check=False).stdout.split()
+        if hits:
+            found[label] = hits
+    assert not found, found
+
+
+def test_show_sls_of_any_minion_shows_no_secret(applied, secrets):
+    lab = applied
+    ret = lab.salt("*", "state.show_sls", "apigee_mtls", timeout=300)
+    assert set(ret) >= set(lab.nodes) and all(isinstance(ret[n], dict) for n in lab.nodes), ret
+    text = json.dumps(ret)
+    leaked = [label for label, needle in secrets.items() if needle in text]
+    assert not leaked, leaked
+
+
+MODES = r"""
+import grp, json, os, pwd, stat, sys
+out = {}
+for path in sys.argv[1:]:
+    for p in ([os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]):
+        st = os.stat(p)
+        out[p] = [oct(stat.S_IMODE(st.st_mode)), pwd.getpwuid(st.st_uid).pw_name,
+                  grp.getgrgid(st.st_gid).gr_name]
+print(json.dumps(out))
+"""
+
+
+def test_every_file_holding_a_secret_has_its_owner_and_mode(applied):
+    lab = applied
+    signer = lab.model["tls"]["signer"]
+    for node in lab.nodes:
+        paths = ["/etc/consul.d/tls/agent-key.pem", "/etc/consul.d/encrypt.json",
+                 "/var/lib/consul/serf"]
+        if node == signer:
+            paths.append("/etc/apigee-mtls/ca")
+        modes = lab.py(node, MODES.replace("sys.argv[1:]", repr(paths)))
+        assert modes["/etc/consul.d/tls/agent-key.pem"] == ["0o600", "consul", "consul"], node
+        assert modes["/etc/consul.d/encrypt.json"] == ["0o640", "root", "consul"], node
+        keyrings = {p: m for p, m in modes.items() if p.endswith(".keyring")}
+        assert keyrings, f"{node}: no serf keyring"
+        for path, mode in keyrings.items():  # Consul's own copy of the gossip keys
+            assert mode[0] == "0o600" and mode[1] == "consul", (node, path, mode)
+        if node == signer:
+            ca_keys = {p: m for p, m in modes.items()
+                       if p.startswith("/etc/apigee-mtls/ca/") and "key" in os.path.basename(p)}
+            assert ca_keys, "no CA key on the signer"
+            assert all(m == ["0o600", "root", "root"] for m in ca_keys.values()), ca_keys
+        else:
+            gone = lab.run(node, "ls /etc/apigee-mtls/ca 2>/dev/null", check=False).stdout
+            assert gone.strip() == "", f"{node} holds CA files: {gone}"
