@@ -303,8 +303,14 @@ def _client(ret, url):
 
 
 def _list_intentions(client, token=None):
+    # ?consistent: right after servers restart (a config change applied to every node at
+    # once), a default-mode read can be served by a new leader that has not applied the
+    # latest writes yet; it then missed an intention that existed, and creating it again
+    # failed with "duplicate intention found" (seen in the lab). A consistent read waits for
+    # the leader to be ready, or fails and is retried.
     headers = client.prepare_headers(token)
-    return client.http.get(CB.json(), "/v1/connect/intentions", headers=headers) or []
+    return client.http.get(CB.json(), "/v1/connect/intentions", params=[("consistent", "")],
+                           headers=headers) or []
 
 
 def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, token=None):
