@@ -49,6 +49,13 @@ def secrets(applied):
 
 def test_no_secret_in_any_minion_cache_log_or_journal(applied, secrets):
     lab = applied
+    # control: the hunt does find what is there (a state ID in the minion's cached SLS files,
+    # the minion's own name in its journal), so an empty result below means something
+    control = lab.run(lab.nodes[0], ["sh", "-c", HUNT, "hunt",
+                                     "apigee-mtls-config-agent-file-managed"]).stdout
+    assert "/var/cache/salt/" in control, control
+    journal = lab.run(lab.nodes[0], ["sh", "-c", HUNT, "hunt", "Started salt-minion"]).stdout
+    assert "journal matches" in journal, journal
     found = {}
     for node in lab.nodes:
         for label, needle in secrets.items():
