@@ -4,6 +4,7 @@ formula's own validation and plan see the decrypted key; the ciphertext never re
 import os
 import subprocess
 
+import pytest
 import yaml
 
 from conftest import load_topology
@@ -18,9 +19,18 @@ def _gpg(home, *args, data=None):
     return proc.stdout
 
 
-def test_gpg_encrypted_gossip_key_is_decrypted_for_the_formula(tmp_path):
+@pytest.fixture
+def gpg_home(tmp_path):
     home = tmp_path / "gpgkeys"
     home.mkdir(mode=0o700)
+    yield home
+    # gpg starts an agent for the home directory: end it with the test
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False,
+                   capture_output=True, timeout=30)
+
+
+def test_gpg_encrypted_gossip_key_is_decrypted_for_the_formula(tmp_path, gpg_home):
+    home = gpg_home
     _gpg(home, "--passphrase", "", "--quick-gen-key", "salt-master", "default", "default",
          "never")
     key = load_topology(TOPOLOGY)["secrets"]["gossip_key"]
