@@ -36,8 +36,12 @@ def _key_bodies(lab):
         body = lab.py(node, KEY_BODY.replace("sys.argv[1]", '"/etc/consul.d/tls/agent-key.pem"'))
         out[f"{node} agent key"] = body[:64]
     signer = lab.model["tls"]["signer"]
-    body = lab.py(signer, KEY_BODY.replace("sys.argv[1]", '"/etc/apigee-mtls/ca/ca-key.pem"'))
-    out["CA key"] = body[:64]
+    # every CA generation's key (after test_75's rotation the signing one is ca-key-2.pem)
+    ca_keys = lab.run(signer, "ls /etc/apigee-mtls/ca/ | grep key").stdout.split()
+    assert ca_keys, "no CA key on the signer"
+    for name in ca_keys:
+        body = lab.py(signer, KEY_BODY.replace("sys.argv[1]", repr("/etc/apigee-mtls/ca/" + name)))
+        out[f"CA key {name}"] = body[:64]
     return out
 
 
