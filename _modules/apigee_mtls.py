@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import os
 import pwd
+import re
 import socket
 
 from salt.exceptions import CommandExecutionError
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 __virtualname__ = "apigee_mtls"
 
 PILLAR_KEY = "apigee_mtls"
+ACL_PREFIX = "apigee-mtls"
 CA_DIR = "/etc/apigee-mtls/ca"
 #: the formula's iptables chains: table -> (chain, the built-in chain that jumps to it)
 CHAINS = {"nat": ("APIGEE-MTLS-OUT", "OUTPUT"), "filter": ("APIGEE-MTLS-IN", "INPUT")}
@@ -357,6 +359,117 @@ def sign_agent_certificate(public_key=None, bundle_only=False, **kwargs):
     return answer
 
 
+def _acl_util(name):
+    return __utils__["apigee_mtls_acl." + name]
+
+
+def _policy_pattern(kind):
+    return re.compile(r"{}-{}-[0-9a-f]{{10}}".format(re.escape(ACL_PREFIX), re.escape(kind)))
+
+
+def _ensure_token(mgmt, kind, policy, rules, description):
+    """The SecretID of the managed token ``kind`` (fixed AccessorID), linked to exactly the
+    policy ``policy`` (created with ``rules`` when missing); stale policies of ``kind`` are
+    deleted. Runs on the signer with the management token."""
+    api = _acl_util("api")
+    policies = {p["Name"]: p for p in api("GET", "/v1/acl/policies", mgmt) or []}
+    if policy not in policies:
+        policies[policy] = api("PUT", "/v1/acl/policy", mgmt, {
+            "Name": policy, "Rules": rules, "Description": "managed by apigee_mtls"})
+    accessor = __utils__["apigee_mtls_plan.acl_accessor"](kind)
+    try:
+        token = api("GET", f"/v1/acl/token/{accessor}", mgmt)
+    except Exception as exc:  # pylint: disable=broad-except
+        if getattr(exc, "status", None) not in (403, 404) or \
+                "not found" not in str(exc).lower():
+            raise
+        token = None
+    link = [{"Name": policy}]
+    if token is None:
+        token = api("PUT", "/v1/acl/token", mgmt, {
+            "AccessorID": accessor, "Description": description, "Policies": link,
+            "Local": False})
+    elif [p["Name"] for p in token.get("Policies") or []] != [policy]:
+        token = api("PUT", f"/v1/acl/token/{accessor}", mgmt, {
+            "AccessorID": accessor, "SecretID": token["SecretID"], "Description": description,
+            "Policies": link, "Local": False})
+    stale = _policy_pattern(kind)
+    for name, pol in policies.items():
+        if name != policy and stale.fullmatch(name):
+            api("DELETE", f"/v1/acl/policy/{pol['ID']}", mgmt)
+    return token["SecretID"]
+
+
+def management_token_file():
+    """Path of the management token on the signer (``<config_dir>/acl/management.token``)."""
+    model = validate()
+    return model["consul"]["config_dir"] + "/acl/management.token"
+
+
+def issue_acl_token(public_key=None, **kwargs):
+    """
+    Issue (or re-issue) the Consul ACL tokens of the requesting minion. Runs on the signer,
+    which holds the management token; other minions reach it through peer publish (master
+    config ``peer: {'.*': [apigee_mtls.sign_agent_certificate, apigee_mtls.issue_acl_token]}``).
+
+    Like :py:func:`sign_agent_certificate`, the identity is the requesting minion id
+    (``__pub_id``, set by the master), and the token's policy comes from the signer's own
+    pillar: write on that node's own services and sidecars only. The tokens are returned
+    sealed to ``public_key`` (the requester's agent key; see ``apigee_mtls_acl.seal``): the
+    master's job cache only ever holds ciphertext.
+
+    Returns ``{"policy": name, "agent": sealed[, "replication": sealed]}`` (a replication
+    token for the servers of secondary data centers), or ``{"error": ..., "retry": bool}``.
+
+    CLI Example (the signer's own token, sealed to its own agent key):
+
+    .. code-block:: bash
+
+        salt-call apigee_mtls.issue_acl_token "$(openssl ec -pubout < agent-key.pem)"
+    """
+    requester = kwargs.get("__pub_id") or __opts__["id"]
+    data = _pillar()
+    try:
+        model = __utils__["apigee_mtls_plan.normalize"](data)
+    except ValueError as exc:
+        return _error(exc)
+    if model["tls"]["signer"] != __opts__["id"]:
+        return {"error": f"{__opts__['id']} is not the signer ({model['tls']['signer']})"}
+    if not model["acl"]["enabled"]:
+        return {"error": "ACLs are disabled (apigee_mtls:acl:enabled)"}
+    nodes = {n["id"]: n for n in model["nodes"]}
+    if requester not in nodes or nodes[requester].get("retired"):
+        log.warning("apigee_mtls: refused an ACL token to %s: not a node", requester)
+        return {"error": f"{requester} is not an active node in apigee_mtls:nodes"}
+    if not public_key:
+        return {"error": "no public key to seal the token to"}
+    mgmt = _acl_util("read_token")(model["consul"]["config_dir"] + "/acl/management.token")
+    if not mgmt:
+        return {"error": "ACLs are not bootstrapped yet on the signer", "retry": True}
+    acl = __utils__["apigee_mtls_plan.plan"](data, requester)["acl"]
+    seal = _acl_util("seal")
+    try:
+        answer = {"policy": acl["policy"], "agent": seal(public_key, _ensure_token(
+            mgmt, "node-" + requester, acl["policy"], acl["rules"],
+            f"apigee_mtls node {requester}"))}
+        if acl["replication"]:
+            answer["replication_policy"] = acl["replication_policy"]
+            answer["replication"] = seal(public_key, _ensure_token(
+                mgmt, "replication", acl["replication_policy"],
+                _replication_rules(), "apigee_mtls replication"))
+    except Exception as exc:  # pylint: disable=broad-except
+        if not hasattr(exc, "status"):
+            return {"error": f"cannot seal to this public key: {exc}"}
+        # concurrent requests may race on a policy name: asking again settles it
+        return {"error": f"Consul: {exc}", "retry": exc.status != 403}
+    log.info("apigee_mtls: issued the ACL token of %s (policy %s)", requester, acl["policy"])
+    return answer
+
+
+def _replication_rules():
+    return __utils__["apigee_mtls_plan.replication_rules"]()
+
+
 def _uid_to_name(rule):
     """``iptables -S`` prints ``--uid-owner`` as a number; the plan uses the user name."""
     words = rule.split()
@@ -448,12 +561,19 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
         __context__["retcode"] = 1
         return {"ok": False, "error": "py-consul is not installed"}
     checks = {}
-    client = consul.Consul(host="127.0.0.1", port=http_port)
+    # with ACLs, read the agent as this node's own token does (anonymous sees nothing)
+    token = None
+    if node_plan.get("acl", {}).get("enabled"):
+        token = _acl_util("read_token")(node_plan["acl"]["agent_token_file"])
+        checks["acl_token"] = {"ok": bool(token),
+                               "file": node_plan["acl"]["agent_token_file"]}
+    api = _acl_util("api")
     try:
-        members = client.agent.members()
-        leader = client.status.leader()
-        services = client.agent.services()
-        agent_checks = client.agent.checks()
+        # (py-consul does not send a token with every call: plain requests with the header)
+        members = api("GET", "/v1/agent/members", token, port=http_port) or []
+        leader = api("GET", "/v1/status/leader", token, port=http_port)
+        services = api("GET", "/v1/agent/services", token, port=http_port) or {}
+        agent_checks = api("GET", "/v1/agent/checks", token, port=http_port) or {}
     except Exception as exc:  # pylint: disable=broad-except
         __context__["retcode"] = 1
         return {"ok": False, "error": f"local Consul agent not answering: {exc}"}

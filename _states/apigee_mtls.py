@@ -287,6 +287,401 @@ def agent_certificate_managed(
 
 
 # ---------------------------------------------------------------------------------------------
+# ACLs
+def _acl(name):
+    return __utils__["apigee_mtls_acl." + name]
+
+
+def _ids(user, group):
+    import grp  # pylint: disable=import-outside-toplevel
+    import pwd  # pylint: disable=import-outside-toplevel
+
+    return pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
+
+
+def _file_problems(path, uid, gid, mode):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    bad = []
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        bad.append(f"{path}: owner {st.st_uid}:{st.st_gid}, expected {uid}:{gid}")
+    if st.st_mode & 0o777 != mode:
+        bad.append(f"{path}: mode {oct(st.st_mode & 0o777)}, expected {oct(mode)}")
+    return bad
+
+
+def _token_problem(token, want_policies=None):
+    """None when ``token`` is known to Consul (and linked to exactly ``want_policies``),
+    else why not. Raises when the local agent cannot tell (no leader yet, not running)."""
+    if not token:
+        return "missing"
+    try:
+        me = _acl("api")("GET", "/v1/acl/token/self", token)
+    except Exception as exc:  # pylint: disable=broad-except
+        if getattr(exc, "status", None) in (401, 403) and "not found" in str(exc).lower():
+            return "not known to Consul (the cluster's ACLs were re-created?)"
+        raise
+    names = sorted(p["Name"] for p in me.get("Policies") or [])
+    if want_policies is not None and names != sorted(want_policies):
+        return f"linked to policies {names}, expected {sorted(want_policies)} (stale rules)"
+    return None
+
+
+def _retrying(fn, wait, what):
+    """fn() until it stops raising a ConsulError of a not-ready agent (no leader, not
+    answering), at most ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # pylint: disable=broad-except
+            status = getattr(exc, "status", "x")
+            if status == "x" or status in (400, 401, 403, 404) or time.monotonic() > deadline:
+                raise
+            log.debug("apigee_mtls: %s: %s, retrying", what, exc)
+            time.sleep(2)
+
+
+def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
+    """
+    Ensure the cluster's Consul ACL system is bootstrapped and ``name`` holds its management
+    token (0600, owned by ``user``). Run it on the signer only: the management token lives
+    there and nowhere else. The bootstrap happens once (``PUT /v1/acl/bootstrap``); later runs
+    check the token with ``/v1/acl/token/self``. The token is never returned nor logged.
+
+    nodes
+        The active node ids: the formula's tokens and policies of any other node (removed or
+        retired) are deleted, so a decommissioned host's token stops working.
+
+    If the cluster was bootstrapped before but ``name`` is lost, the state fails and says how
+    to recover (put the token back, or Consul's bootstrap reset).
+
+    .. code-block:: yaml
+
+        apigee-mtls-acl-bootstrapped:
+          apigee_mtls.acl_bootstrapped:
+            - name: /etc/consul.d/acl/management.token
+            - nodes: [n1, n2, n3]
+    """
+    ret = _ret(name)
+    uid, gid = _ids(user, group)
+    token = _acl("read_token")(name)
+    api = _acl("api")
+    try:
+        problem = _retrying(lambda: _token_problem(token), 0 if __opts__["test"] else wait,
+                            "management token check")
+    except Exception as exc:  # pylint: disable=broad-except
+        if not __opts__["test"]:
+            ret["result"] = False
+            ret["comment"] = f"cannot check the management token: {exc}"
+            return ret
+        problem = f"cannot check it yet ({exc})"
+    if problem:
+        ret["changes"]["management_token"] = {"reason": problem, "file": name}
+    fix = _file_problems(name, uid, gid, 0o600) if not problem else []
+    if fix:
+        ret["changes"]["file"] = fix
+    if __opts__["test"]:
+        if ret["changes"]:
+            ret["result"] = None
+            ret["comment"] = ("Would bootstrap the ACL system and keep its management token in "
+                              f"{name}" if problem else f"Would fix {name}")
+        else:
+            ret["comment"] = "ACL system bootstrapped; management token valid"
+        # pruning needs the token: previewed only once it exists
+        if not problem and nodes is not None:
+            _prune_tokens(ret, token, nodes, dry=True)
+        return ret
+    if problem:
+        def boot():
+            return api("PUT", "/v1/acl/bootstrap")
+        try:
+            answer = _retrying(boot, wait, "ACL bootstrap")
+        except Exception as exc:  # pylint: disable=broad-except
+            ret["result"] = False
+            ret["changes"] = {}
+            if "no longer allowed" in str(exc):
+                ret["comment"] = (
+                    f"the cluster's ACLs were bootstrapped before, but {name} is {problem}: "
+                    f"put the management token back into {name} (mode 0600), or reset the "
+                    "bootstrap (Consul: write the reset index from the error below into "
+                    "<data_dir>/acl-bootstrap-reset on the leader) and apply again. "
+                    f"Consul said: {exc}")
+            else:
+                ret["comment"] = f"ACL bootstrap failed: {exc}"
+            return ret
+        token = answer["SecretID"]
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        _acl("write_secret")(name, token, uid, gid)
+        ret["comment"] = f"ACL system bootstrapped; management token in {name}"
+    else:
+        for _ in fix:
+            os.chown(name, uid, gid)
+            os.chmod(name, 0o600)
+        ret["comment"] = "ACL system bootstrapped; management token valid"
+    if nodes is not None:
+        try:
+            _prune_tokens(ret, token, nodes, dry=False)
+        except Exception as exc:  # pylint: disable=broad-except
+            ret["result"] = False
+            ret["comment"] += f"; removing stale node tokens failed: {exc}"
+    return ret
+
+
+_NODE_TOKEN = "apigee_mtls node "
+
+
+def _prune_tokens(ret, mgmt, nodes, dry):
+    api = _acl("api")
+    tokens = api("GET", "/v1/acl/tokens", mgmt) or []
+    stale = sorted((t for t in tokens if (t.get("Description") or "").startswith(_NODE_TOKEN)
+                    and t["Description"][len(_NODE_TOKEN):] not in nodes),
+                   key=lambda t: t["Description"])
+    if not stale:
+        return
+    ret["changes"]["removed_node_tokens"] = [t["Description"][len(_NODE_TOKEN):] for t in stale]
+    if dry:
+        ret["result"] = None
+        ret["comment"] += "; would remove the tokens of nodes no longer in the pillar"
+        return
+    for tok in stale:
+        api("DELETE", f"/v1/acl/token/{tok['AccessorID']}", mgmt)
+        for pol in tok.get("Policies") or []:
+            if pol["Name"].startswith("apigee-mtls-node-"):
+                api("DELETE", f"/v1/acl/policy/{pol['ID']}", mgmt)
+    ret["comment"] += f"; removed {len(stale)} stale node token(s)"
+
+
+def _ask_for_token(signer, pub):
+    if signer == __opts__["id"]:
+        return __salt__["apigee_mtls.issue_acl_token"](pub)
+    res = __salt__["publish.publish"](signer, "apigee_mtls.issue_acl_token", arg=[pub],
+                                      timeout=60)
+    return res.get(signer) if isinstance(res, dict) else res
+
+
+def acl_token_managed(name, private_key, replication_file=None, user="consul", group="consul",
+                      mode="0600", wait=180):
+    """
+    Ensure ``name`` holds this node's Consul ACL token, known to Consul and linked to the
+    policy this node's pillar gives it (write on its own services only; see the planner's
+    ``acl_node_rules``); for a server of a secondary data center, ``replication_file`` the
+    replication token too.
+
+    A missing, unknown or stale token is asked from the signer (peer publish,
+    ``apigee_mtls.issue_acl_token``), which answers sealed to this node's agent public key;
+    it is opened here with ``private_key``. Neither the token nor its ciphertext is in the
+    return. Files are written ``mode`` (0600, or 0640 when the sidecars run as another user
+    of ``group``), owned by ``user``.
+
+    .. code-block:: yaml
+
+        apigee-mtls-acl-agent-token-managed:
+          apigee_mtls.acl_token_managed:
+            - name: /etc/consul.d/acl/agent.token
+            - private_key: /etc/consul.d/tls/agent-key.pem
+    """
+    ret = _ret(name)
+    plan = __salt__["apigee_mtls.plan"]()
+    if plan.get("error") or not plan.get("member"):
+        ret["result"] = False
+        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
+        return ret
+    acl = plan["acl"]
+    if not acl.get("enabled"):
+        ret["comment"] = "ACLs are disabled (apigee_mtls:acl:enabled)"
+        return ret
+    uid, gid = _ids(user, group)
+    mode = int(str(mode), 8)
+    files = {"agent": (name, [acl["policy"]])}
+    if replication_file:
+        files["replication"] = (replication_file, [acl["replication_policy"]])
+    problems = {}
+    for kind, (path, policies) in files.items():
+        token = _acl("read_token")(path)
+        if token is None:
+            problems[kind] = "missing"
+            continue
+        try:
+            why = _retrying(lambda: _token_problem(token, policies),
+                            0 if __opts__["test"] else wait, "token check")
+        except Exception as exc:  # pylint: disable=broad-except
+            if not __opts__["test"]:
+                ret["result"] = False
+                ret["comment"] = f"cannot check the {kind} token: {exc}"
+                return ret
+            why = None  # the agent is not up yet: nothing to say before the real run
+        if why:
+            problems[kind] = why
+    fix = [p for path, _ in files.values() for p in _file_problems(path, uid, gid, mode)]
+    if not problems and not fix:
+        ret["comment"] = f"ACL token valid (policy {acl['policy']})"
+        return ret
+    if problems:
+        ret["changes"]["tokens"] = {k: {"reason": v, "policy": files[k][1][0]}
+                                    for k, v in problems.items()}
+    if fix:
+        ret["changes"]["files"] = fix
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = (f"Would ask {plan['signer']} for this node's ACL token"
+                          if problems else "Would fix the token files' owner and mode")
+        return ret
+    if problems:
+        key_pem = _read(private_key)
+        if key_pem is None:
+            ret["result"] = False
+            ret["changes"] = {}
+            ret["comment"] = f"private key {private_key} missing"
+            return ret
+        pub = __salt__["x509.get_public_key"](private_key)
+        deadline = time.monotonic() + wait
+        while True:
+            answer = _ask_for_token(plan["signer"], pub)
+            if isinstance(answer, dict) and answer.get("agent") and \
+                    answer.get("policy") == acl["policy"] and \
+                    (not replication_file or answer.get("replication")):
+                break
+            if isinstance(answer, dict) and answer.get("agent"):
+                last = (f"the signer's policy {answer.get('policy')} differs from this "
+                        f"node's {acl['policy']} (pillars not refreshed alike?)")
+                retry = True
+            else:
+                last = answer.get("error") if isinstance(answer, dict) else answer
+                retry = not isinstance(answer, dict) or bool(answer.get("retry")) or \
+                    not answer.get("error")
+            if not retry or time.monotonic() > deadline:
+                ret["result"] = False
+                ret["changes"] = {}
+                ret["comment"] = f"signer {plan['signer']} issued no token: {last or 'no answer'}"
+                return ret
+            time.sleep(3)
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        try:
+            for kind, (path, _) in files.items():
+                secret = _acl("unseal")(key_pem, answer[kind])
+                _acl("write_secret")(path, secret, uid, gid, mode)
+        except ValueError as exc:
+            ret["result"] = False
+            ret["changes"] = {}
+            ret["comment"] = f"the signer's answer does not open with {private_key}: {exc}"
+            return ret
+        ret["comment"] = f"ACL token issued by {plan['signer']} (policy {acl['policy']})"
+    else:
+        for path, _ in files.values():
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+        ret["comment"] = "Token files' owner and mode fixed"
+    return ret
+
+
+def _fingerprint_pem(pem):
+    from cryptography.hazmat.primitives import hashes  # pylint: disable=import-outside-toplevel
+
+    cert = cx509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+    return cert, cert.fingerprint(hashes.SHA256()).hex()
+
+
+def connect_ca_managed(name, root_cert, key_pillar, token_file, wait=120):
+    """
+    Ensure Consul's Connect CA (the mesh root) is the organisation's CA ``root_cert``, with
+    its private key read from pillar ``key_pillar`` here (so it is in neither the rendered
+    SLS nor the job's arguments), through ``/v1/connect/ca/configuration`` with the
+    management token in ``token_file``. Consul cross-signs the old root and re-issues every
+    leaf certificate; the sidecars pick them up without a restart. Run it on the signer.
+
+    .. code-block:: yaml
+
+        apigee-mtls-connect-ca-managed:
+          apigee_mtls.connect_ca_managed:
+            - name: connect-ca
+            - root_cert: {{ pillar.apigee_mtls.connect_ca.root_cert | json }}
+            - key_pillar: apigee_mtls:secrets:connect_ca_key
+            - token_file: /etc/consul.d/acl/management.token
+    """
+    ret = _ret(name)
+    api = _acl("api")
+    _, want = _fingerprint_pem(root_cert)
+    token = _acl("read_token")(token_file)
+    active = None
+    if token:
+        try:
+            roots = _retrying(lambda: api("GET", "/v1/connect/ca/roots", token),
+                              0 if __opts__["test"] else wait, "CA roots")
+            active = next((r for r in roots.get("Roots") or [] if r.get("Active")), None)
+        except Exception as exc:  # pylint: disable=broad-except
+            if not __opts__["test"]:
+                ret["result"] = False
+                ret["comment"] = f"cannot read the Connect CA roots: {exc}"
+                return ret
+    elif not __opts__["test"]:
+        ret["result"] = False
+        ret["comment"] = f"no management token in {token_file}"
+        return ret
+    have = _fingerprint_pem(active["RootCert"])[1] if active else None
+    if have == want:
+        ret["comment"] = f"The mesh root is the organisation's CA (sha256 {want[:16]})"
+        return ret
+    ret["changes"]["root"] = {"old": have and f"sha256 {have[:16]}", "new": f"sha256 {want[:16]}"}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Would make the organisation's CA the mesh root"
+        return ret
+    key = __salt__["pillar.get"](key_pillar, None, unmask=True)
+    if not key:
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = (f"pillar {key_pillar} is missing on {__opts__['id']}: the signer "
+                          "needs the private key of connect_ca:root_cert")
+        return ret
+    from cryptography.hazmat.primitives import serialization as ser  # pylint: disable=C0415
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa  # pylint: disable=C0415
+
+    try:
+        priv = ser.load_pem_private_key(key.encode(), password=None)
+    except Exception:  # pylint: disable=broad-except
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = f"pillar {key_pillar} is not an unencrypted PEM private key"
+        return ret
+    cert, _ = _fingerprint_pem(root_cert)
+    pub = lambda k: k.public_bytes(ser.Encoding.DER,  # noqa: E731
+                                   ser.PublicFormat.SubjectPublicKeyInfo)
+    if pub(priv.public_key()) != pub(cert.public_key()):
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = (f"pillar {key_pillar} is not the private key of "
+                          "connect_ca:root_cert")
+        return ret
+    if isinstance(priv, ec.EllipticCurvePrivateKey):
+        kind, bits = "ec", priv.curve.key_size
+    elif isinstance(priv, rsa.RSAPrivateKey):
+        kind, bits = "rsa", priv.key_size
+    else:
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = f"pillar {key_pillar}: Consul takes an EC or RSA key only"
+        return ret
+    try:
+        conf = api("GET", "/v1/connect/ca/configuration", token)
+        config = dict(conf.get("Config") or {})
+        config.update({"PrivateKey": key, "RootCert": root_cert, "PrivateKeyType": kind,
+                       "PrivateKeyBits": bits})
+        api("PUT", "/v1/connect/ca/configuration", token,
+            {"Provider": "consul", "Config": config})
+    except Exception as exc:  # pylint: disable=broad-except
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = ("Consul refused the CA configuration: "
+                          + str(exc).replace(key.strip(), "<key>"))
+        return ret
+    ret["comment"] = "The organisation's CA is now the mesh root; Consul re-issues the leaves"
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
 # intentions (Consul 1.8: the UUID-based /v1/connect/intentions API)
 def _consul(url):
     host, _, port = url.rpartition(":")
@@ -313,7 +708,8 @@ def _list_intentions(client, token=None):
                            headers=headers) or []
 
 
-def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, token=None):
+def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, token=None,
+                       token_file=None):
     """
     Ensure the cluster has exactly the given intentions among those managed by this formula
     (marked with ``Meta: {managed-by: apigee_mtls}``). Missing ones are created (allows first,
@@ -333,6 +729,8 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
             - intentions: {{ salt['apigee_mtls.intentions']() | json }}
     """
     ret = _ret(name)
+    if token_file:
+        token = _acl("read_token")(token_file)
     client = _client(ret, url)
     if client is None:
         return ret
@@ -476,7 +874,7 @@ def _fingerprint(key):
 
 
 def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.1:8500",
-                           wait=120, token=None):
+                           wait=120, token=None, token_file=None):
     """
     Ensure the cluster's gossip keyring holds exactly ``key``, as the primary key, on every
     node of every pool (LAN per data center, WAN). A new key is rotated in through
@@ -501,6 +899,8 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
         ret["result"] = False
         ret["comment"] = f"no gossip key ({key_pillar or 'key'} is empty)"
         return ret
+    if token_file:
+        token = _acl("read_token")(token_file)
     client = _client(ret, url)
     if client is None:
         return ret

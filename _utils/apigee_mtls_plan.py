@@ -25,7 +25,9 @@ and returns a *model*: a plain dict (lists, dicts, strings, ints, booleans and
                           "range", "peer_ports", "targets"}}
     port_ranges         {component or "egress": [min, max]} for the ranges in use
     flows               {source component: [destination components]}
-    secrets             {"gossip_key"}
+    secrets             {"gossip_key", "connect_ca_key" (None unless given)}
+    acl                 {"enabled", "down_policy"}
+    connect_ca          {"root_cert"} (None: Consul's built-in CA)
     tls                 {"signer", "ca_days_valid", "cert_days_valid",
                           "cert_days_remaining", "key_algo", "ca_generation",
                           "ca_trust" (sorted)}
@@ -74,9 +76,11 @@ import base64
 import binascii
 import copy
 import difflib
+import hashlib
 import ipaddress
 import re
 import secrets as _secrets
+import uuid
 
 # ---------------------------------------------------------------------------
 # Catalog
@@ -227,8 +231,15 @@ CA_COMMON_NAME = "apigee_mtls cluster CA"
 
 _TOP_KEYS = (
     "datacenters", "nodes", "cassandra_internode", "port_ranges", "components",
-    "flows", "secrets", "tls", "consul", "firewall", "proxy",
+    "flows", "secrets", "tls", "consul", "firewall", "proxy", "acl", "connect_ca",
 )
+
+#: Consul ACL defaults: on, default deny (the formula bootstraps them).
+ACL_DEFAULTS = {"enabled": True, "down_policy": "extend-cache"}
+_ACL_DOWN_POLICIES = ("extend-cache", "async-cache", "deny", "allow")
+#: Name prefix of the ACL policies and descriptions of the tokens the formula manages.
+ACL_PREFIX = "apigee-mtls"
+_ACL_NAMESPACE = uuid.UUID("5f0c7d1e-3a52-4b8e-9a51-6b2f1a0c9e11")
 _NODE_KEYS = ("id", "ip", "datacenter", "fqdn", "components", "retired")
 _COMPONENT_OVERRIDE_KEYS = ("ports", "target", "peer_ports")
 _TLS_KEYS = ("signer", "ca_days_valid", "cert_days_valid", "cert_days_remaining",
@@ -826,12 +837,59 @@ def _norm_flows(raw):
     return flows
 
 
+_PEM_RE = re.compile(r"-----BEGIN ([A-Z ]+)-----\s+[A-Za-z0-9+/=\s]+-----END \1-----\s*")
+
+
+def _pem(value, path, kinds, what):
+    if not isinstance(value, str) or not _PEM_RE.fullmatch(value.strip() + "\n"):
+        _fail(path, "found {}; expected {} in PEM form".format(
+            "a string that is not PEM" if isinstance(value, str) else _what(value), what))
+    kind = _PEM_RE.fullmatch(value.strip() + "\n").group(1)
+    if kind not in kinds:
+        _fail(path, "found a PEM {!r} block; expected {}".format(kind, what))
+    return value.strip() + "\n"
+
+
 def _norm_secrets(raw):
     path = ("secrets",)
     raw = _mapping(raw, path, "a mapping with gossip_key")
-    _check_keys(raw, ("gossip_key",), path)
+    _check_keys(raw, ("gossip_key", "connect_ca_key"), path)
     check_gossip_key(raw.get("gossip_key"))
-    return {"gossip_key": raw["gossip_key"]}
+    key = raw.get("connect_ca_key")
+    if key is not None:
+        # the key itself never appears in an error
+        key = _pem(key, path + ("connect_ca_key",),
+                   ("PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"),
+                   "the private key of connect_ca:root_cert (unencrypted)")
+    return {"gossip_key": raw["gossip_key"], "connect_ca_key": key}
+
+
+def _norm_acl(raw):
+    path = ("acl",)
+    raw = _mapping(raw, path)
+    _check_keys(raw, tuple(ACL_DEFAULTS), path)
+    acl = {"enabled": _bool(raw, "enabled", ACL_DEFAULTS["enabled"], path)}
+    down = raw.get("down_policy", ACL_DEFAULTS["down_policy"])
+    if down not in _ACL_DOWN_POLICIES:
+        _fail(path + ("down_policy",), "found {}; expected one of: {}".format(
+            _what(down), ", ".join(_ACL_DOWN_POLICIES)))
+    acl["down_policy"] = down
+    return acl
+
+
+def _norm_connect_ca(raw, acl):
+    path = ("connect_ca",)
+    raw = _mapping(raw, path)
+    _check_keys(raw, ("root_cert",), path)
+    cert = raw.get("root_cert")
+    if cert is not None:
+        cert = _pem(cert, path + ("root_cert",), ("CERTIFICATE",),
+                    "the organisation's CA certificate (the mesh root)")
+        if not acl["enabled"]:
+            _fail(path + ("root_cert",), "set while acl:enabled is false; the formula "
+                  "changes Consul's CA configuration with its management token, which "
+                  "exists only with ACLs: expected acl:enabled: true")
+    return {"root_cert": cert}
 
 
 def _norm_ca_generations(raw, path):
@@ -864,14 +922,16 @@ def _norm_ca_generations(raw, path):
     return gen, sorted(trust)
 
 
-def _norm_tls(raw, nodes):
+def _norm_tls(raw, nodes, primary=None):
     path = ("tls",)
     raw = _mapping(raw, path)
     _check_keys(raw, _TLS_KEYS, path)
     by_id = {n["id"]: n for n in nodes}
     signer = raw.get("signer")
     if signer is None:
-        signer = _servers(nodes)[0]["id"]
+        # the first zookeeper node of the primary data center (nodes are checked first)
+        first = [n for n in _servers(nodes) if n["datacenter"] == primary]
+        signer = (first or _servers(nodes))[0]["id"]
     elif not isinstance(signer, str) or signer not in by_id:
         _fail(path + ("signer",), "found {}, which is not a node id; expected the "
               "id of the node holding the CA key (one of apigee_mtls:nodes)".format(
@@ -1071,7 +1131,15 @@ def normalize(pillar):
     ranges = _norm_port_ranges(pillar.get("port_ranges"), catalog)
     flows = _norm_flows(pillar.get("flows"))
     secret = _norm_secrets(pillar.get("secrets"))
-    tls = _norm_tls(pillar.get("tls"), nodes)
+    tls = _norm_tls(pillar.get("tls"), nodes, dcs[0])
+    acl = _norm_acl(pillar.get("acl"))
+    connect_ca = _norm_connect_ca(pillar.get("connect_ca"), acl)
+    signer_dc = next(n["datacenter"] for n in nodes if n["id"] == tls["signer"])
+    if acl["enabled"] and signer_dc != dcs[0]:
+        _fail(("tls", "signer"), "node {!r} is in data center {!r}; with ACLs the signer "
+              "also holds the management token and writes tokens, intentions and the CA "
+              "configuration, which live in the primary data center: expected a node of "
+              "{!r}".format(tls["signer"], signer_dc, dcs[0]))
     consul = _norm_consul(pillar.get("consul"))
     firewall = _norm_firewall(pillar.get("firewall"), catalog, ranges)
     proxy = _norm_proxy(pillar.get("proxy"), consul)
@@ -1086,6 +1154,8 @@ def normalize(pillar):
         "flows": flows,
         "secrets": secret,
         "tls": tls,
+        "acl": acl,
+        "connect_ca": connect_ca,
         "consul": consul,
         "firewall": firewall,
         "proxy": proxy,
@@ -1339,6 +1409,15 @@ def _consul_config(model, index, node, is_server):
         "skip_leave_on_interrupt": True,
         "ui": False,
     }
+    if model["acl"]["enabled"]:
+        # default deny; tokens are set in acl-tokens.json (rendered on the node from its
+        # token files), never here: this dict is part of the rendered SLS
+        config["acl"] = {
+            "enabled": True,
+            "default_policy": "deny",
+            "down_policy": model["acl"]["down_policy"],
+            "enable_token_persistence": False,
+        }
     if is_server:
         config["bootstrap_expect"] = len(servers)
         if len(model["datacenters"]) > 1:
@@ -1514,6 +1593,88 @@ def _certificate(node, is_server):
             "ip_sans": [node["ip"], "127.0.0.1", "::1"]}
 
 
+# ---------------------------------------------------------------------------
+# ACLs: one policy and one token per node, a replication token for the servers of
+# secondary data centers; the management token (bootstrap) stays on the signer.
+# ---------------------------------------------------------------------------
+
+#: Rules of the replication token of secondary data centers' servers: policy replication
+#: (acl read), intentions and Connect CA replication (service read + intentions read,
+#: operator write). Tokens are resolved in the primary data center, not replicated.
+REPLICATION_RULES = (
+    'acl = "read"\n'
+    'operator = "write"\n'
+    'node_prefix "" { policy = "read" }\n'
+    'service_prefix "" { policy = "read" intentions = "read" }\n'
+)
+
+
+def replication_rules():
+    """:data:`REPLICATION_RULES` (a function: Salt's ``__utils__`` holds functions only)."""
+    return REPLICATION_RULES
+
+
+def acl_node_rules(node_id, services):
+    """
+    ACL rules (HCL) of a node's token: write on its own node and agent, write on its own
+    services and their sidecars (registration, leaf certificates) with read on their
+    intentions (Consul needs them to authorize inbound connections), read on the catalog
+    (discovery of upstreams), and nothing else: no other service's identity, no intentions
+    of other services, no KV, no keyring, no operator, no ACL.
+
+    :param node_id: the node (Consul node name)
+    :param services: the names of its services (ingress and egress, not the sidecars)
+    :return: the rules text (stable: sorted services)
+    """
+    lines = [
+        'node "{}" {{ policy = "write" }}'.format(node_id),
+        'agent "{}" {{ policy = "write" }}'.format(node_id),
+        'node_prefix "" { policy = "read" }',
+        'service_prefix "" { policy = "read" intentions = "deny" }',
+    ]
+    for name in sorted(services):
+        lines.append('service "{}" {{ policy = "write" intentions = "read" }}'.format(name))
+        lines.append('service "{}-sidecar-proxy" {{ policy = "write" }}'.format(name))
+    return "\n".join(lines) + "\n"
+
+
+def acl_policy_name(kind, rules):
+    """
+    Name of a managed ACL policy: ``apigee-mtls-<kind>-<hash of its rules>``. A node reads
+    its token's policy names (``/v1/acl/token/self``): a name that differs from the one its
+    own pillar gives means its policy is stale and it asks the signer for an update.
+    """
+    digest = hashlib.sha256(rules.encode("utf-8")).hexdigest()[:10]
+    return "{}-{}-{}".format(ACL_PREFIX, kind, digest)
+
+
+def acl_accessor(kind):
+    """The fixed AccessorID (public half) of a managed token, e.g. ``node-n2``."""
+    return str(uuid.uuid5(_ACL_NAMESPACE, "{}/{}".format(ACL_PREFIX, kind)))
+
+
+def _acl(model, node, is_server, services):
+    if not model["acl"]["enabled"]:
+        return {"enabled": False}
+    base = model["consul"]["config_dir"] + "/acl"
+    rules = acl_node_rules(node["id"], [s["name"] for s in services])
+    replication = is_server and node["datacenter"] != model["primary_datacenter"]
+    return {
+        "enabled": True,
+        "dir": base,
+        "agent_token_file": base + "/agent.token",
+        "replication_token_file": base + "/replication.token" if replication else None,
+        "management_token_file": base + "/management.token",
+        "tokens_config": model["consul"]["config_dir"] + "/acl-tokens.json",
+        "policy": acl_policy_name("node-" + node["id"], rules),
+        "rules": rules,
+        "accessor": acl_accessor("node-" + node["id"]),
+        "replication": replication,
+        "replication_policy": acl_policy_name("replication", REPLICATION_RULES)
+        if replication else None,
+    }
+
+
 def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
     node = index.node(node_id)
     retired = node["retired"]
@@ -1530,9 +1691,11 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "ca_generations": ca_generations(model["tls"]),
         "proxy": dict(model["proxy"]),
         "signer": model["tls"]["signer"],
+        "connect_ca": {"root_cert": model["connect_ca"]["root_cert"]},
     }
     if retired:
         result.update({
+            "acl": {"enabled": False},
             "consul_config": None, "encrypt_config": None, "services": [],
             "upstreams": [], "proxies": [], "firewall": {"nat": [], "filter": []},
             "certificate": None, "signing_policy": None,
@@ -1554,6 +1717,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "firewall": _firewall(model, index, node, upstreams, owner, lockdown),
         "certificate": _certificate(node, is_server),
         "signing_policy": "apigee_mtls_{}".format(node["id"]),
+        "acl": _acl(model, node, is_server, services),
     })
     return result
 

@@ -173,7 +173,8 @@ def write_master(topo_path, topo):
         "file_roots": {"base": [os.path.join(REPO, "formula"), files]},
         "pillar_roots": {"base": [os.path.join(STATE, "pillar")]},
         # peer publish: agents ask the signer to sign their CSR; nothing else is allowed
-        "peer": {".*": ["apigee_mtls.sign_agent_certificate"]},
+        # and for its Consul ACL token (answered sealed to the node's agent key)
+        "peer": {".*": ["apigee_mtls.sign_agent_certificate", "apigee_mtls.issue_acl_token"]},
         "timeout": 20,
         "gather_job_timeout": 15,
         # every node asks the signer for its certificate through the master (peer publish,
@@ -191,21 +192,81 @@ def write_master(topo_path, topo):
         yaml.safe_dump({"base": {"*": ["apigee_mtls"]}}, fh)  # for (targeted) highstates
 
 
+def org_ca():
+    """The lab's stand-in for an organisation's CA (EC P-256, 10 years), made once per lab:
+    the mesh root (connect_ca). Returns (cert PEM, key PEM)."""
+    cert_path, key_path = os.path.join(STATE, "org-ca.pem"), os.path.join(STATE, "org-ca-key.pem")
+    if not os.path.exists(cert_path):
+        import datetime  # pylint: disable=import-outside-toplevel
+        from cryptography import x509  # pylint: disable=import-outside-toplevel
+        from cryptography.hazmat.primitives import hashes, serialization  # noqa
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa
+        from cryptography.x509.oid import NameOID  # noqa
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Org"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, "Example Org Mesh Root CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=3650))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False,
+                                             key_agreement=False, key_cert_sign=True,
+                                             crl_sign=True, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                               critical=False)
+                .sign(key, hashes.SHA256()))
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        with open(cert_path, "wb") as fh:
+            fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(cert_path, encoding="utf-8") as fh, open(key_path, encoding="utf-8") as kh:
+        return fh.read(), kh.read()
+
+
 def write_pillar(topo, sha=None):
-    """The lab's pillar: the topology file, with the lab's own Consul binary and hash."""
+    """The lab's pillar: the topology file, with the lab's own Consul binary and hash, and the
+    lab's organisation CA as the mesh root (unless the topology sets connect_ca itself). The
+    CA's private key goes to the signer only, in a pillar file targeted at it."""
     pillar = json.loads(json.dumps(topo))
     if sha is None:
         with open(os.path.join(CACHE, "consul", "consul.sha256"), encoding="utf-8") as fh:
             sha = fh.read().strip()
     pillar.setdefault("consul", {})["install"] = {
         "method": "binary", "source": "salt://consul/consul", "source_hash": f"sha256={sha}"}
+    top = {"base": {"*": ["apigee_mtls"]}}
+    signer_pillar = None
+    if "connect_ca" not in pillar and pillar.get("acl", {}).get("enabled", True):
+        cert, key = org_ca()
+        pillar["connect_ca"] = {"root_cert": cert}
+        try:
+            signer = planner.normalize(pillar)["tls"]["signer"]
+        except ValueError:
+            signer = None  # a bad pillar under test: no signer to target
+        if signer:
+            top["base"][signer] = ["apigee_mtls_signer"]
+            signer_pillar = {"apigee_mtls": {"secrets": {"connect_ca_key": key}}}
     pdir = os.path.join(STATE, "pillar")
     os.makedirs(pdir, exist_ok=True)
     with open(os.path.join(pdir, "top.sls"), "w", encoding="utf-8") as fh:
-        yaml.safe_dump({"base": {"*": ["apigee_mtls"]}}, fh)
+        yaml.safe_dump(top, fh)
     with open(os.path.join(pdir, "apigee_mtls.sls"), "w", encoding="utf-8") as fh:
         yaml.safe_dump({"apigee_mtls": pillar}, fh, default_flow_style=False, sort_keys=False)
     os.chmod(os.path.join(pdir, "apigee_mtls.sls"), 0o600)
+    signer_file = os.path.join(pdir, "apigee_mtls_signer.sls")
+    if signer_pillar:
+        fd = os.open(signer_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(signer_pillar, fh, default_flow_style=False)
+    elif os.path.exists(signer_file):
+        os.unlink(signer_file)
 
 
 def start_master(state):
@@ -402,7 +463,9 @@ def summarize(ret, ids):
         changed = sum(1 for s in states if isinstance(s, dict) and s.get("changes"))
         failed = [s for s in states if isinstance(s, dict) and s.get("result") is False]
         role = "-"
-        members = run(node_exec_cmd(nid, ["consul", "members"]), check=False, capture=True)
+        members = run(node_exec_cmd(nid, [
+            "env", "CONSUL_HTTP_TOKEN_FILE=/etc/consul.d/acl/agent.token", "consul", "members"]),
+            check=False, capture=True)
         if members.returncode == 0:
             lines = members.stdout.strip().splitlines()[1:]
             role = f"{len(lines)} members"

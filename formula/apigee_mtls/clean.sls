@@ -6,6 +6,7 @@ include:
   - apigee_mtls.firewall.clean
   - apigee_mtls.mesh.clean
   - apigee_mtls.service.clean
+  - apigee_mtls.acl.clean
   - apigee_mtls.config.clean
   - apigee_mtls.tls.clean
   - apigee_mtls.install.clean

@@ -239,7 +239,9 @@ def test_defaults_are_filled():
                                  "name": "consul"}
     assert model["firewall"] == {"protected_ports": [22, 4505, 4506]}
     assert model["proxy"] == {"user": "consul"}
-    assert model["secrets"] == {"gossip_key": GOSSIP}
+    assert model["secrets"] == {"gossip_key": GOSSIP, "connect_ca_key": None}
+    assert model["acl"] == {"enabled": True, "down_policy": "extend-cache"}
+    assert model["connect_ca"] == {"root_cert": None}
     assert model["port_ranges"]["zookeeper"] == [10001, 10099]
     assert model["port_ranges"]["egress"] == [10700, 10799]
     assert model["flows"]["router"] == ["qpid", "zookeeper", "cassandra"]

@@ -1,12 +1,17 @@
 {#- Consul agent configuration, all derived from the pillar by the planner:
     consul.json (agent, TLS), encrypt.json (gossip key: 0640, diff never shown, rendered from
     a template on the minion so the key is not in the rendered SLS),
-    apigee-mtls-services.json (ingress services, the egress service, their sidecars). -#}
+    apigee-mtls-services.json (ingress services, the egress service, their sidecars; with
+    ACLs each carries the node's token, so it is rendered on the minion like encrypt.json,
+    after the token is there, and its diff is not shown). -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member %}
 {%- set c = plan.consul %}
 include:
   - apigee_mtls.install
+{%- if plan.acl.enabled %}
+  - apigee_mtls.acl
+{%- endif %}
 
 apigee-mtls-config-agent-file-managed:
   file.serialize:
@@ -32,13 +37,20 @@ apigee-mtls-config-encrypt-file-managed:
       - file: apigee-mtls-install-config-dir-managed
 
 apigee-mtls-config-services-file-managed:
-  file.serialize:
+  file.managed:
     - name: {{ c.config_dir }}/apigee-mtls-services.json
-    - serializer: json
-    - dataset: {{ {"services": plan.services} | json }}
+    - source: salt://apigee_mtls/files/services.json.jinja
+    - template: jinja
+    - context:
+        services: {{ plan.services | json }}
+        token_file: {{ plan.acl.agent_token_file | default(None) | json }}
     - user: root
     - group: {{ c.group }}
     - mode: "0640"
+    - show_changes: False
     - require:
       - file: apigee-mtls-install-config-dir-managed
+{%- if plan.acl.enabled %}
+      - apigee_mtls: apigee-mtls-acl-agent-token-managed
+{%- endif %}
 {%- endif %}

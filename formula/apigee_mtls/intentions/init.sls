@@ -4,10 +4,17 @@
 {%- if plan.member and plan.signer == grains.id %}
 include:
   - apigee_mtls.service
+  - apigee_mtls.acl
 
 apigee-mtls-intentions-managed:
   apigee_mtls.intentions_managed:
     - intentions: {{ salt["apigee_mtls.intentions"]() | json }}
+{%- if plan.acl.enabled %}
+    - token_file: {{ plan.acl.management_token_file }}
+{%- endif %}
     - require:
       - service: apigee-mtls-service-running
+{%- if plan.acl.enabled %}
+      - apigee_mtls: apigee-mtls-acl-bootstrapped
+{%- endif %}
 {%- endif %}

@@ -5,10 +5,17 @@
 {%- if plan.member and plan.signer == grains.id %}
 include:
   - apigee_mtls.service
+  - apigee_mtls.acl
 
 apigee-mtls-keyring-managed:
   apigee_mtls.gossip_keyring_managed:
     - key_pillar: apigee_mtls:secrets:gossip_key
+{%- if plan.acl.enabled %}
+    - token_file: {{ plan.acl.management_token_file }}
+{%- endif %}
     - require:
       - service: apigee-mtls-service-running
+{%- if plan.acl.enabled %}
+      - apigee_mtls: apigee-mtls-acl-bootstrapped
+{%- endif %}
 {%- endif %}

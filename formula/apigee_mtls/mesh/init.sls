@@ -16,6 +16,7 @@ apigee-mtls-mesh-proxy-unit-managed:
     - context:
         consul: {{ c | json }}
         proxy: {{ plan.proxy | json }}
+        token_file: {{ plan.acl.agent_token_file | default(None) | json }}
         start_limit_in_service: {{ params.systemd_start_limit_in_service | json }}
     - user: root
     - group: root

@@ -27,7 +27,6 @@ apigee-mtls-service-running:
     - enable: True
     - require:
       - apigee_mtls: apigee-mtls-tls-agent-cert-managed
-      - file: apigee-mtls-config-services-file-managed
       - file: apigee-mtls-install-data-dir-managed
       # encrypt.json seeds the keyring on the first start only; a later key change goes
       # through `consul keyring`, so it must not restart every agent at once
@@ -42,6 +41,11 @@ apigee-mtls-service-running:
 apigee-mtls-service-reloaded:
   cmd.run:
     - name: {{ c.bin }} reload -http-addr=127.0.0.1:8500
+{%- if plan.acl.enabled %}
+    {#- reload needs agent:write: the node's own token, by file (never on a command line) #}
+    - env:
+      - CONSUL_HTTP_TOKEN_FILE: {{ plan.acl.agent_token_file }}
+{%- endif %}
     - retry:
         attempts: 15
         interval: 2
@@ -50,6 +54,13 @@ apigee-mtls-service-reloaded:
       # the certificate and the CA bundle are one state: a renewal or a CA rotation step
       # reloads once, an unchanged run not at all
       - apigee_mtls: apigee-mtls-tls-agent-cert-managed
+{%- if plan.acl.enabled %}
+      # a new token (first run, a policy change) reaches the agent by reload
+      - file: apigee-mtls-acl-tokens-file-managed
+{%- endif %}
     - require:
       - service: apigee-mtls-service-running
+{%- if plan.acl.enabled %}
+      - file: apigee-mtls-acl-tokens-file-managed
+{%- endif %}
 {%- endif %}

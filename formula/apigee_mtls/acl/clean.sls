@@ -1,0 +1,12 @@
+{#- Tokens and the agent's token config. The tokens themselves live in Consul's data, which
+    service/clean.sls removes with the data directory. -#}
+{%- from "apigee_mtls/map.jinja" import plan with context %}
+{%- set c = plan.get("consul") or {} %}
+{%- set config_dir = c.get("config_dir", "/etc/consul.d") %}
+apigee-mtls-acl-tokens-file-absent:
+  file.absent:
+    - name: {{ config_dir }}/acl-tokens.json
+
+apigee-mtls-acl-dir-absent:
+  file.absent:
+    - name: {{ config_dir }}/acl
