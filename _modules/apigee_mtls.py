@@ -277,6 +277,28 @@ def _ca_bundle(generations):
     return "".join(parts)
 
 
+def _signer_request(kwargs, what):
+    """``(requester, pillar, model, refusal)`` for a request answered by the signer: the
+    requester is the minion id the master set (``__pub_id``), never a request argument;
+    refusal is an error dict when this minion is not the signer or the requester is not an
+    active node of the signer's own pillar."""
+    requester = kwargs.get("__pub_id") or __opts__["id"]
+    data = _pillar()
+    try:
+        model = __utils__["apigee_mtls_plan.normalize"](data)
+    except ValueError as exc:
+        return requester, data, None, _error(exc)
+    if model["tls"]["signer"] != __opts__["id"]:
+        return requester, data, model, {
+            "error": f"{__opts__['id']} is not the signer ({model['tls']['signer']})"}
+    nodes = {n["id"]: n for n in model["nodes"]}
+    if requester not in nodes or nodes[requester].get("retired"):
+        log.warning("apigee_mtls: refused %s to %s: not a node", what, requester)
+        return requester, data, model, {
+            "error": f"{requester} is not an active node in apigee_mtls:nodes"}
+    return requester, data, model, None
+
+
 def sign_agent_certificate(public_key=None, bundle_only=False, **kwargs):
     """
     Sign a Consul agent certificate for the requesting minion. Runs on the signer only; other
@@ -306,18 +328,9 @@ def sign_agent_certificate(public_key=None, bundle_only=False, **kwargs):
 
         salt-call apigee_mtls.sign_agent_certificate "$(cat agent.pub)"
     """
-    requester = kwargs.get("__pub_id") or __opts__["id"]
-    data = _pillar()
-    try:
-        model = __utils__["apigee_mtls_plan.normalize"](data)
-    except ValueError as exc:
-        return _error(exc)
-    if model["tls"]["signer"] != __opts__["id"]:
-        return {"error": f"{__opts__['id']} is not the signer ({model['tls']['signer']})"}
-    nodes = {n["id"]: n for n in model["nodes"]}
-    if requester not in nodes or nodes[requester].get("retired"):
-        log.warning("apigee_mtls: refused to sign for %s: not a node", requester)
-        return {"error": f"{requester} is not an active node in apigee_mtls:nodes"}
+    requester, data, model, refused = _signer_request(kwargs, "a certificate")
+    if refused:
+        return refused
     generation = model["tls"]["ca_generation"]
     generations = [generation] + model["tls"]["ca_trust"]
     missing = _missing_generations(generations)
@@ -427,20 +440,11 @@ def issue_acl_token(public_key=None, **kwargs):
 
         salt-call apigee_mtls.issue_acl_token "$(openssl ec -pubout < agent-key.pem)"
     """
-    requester = kwargs.get("__pub_id") or __opts__["id"]
-    data = _pillar()
-    try:
-        model = __utils__["apigee_mtls_plan.normalize"](data)
-    except ValueError as exc:
-        return _error(exc)
-    if model["tls"]["signer"] != __opts__["id"]:
-        return {"error": f"{__opts__['id']} is not the signer ({model['tls']['signer']})"}
+    requester, data, model, refused = _signer_request(kwargs, "an ACL token")
+    if refused:
+        return refused
     if not model["acl"]["enabled"]:
         return {"error": "ACLs are disabled (apigee_mtls:acl:enabled)"}
-    nodes = {n["id"]: n for n in model["nodes"]}
-    if requester not in nodes or nodes[requester].get("retired"):
-        log.warning("apigee_mtls: refused an ACL token to %s: not a node", requester)
-        return {"error": f"{requester} is not an active node in apigee_mtls:nodes"}
     if not public_key:
         return {"error": "no public key to seal the token to"}
     mgmt = _acl_util("read_token")(model["consul"]["config_dir"] + "/acl/management.token")

@@ -46,6 +46,26 @@ def host_fingerprint():
     return {"links": links, "mounts": mounts, "iptables": ipt, "procs": procs}
 
 
+AGENT_TOKEN = "/etc/consul.d/acl/agent.token"
+MGMT_TOKEN = "/etc/consul.d/acl/management.token"
+# prepended to lab.py code: urlopen() to the local agent sends X-Consul-Token from a file
+TOKEN_PRELUDE = """
+import urllib.request as _u
+_plain_urlopen = _u.urlopen
+def _with_token(req, *args, **kwargs):
+    if isinstance(req, str):
+        req = _u.Request(req)
+    try:
+        token = open({token_file!r}).read().strip()
+    except OSError:
+        token = None
+    if token and req.full_url.startswith("http://127.0.0.1:8500/"):
+        req.add_header("X-Consul-Token", token)
+    return _plain_urlopen(req, *args, **kwargs)
+_u.urlopen = _with_token
+"""
+
+
 class Lab:
     def __init__(self, topology):
         self.topology = topology
@@ -98,7 +118,13 @@ class Lab:
 
     # -- nodes ---------------------------------------------------------------------------------
     def run(self, node, cmd, check=True, timeout=60, input=None):
-        """Run a command inside a node (list, or a string for sh -c)."""
+        """Run a command inside a node (list, or a string for sh -c). A string command runs
+        as the node's operator would, with the node's own ACL token for the consul CLI
+        (CONSUL_HTTP_TOKEN_FILE, when the node has one; a command may override it); a list
+        runs as is (anonymous to Consul)."""
+        if isinstance(cmd, str):
+            cmd = (f"[ -r {AGENT_TOKEN} ] && export CONSUL_HTTP_TOKEN_FILE={AGENT_TOKEN}; "
+                   + cmd)
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         proc = subprocess.run(labctl.node_exec_cmd(node, argv), capture_output=True, text=True,
                               timeout=timeout, check=False, input=input)
@@ -106,9 +132,14 @@ class Lab:
             raise AssertionError(f"{node}: {cmd} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def py(self, node, code, timeout=60, python="python3"):
+    def py(self, node, code, timeout=60, python="python3", token=AGENT_TOKEN):
         """Run Python code in a node, return its stdout parsed as JSON. The salt venv's
-        python (/opt/salt/bin/python3) has cryptography; the system one has the stdlib."""
+        python (/opt/salt/bin/python3) has cryptography; the system one has the stdlib.
+        ``urllib.request.urlopen`` calls to the local agent carry the token in ``token``
+        (a file on the node: the node's own by default, MGMT_TOKEN on the signer, None for
+        anonymous), as an operator's script on that node would."""
+        if token:
+            code = TOKEN_PRELUDE.format(token_file=token) + code
         proc = self.run(node, [python, "-c", code], timeout=timeout)
         return json.loads(proc.stdout)
 

@@ -57,7 +57,7 @@ def test_exactly_one_leader_all_agree(applied):
     for node in lab.nodes:
         leaders.add(lab.run(node, "python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8500/v1/status/leader').read().decode())\"").stdout.strip())
     assert len(leaders) == 1 and leaders != {'""'}, leaders
-    peers = lab.run(lab.model["tls"]["signer"], "consul operator raft list-peers").stdout
+    peers = lab.run(lab.model["tls"]["signer"], "CONSUL_HTTP_TOKEN_FILE=/etc/consul.d/acl/management.token consul operator raft list-peers").stdout
     rows = [l.split() for l in peers.strip().splitlines()[1:]]
     assert len(rows) == 3
     assert sum(1 for r in rows if "leader" in r) == 1

@@ -5,7 +5,7 @@ import json
 import threading
 import time
 
-from conftest import planner, state_summary
+from conftest import MGMT_TOKEN, planner, state_summary
 
 MEMBERS_CODE = ("import json, urllib.request; print(json.dumps({m['Name']: m['Status'] for m in "
                 "json.load(urllib.request.urlopen('http://127.0.0.1:8500/v1/agent/members'))}))")
@@ -59,7 +59,7 @@ def test_gossip_key_rotation_by_pillar(applied):
         summary = state_summary(ret)
         assert all(not s["failed"] for s in summary.values()), summary
         assert seen == [], f"members dropped out during the rotation: {seen[:10]}"
-        pools = lab.py(signer, KEYRING_CODE)
+        pools = lab.py(signer, KEYRING_CODE, token=MGMT_TOKEN)
         assert pools, "no keyring pools"
         for pool in pools:
             assert pool["Keys"] == {new_key: pool["NumNodes"]}, (pool["WAN"], pool["NumNodes"])
@@ -76,5 +76,5 @@ def test_gossip_key_rotation_by_pillar(applied):
     # and back to the original key, the same way
     back = state_summary(lab.apply())
     assert all(not s["failed"] for s in back.values()), back
-    for pool in lab.py(signer, KEYRING_CODE):
+    for pool in lab.py(signer, KEYRING_CODE, token=MGMT_TOKEN):
         assert list(pool["Keys"]) == [old_key]

@@ -1,14 +1,15 @@
 """Secrets hygiene after every rollout the session did (first apply, reruns, Day-2 changes,
-gossip rotation): the gossip key, the agent private keys and the CA private key appear in no
-job cache, log, journal or `state.show_sls` output, on any minion or on the master; every
-file holding a secret has the expected owner and mode."""
+gossip rotation): the gossip key, the agent private keys, the CA private keys, the Consul ACL
+tokens (every node's and the management token) and the organisation CA's key (the mesh root)
+appear in no job cache, log, journal or `state.show_sls` output, on any minion or on the
+master; every file holding a secret has the expected owner and mode."""
 import json
 import os
 import subprocess
 
 import pytest
 
-from conftest import labctl
+from conftest import AGENT_TOKEN, MGMT_TOKEN, labctl
 
 
 # the base64 body of a PEM private key, without its armour: what would leak if it leaked
@@ -42,6 +43,15 @@ def _key_bodies(lab):
     for name in ca_keys:
         body = lab.py(signer, KEY_BODY.replace("sys.argv[1]", repr("/etc/apigee-mtls/ca/" + name)))
         out[f"CA key {name}"] = body[:64]
+    for node in lab.nodes:
+        token = lab.run(node, f"cat {AGENT_TOKEN}").stdout.strip()
+        assert len(token) == 36, (node, "no ACL token")
+        out[f"{node} ACL token"] = token
+    out["management token"] = lab.run(signer, f"cat {MGMT_TOKEN}").stdout.strip()
+    assert len(out["management token"]) == 36
+    with open(os.path.join(labctl.STATE, "org-ca-key.pem"), encoding="utf-8") as fh:
+        lines = [l for l in fh.read().splitlines() if l and not l.startswith("-----")]
+    out["organisation CA key"] = "".join(lines)[:64]
     return out
 
 
@@ -96,7 +106,7 @@ MODES = r"""
 import grp, json, os, pwd, stat, sys
 out = {}
 for path in sys.argv[1:]:
-    for p in ([os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]):
+    for p in [path] + ([os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else []):
         st = os.stat(p)
         out[p] = [oct(stat.S_IMODE(st.st_mode)), pwd.getpwuid(st.st_uid).pw_name,
                   grp.getgrgid(st.st_gid).gr_name]
@@ -109,12 +119,23 @@ def test_every_file_holding_a_secret_has_its_owner_and_mode(applied):
     signer = lab.model["tls"]["signer"]
     for node in lab.nodes:
         paths = ["/etc/consul.d/tls/agent-key.pem", "/etc/consul.d/encrypt.json",
-                 "/var/lib/consul/serf"]
+                 "/var/lib/consul/serf", "/etc/consul.d/acl", "/etc/consul.d/acl-tokens.json",
+                 "/etc/consul.d/apigee-mtls-services.json"]
         if node == signer:
             paths.append("/etc/apigee-mtls/ca")
         modes = lab.py(node, MODES.replace("sys.argv[1:]", repr(paths)))
         assert modes["/etc/consul.d/tls/agent-key.pem"] == ["0o600", "consul", "consul"], node
         assert modes["/etc/consul.d/encrypt.json"] == ["0o640", "root", "consul"], node
+        # ACL tokens: the node's own (the sidecars run as consul too), read by nobody else;
+        # the agent's copies in its config (acl-tokens.json, the service definitions)
+        assert modes[AGENT_TOKEN] == ["0o600", "consul", "consul"], node
+        assert modes["/etc/consul.d/acl"] == ["0o700", "consul", "consul"], node
+        for conf in ("/etc/consul.d/acl-tokens.json", "/etc/consul.d/apigee-mtls-services.json"):
+            assert modes[conf] == ["0o640", "root", "consul"], (node, conf)
+        # the management token lives on the signer only
+        assert (MGMT_TOKEN in modes) == (node == signer), (node, sorted(modes))
+        if node == signer:
+            assert modes[MGMT_TOKEN] == ["0o600", "consul", "consul"]
         keyrings = {p: m for p, m in modes.items() if p.endswith(".keyring")}
         assert keyrings, f"{node}: no serf keyring"
         for path, mode in keyrings.items():  # Consul's own copy of the gossip keys
