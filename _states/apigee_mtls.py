@@ -20,6 +20,8 @@ import logging
 import os
 import time
 
+from salt.exceptions import CommandExecutionError
+
 log = logging.getLogger(__name__)
 
 __virtualname__ = "apigee_mtls"
@@ -293,13 +295,22 @@ def _acl(name):
 
 
 def _ids(user, group):
+    """``(uid, gid)``, or ``(None, None)`` while the user does not exist yet (a test=True
+    run on a fresh node previews the states that create it)."""
     import grp  # pylint: disable=import-outside-toplevel
     import pwd  # pylint: disable=import-outside-toplevel
 
-    return pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
+    try:
+        return pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        if __opts__["test"]:
+            return None, None
+        raise CommandExecutionError(f"user {user} or group {group} does not exist")
 
 
 def _file_problems(path, uid, gid, mode):
+    if uid is None:
+        return []
     try:
         st = os.stat(path)
     except OSError:
