@@ -465,6 +465,44 @@ def _prune_tokens(ret, mgmt, nodes, dry):
     ret["comment"] += f"; removed {len(stale)} stale node token(s)"
 
 
+def local_token_managed(name, user="consul", group="consul", mode="0600"):
+    """
+    Ensure ``name`` holds a random token made here (a UUID): the Consul agent's local
+    ``agent_master`` token, which never leaves the node and is never returned or logged.
+    An existing one is kept; only its owner and mode are corrected.
+
+    .. code-block:: yaml
+
+        apigee-mtls-acl-agent-master-token-managed:
+          apigee_mtls.local_token_managed:
+            - name: /etc/consul.d/acl/agent-master.token
+    """
+    import uuid  # pylint: disable=import-outside-toplevel
+
+    ret = _ret(name)
+    uid, gid = _ids(user, group)
+    mode = int(str(mode), 8)
+    token = _acl("read_token")(name)
+    fix = _file_problems(name, uid, gid, mode) if token else []
+    if token and not fix:
+        ret["comment"] = f"{name} holds a local token"
+        return ret
+    ret["changes"] = {"created": name} if not token else {"files": fix}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = f"Would {'create' if not token else 'fix'} {name}"
+        return ret
+    if not token:
+        os.makedirs(os.path.dirname(name), exist_ok=True)
+        _acl("write_secret")(name, str(uuid.uuid4()), uid, gid, mode)
+        ret["comment"] = f"Local token created in {name}"
+    else:
+        os.chown(name, uid, gid)
+        os.chmod(name, mode)
+        ret["comment"] = f"Fixed {name}'s owner and mode"
+    return ret
+
+
 def _ask_for_token(signer, pub):
     if signer == __opts__["id"]:
         return __salt__["apigee_mtls.issue_acl_token"](pub)

@@ -1663,6 +1663,11 @@ def _acl(model, node, is_server, services):
         "enabled": True,
         "dir": base,
         "agent_token_file": base + "/agent.token",
+        # the agent's local master token (agent_master): made on the node, never leaves it;
+        # authorizes `consul reload` without asking the servers (a new node whose peers do
+        # not admit it yet, servers down)
+        "agent_master_token_file": base + "/agent-master.token",
+        "agent_master_config": model["consul"]["config_dir"] + "/acl-agent-master.json",
         "replication_token_file": base + "/replication.token" if replication else None,
         "management_token_file": base + "/management.token",
         "tokens_config": model["consul"]["config_dir"] + "/acl-tokens.json",

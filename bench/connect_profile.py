@@ -21,6 +21,9 @@ import time
 import urllib.request
 
 AGENT = "http://127.0.0.1:8500"
+# with ACLs on (the default), the node's own token: it may resolve upstreams, authorize
+# inbound connections to its own services and get its own leaf certificates, as the sidecars do
+TOKEN_FILE = "/etc/consul.d/acl/agent.token"
 
 
 def pct(values, p):
@@ -36,6 +39,9 @@ def summary(samples):
 def get(path, data=None):
     req = urllib.request.Request(AGENT + path, data=data,
                                  method="POST" if data is not None else "GET")
+    if os.path.exists(TOKEN_FILE):
+        with open(TOKEN_FILE, encoding="utf-8") as fh:
+            req.add_header("X-Consul-Token", fh.read().strip())
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.loads(resp.read() or b"null")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import MGMT_TOKEN, REPO, labctl, planner, state_summary
+from conftest import AGENT_TOKEN, MGMT_TOKEN, REPO, labctl, planner, state_summary
 
 NEW = {"id": "n6", "ip": "10.77.0.16", "components": ["message-processor", "router"]}
 
@@ -72,6 +72,9 @@ def test_add_node_targeted_highstate_then_peers_converge(grown):
 
 def test_remove_node_peers_lose_its_upstreams_rules_and_intentions(grown):
     lab, pillar, _, _ = grown
+    # its ACL token, to check that the signer revokes it (clean removes the file)
+    token = lab.run(NEW["id"], f"cat {AGENT_TOKEN}").stdout.strip()
+    assert len(token) == 36
     _ok(lab.apply(NEW["id"], "apigee_mtls.clean"))
     lab.set_pillar(lab.pillar)  # the pillar without n6
     summary = _ok(lab.apply())
@@ -88,6 +91,13 @@ def test_remove_node_peers_lose_its_upstreams_rules_and_intentions(grown):
                                 ".decode()))", token=MGMT_TOKEN)
     assert "egress-" in intentions  # the management token reads them all
     assert dashed not in intentions
+    # the removed node's token no longer works anywhere (a decommissioned host keeps nothing)
+    probe = ("import json, urllib.error, urllib.request\n"
+             "req = urllib.request.Request('http://127.0.0.1:8500/v1/acl/token/self')\n"
+             f"req.add_header('X-Consul-Token', {token!r})\n"
+             "try:\n    print(json.dumps(urllib.request.urlopen(req).status))\n"
+             "except urllib.error.HTTPError as exc:\n    print(json.dumps(exc.code))\n")
+    assert lab.py(signer, probe, token=None) == 403
     rerun = state_summary(lab.apply())
     assert all(not s["changed"] for s in rerun.values()), rerun
     # decommission the machine: power it off and delete its minion key, so that later

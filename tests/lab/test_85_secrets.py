@@ -47,6 +47,9 @@ def _key_bodies(lab):
         token = lab.run(node, f"cat {AGENT_TOKEN}").stdout.strip()
         assert len(token) == 36, (node, "no ACL token")
         out[f"{node} ACL token"] = token
+        local = lab.run(node, f"cat {AGENT_TOKEN.replace('agent.token', 'agent-master.token')}")
+        assert len(local.stdout.strip()) == 36, (node, "no local agent master token")
+        out[f"{node} agent master token"] = local.stdout.strip()
     out["management token"] = lab.run(signer, f"cat {MGMT_TOKEN}").stdout.strip()
     assert len(out["management token"]) == 36
     with open(os.path.join(labctl.STATE, "org-ca-key.pem"), encoding="utf-8") as fh:
@@ -120,7 +123,7 @@ def test_every_file_holding_a_secret_has_its_owner_and_mode(applied):
     for node in lab.nodes:
         paths = ["/etc/consul.d/tls/agent-key.pem", "/etc/consul.d/encrypt.json",
                  "/var/lib/consul/serf", "/etc/consul.d/acl", "/etc/consul.d/acl-tokens.json",
-                 "/etc/consul.d/apigee-mtls-services.json"]
+                 "/etc/consul.d/apigee-mtls-services.json", "/etc/consul.d/acl-agent-master.json"]
         if node == signer:
             paths.append("/etc/apigee-mtls/ca")
         modes = lab.py(node, MODES.replace("sys.argv[1:]", repr(paths)))
@@ -129,8 +132,10 @@ def test_every_file_holding_a_secret_has_its_owner_and_mode(applied):
         # ACL tokens: the node's own (the sidecars run as consul too), read by nobody else;
         # the agent's copies in its config (acl-tokens.json, the service definitions)
         assert modes[AGENT_TOKEN] == ["0o600", "consul", "consul"], node
+        assert modes["/etc/consul.d/acl/agent-master.token"] == ["0o600", "consul", "consul"]
         assert modes["/etc/consul.d/acl"] == ["0o700", "consul", "consul"], node
-        for conf in ("/etc/consul.d/acl-tokens.json", "/etc/consul.d/apigee-mtls-services.json"):
+        for conf in ("/etc/consul.d/acl-tokens.json", "/etc/consul.d/apigee-mtls-services.json",
+                     "/etc/consul.d/acl-agent-master.json"):
             assert modes[conf] == ["0o640", "root", "consul"], (node, conf)
         # the management token lives on the signer only
         assert (MGMT_TOKEN in modes) == (node == signer), (node, sorted(modes))

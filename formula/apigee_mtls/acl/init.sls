@@ -21,6 +21,30 @@ apigee-mtls-acl-dir-managed:
     - require:
       - file: apigee-mtls-install-config-dir-managed
       - user: apigee-mtls-install-user-present
+
+{#- the agent's local master token: authorizes `consul reload` on this agent without the
+    servers (a new node that peers do not admit yet). In place before the agent's first start. #}
+apigee-mtls-acl-agent-master-token-managed:
+  apigee_mtls.local_token_managed:
+    - name: {{ a.agent_master_token_file }}
+    - user: {{ c.user }}
+    - group: {{ c.group }}
+    - require:
+      - file: apigee-mtls-acl-dir-managed
+
+apigee-mtls-acl-agent-master-file-managed:
+  file.managed:
+    - name: {{ a.agent_master_config }}
+    - source: salt://apigee_mtls/files/acl-tokens.json.jinja
+    - template: jinja
+    - context:
+        tokens: {{ {"agent_master": a.agent_master_token_file} | json }}
+    - user: root
+    - group: {{ c.group }}
+    - mode: "0640"
+    - show_changes: False
+    - require:
+      - apigee_mtls: apigee-mtls-acl-agent-master-token-managed
 {%- if plan.signer == grains.id %}
 {%-   set model = salt["apigee_mtls.validate"]() %}
 
@@ -59,8 +83,7 @@ apigee-mtls-acl-tokens-file-managed:
     - source: salt://apigee_mtls/files/acl-tokens.json.jinja
     - template: jinja
     - context:
-        agent_token_file: {{ a.agent_token_file }}
-        replication_token_file: {{ a.replication_token_file | json }}
+        tokens: {{ {"agent": a.agent_token_file, "replication": a.replication_token_file} | json }}
     - user: root
     - group: {{ c.group }}
     - mode: "0640"

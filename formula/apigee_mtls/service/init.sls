@@ -32,6 +32,10 @@ apigee-mtls-service-running:
       # through `consul keyring`, so it must not restart every agent at once
       - file: apigee-mtls-config-encrypt-file-managed
     - watch:
+{%- if plan.acl.enabled %}
+      # the local master token must be known from the first start (reload needs it)
+      - file: apigee-mtls-acl-agent-master-file-managed
+{%- endif %}
       - file: apigee-mtls-service-unit-managed
       - file: apigee-mtls-config-agent-file-managed
       - file: apigee-mtls-install-consul-binary-managed
@@ -42,9 +46,10 @@ apigee-mtls-service-reloaded:
   cmd.run:
     - name: {{ c.bin }} reload -http-addr=127.0.0.1:8500
 {%- if plan.acl.enabled %}
-    {#- reload needs agent:write: the node's own token, by file (never on a command line) #}
+    {#- reload needs agent:write: the agent's local master token, by file (never on a
+        command line); it works without the servers #}
     - env:
-      - CONSUL_HTTP_TOKEN_FILE: {{ plan.acl.agent_token_file }}
+      - CONSUL_HTTP_TOKEN_FILE: {{ plan.acl.agent_master_token_file }}
 {%- endif %}
     - retry:
         attempts: 15
