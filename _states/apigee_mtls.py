@@ -713,20 +713,38 @@ def connect_ca_managed(name, root_cert, key_pillar, token_file, wait=120):
         ret["changes"] = {}
         ret["comment"] = f"pillar {key_pillar}: Consul takes an EC or RSA key only"
         return ret
-    try:
-        conf = api("GET", "/v1/connect/ca/configuration", token)
-        config = dict(conf.get("Config") or {})
-        config.update({"PrivateKey": key, "RootCert": root_cert, "PrivateKeyType": kind,
-                       "PrivateKeyBits": bits})
-        api("PUT", "/v1/connect/ca/configuration", token,
-            {"Provider": "consul", "Config": config})
-    except Exception as exc:  # pylint: disable=broad-except
-        ret["result"] = False
-        ret["changes"] = {}
-        ret["comment"] = ("Consul refused the CA configuration: "
-                          + str(exc).replace(key.strip(), "<key>"))
-        return ret
-    ret["comment"] = "The organisation's CA is now the mesh root; Consul re-issues the leaves"
+    # A root change makes the leader cross-sign and rotate: the answer can be lost (the
+    # agent closed the connection, a leader change). Setting it again is harmless, so retry
+    # on those until the active root is ours; a refusal (4xx) is final.
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conf = api("GET", "/v1/connect/ca/configuration", token)
+            config = dict(conf.get("Config") or {})
+            config.update({"PrivateKey": key, "RootCert": root_cert, "PrivateKeyType": kind,
+                           "PrivateKeyBits": bits})
+            api("PUT", "/v1/connect/ca/configuration", token,
+                {"Provider": "consul", "Config": config}, timeout=60)
+            last = None
+        except Exception as exc:  # pylint: disable=broad-except
+            last = str(exc).replace(key.strip(), "<key>")
+            if getattr(exc, "status", None) is not None and exc.status < 500:
+                break
+        try:
+            roots = api("GET", "/v1/connect/ca/roots", token)
+            active = next((r for r in roots.get("Roots") or [] if r.get("Active")), None)
+            if active and _fingerprint_pem(active["RootCert"])[1] == want:
+                ret["comment"] = ("The organisation's CA is now the mesh root; Consul "
+                                  "re-issues the leaves")
+                return ret
+        except Exception as exc:  # pylint: disable=broad-except
+            last = last or str(exc)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    ret["result"] = False
+    ret["changes"] = {}
+    ret["comment"] = f"Consul did not take the CA configuration: {last or 'root not active'}"
     return ret
 
 
