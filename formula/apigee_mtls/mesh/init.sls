@@ -86,6 +86,12 @@ apigee-mtls-mesh-proxy-{{ svc }}-running:
   service.running:
     - name: apigee-mtls-proxy@{{ svc }}
     - enable: True
+    {#- a sidecar exits (and systemd restarts it 2 s later) while its agent cannot resolve
+        the node's token: a node just added, before the servers' firewalls admit it (they do
+        in the same run); caught between two starts it looks dead #}
+    - retry:
+        attempts: 10
+        interval: 3
     - require:
       - service: apigee-mtls-service-running
       - cmd: apigee-mtls-service-reloaded
