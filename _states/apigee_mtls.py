@@ -434,7 +434,8 @@ def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
         ret["comment"] = "ACL system bootstrapped; management token valid"
     if nodes is not None:
         try:
-            _prune_tokens(ret, token, nodes, dry=False)
+            _retrying(lambda: _prune_tokens(ret, token, nodes, dry=False), wait,
+                      "stale node tokens")
         except Exception as exc:  # pylint: disable=broad-except
             ret["result"] = False
             ret["comment"] += f"; removing stale node tokens failed: {exc}"
@@ -1003,18 +1004,32 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
         ret["comment"] = "Would rotate the gossip keyring to " + _fingerprint(key)
         return ret
     body = json.dumps({"Key": key})
-    try:
-        if not complete:
-            client.http.post(CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)
-        client.http.put(CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)
-        for old in others:
-            client.http.delete(CB.boolean(), "/v1/operator/keyring",
-                               data=json.dumps({"Key": old}), headers=headers)
-    except Exception as exc:  # pylint: disable=broad-except
-        ret["result"] = False
-        ret["changes"] = {}
-        # the exception text could echo the request body: keep it out of the return
-        ret["comment"] = f"keyring rotation failed ({type(exc).__name__}); see the Consul log"
-        return ret
+    steps = []
+    if not complete:
+        steps.append(lambda: client.http.post(CB.boolean(), "/v1/operator/keyring", data=body,
+                                              headers=headers))
+    steps.append(lambda: client.http.put(CB.boolean(), "/v1/operator/keyring", data=body,
+                                         headers=headers))
+    for old in others:
+        steps.append(lambda old=old: client.http.delete(
+            CB.boolean(), "/v1/operator/keyring", data=json.dumps({"Key": old}),
+            headers=headers))
+    # each step is a cluster-wide query that answers 500 when one member is slow to reply;
+    # install, use and remove are idempotent: ask again until `wait` runs out
+    deadline = time.monotonic() + wait
+    for step in steps:
+        while True:
+            try:
+                step()
+                break
+            except Exception as exc:  # pylint: disable=broad-except
+                if time.monotonic() > deadline:
+                    ret["result"] = False
+                    ret["changes"] = {}
+                    # the exception text could echo the request body: keep it out
+                    ret["comment"] = (f"keyring rotation failed ({type(exc).__name__}); "
+                                      "see the Consul log")
+                    return ret
+                time.sleep(2)
     ret["comment"] = "Gossip keyring rotated to " + _fingerprint(key)
     return ret

@@ -75,6 +75,6 @@ def test_gossip_key_rotation_by_pillar(applied):
         lab.set_pillar(lab.pillar)
     # and back to the original key, the same way
     back = state_summary(lab.apply())
-    assert all(not s["failed"] for s in back.values()), back
+    assert all(not s["failed"] for s in back.values()), {n: s["failed"] for n, s in back.items() if s["failed"]}
     for pool in lab.py(signer, KEYRING_CODE, token=MGMT_TOKEN):
         assert list(pool["Keys"]) == [old_key]
