@@ -540,8 +540,9 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
     Check this node's part of the mesh and return a structured verdict
     ``{"ok": bool, "checks": {name: {"ok": bool, ...}}}``; on failure the salt command exits
     non-zero. Checks: Consul membership of every node of this data center, a leader, every
-    planned service and sidecar registered with passing checks, the firewall chains equal to
-    the plan, and an end-to-end probe of every egress upstream (the connection must survive
+    planned service and sidecar registered with passing checks, a Connect leaf certificate
+    issued by the data center's CA, the firewall chains equal to the plan, and an end-to-end
+    probe of every egress upstream (the connection must survive
     the mesh: mTLS handshake and intention check at the destination).
 
     firewall
@@ -602,6 +603,16 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
         if failing:
             bad.append(f"{sidecar}: {', '.join(failing)}")
     checks["services"] = {"ok": not bad, "count": len(node_plan["proxies"]), "problems": bad}
+    # the data center's Connect CA issues this node's leaf certificates (a secondary data
+    # center whose CA has no intermediate fails here: "no PEM-encoded data found")
+    leaf = node_plan.get("leaf_check") or {}
+    if leaf:
+        try:
+            api("GET", f"/v1/agent/connect/ca/leaf/{leaf['service']}", token, port=http_port)
+            checks["leaf"] = {"ok": True, "service": leaf["service"]}
+        except Exception as exc:  # pylint: disable=broad-except
+            checks["leaf"] = {"ok": False, "service": leaf["service"],
+                              "datacenter": leaf["datacenter"], "error": str(exc)}
     if firewall:
         fw = firewall_status(node_plan)
         drift = [c for c, st in fw.items() if st["live"] != st["want"] or not st["jump"]]

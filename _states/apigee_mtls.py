@@ -512,8 +512,17 @@ def _ask_for_token(signer, pub):
     return res.get(signer) if isinstance(res, dict) else res
 
 
+def _agent_answers():
+    """Whether the local Consul agent answers its HTTP API at all."""
+    try:
+        _acl("api")("GET", "/v1/status/leader", timeout=3)
+    except Exception as exc:  # pylint: disable=broad-except
+        return getattr(exc, "status", None) is not None
+    return True
+
+
 def acl_token_managed(name, private_key, replication_file=None, user="consul", group="consul",
-                      mode="0600", wait=180):
+                      mode="0600", wait=180, agent_required=True):
     """
     Ensure ``name`` holds this node's Consul ACL token, known to Consul and linked to the
     policy this node's pillar gives it (write on its own services only; see the planner's
@@ -525,6 +534,13 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
     it is opened here with ``private_key``. Neither the token nor its ciphertext is in the
     return. Files are written ``mode`` (0600, or 0640 when the sidecars run as another user
     of ``group``), owned by ``user``.
+
+    agent_required
+        ``True`` (default): the local agent must answer, to check existing tokens. ``False``
+        for nodes whose tokens come before the agent's first start (servers of a secondary
+        data center: the planner's ``acl:tokens_before_start``): while the agent is not
+        running, missing tokens are still fetched and existing ones are kept unchecked (the
+        next run checks them).
 
     .. code-block:: yaml
 
@@ -549,11 +565,14 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
     if replication_file:
         files["replication"] = (replication_file, [acl["replication_policy"]])
     problems = {}
+    offline = not agent_required and not _agent_answers()
     for kind, (path, policies) in files.items():
         token = _acl("read_token")(path)
         if token is None:
             problems[kind] = "missing"
             continue
+        if offline:
+            continue  # checked by the next run, once the agent runs
         try:
             why = _retrying(lambda: _token_problem(token, policies),
                             0 if __opts__["test"] else wait, "token check")
@@ -567,7 +586,9 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             problems[kind] = why
     fix = [p for path, _ in files.values() for p in _file_problems(path, uid, gid, mode)]
     if not problems and not fix:
-        ret["comment"] = f"ACL token valid (policy {acl['policy']})"
+        ret["comment"] = (f"ACL token present (policy {acl['policy']}); the agent is not "
+                          "running: checked once it runs" if offline else
+                          f"ACL token valid (policy {acl['policy']})")
         return ret
     if problems:
         ret["changes"]["tokens"] = {k: {"reason": v, "policy": files[k][1][0]}
@@ -624,6 +645,142 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             os.chown(path, uid, gid)
             os.chmod(path, mode)
         ret["comment"] = "Token files' owner and mode fixed"
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# Connect leaf certificates (the end of a state run: can this node's sidecars get one?)
+NO_INTERMEDIATE = "no PEM-encoded data found"
+
+
+def _leaf_problem(service, token):
+    """None when the local agent issues a Connect leaf certificate for ``service``, else
+    Consul's reason."""
+    try:
+        leaf = _acl("api")("GET", f"/v1/agent/connect/ca/leaf/{service}", token, timeout=15)
+    except Exception as exc:  # pylint: disable=broad-except
+        return str(exc)
+    if not isinstance(leaf, dict) or not leaf.get("CertPEM"):
+        return "the agent answered without a certificate"
+    return None
+
+
+def _leads(address):
+    """Whether the local agent is its data center's Consul leader (server RPC port 8300)."""
+    try:
+        return _acl("api")("GET", "/v1/status/leader", timeout=5) == f"{address}:8300"
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def leaf_failure_cause(problem, datacenter, primary_datacenter, servers):
+    """
+    Explain why a data center's Connect CA does not issue leaf certificates, from Consul's
+    error text ``problem``, and say what to do.
+
+    :param str problem: the error of ``GET /v1/agent/connect/ca/leaf/<service>``
+    :param str datacenter: the node's data center
+    :param str primary_datacenter: the primary data center
+    :param list servers: the Consul servers (minion ids) of ``datacenter``
+    :return: one sentence (str)
+    """
+    if NO_INTERMEDIATE in problem and datacenter != primary_datacenter:
+        return (
+            f"the Connect CA of data center {datacenter} has no intermediate certificate "
+            f"signed by the primary data center {primary_datacenter}: its leader initialised "
+            "it while the primary refused to sign (Consul 1.8 logs \"Primary datacenter "
+            "refused to sign our intermediate CA certificate\" and asks again only on a "
+            "leader change, or after max_query_time, 10 min). Apply apigee_mtls on "
+            f"{datacenter}'s Consul servers ({', '.join(servers)}): the leader restarts, "
+            "and the next one re-initialises the CA with its replication token")
+    if "ACL not found" in problem or "Permission denied" in problem:
+        return ("this node's ACL token is not accepted: apply apigee_mtls on this node "
+                "again (it asks the signer for a new one)")
+    return (f"data center {datacenter}'s Connect CA did not issue it (servers: "
+            f"{', '.join(servers)}); see `journalctl -u consul` on its leader")
+
+
+def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacenter="dc-1",
+                       servers=(), heal_secondary_ca=False, address=None, wait=90,
+                       heal_after=20):
+    """
+    Ensure the local Consul agent can obtain a Connect leaf certificate for service ``name``
+    (what every sidecar needs to serve mTLS), so that a state run which leaves this node's
+    mesh unable to work does not report success. It waits up to ``wait`` seconds (a new
+    cluster's CA initialises during the run), then fails with the cause and what to do.
+
+    Consul 1.8's secondary data centers have one known way to end up without a working CA:
+    their leader's request to the primary to sign its intermediate was refused, and Consul
+    does not retry it by itself for 10 minutes. With ``heal_secondary_ca`` (a server of a
+    secondary data center), the node that leads its data center restarts its agent once,
+    after ``heal_after`` seconds of that error, so that another server re-initialises the
+    CA; the restart is reported in ``changes``.
+
+    :param str name: the service whose leaf is requested (the node's egress service)
+    :param str token_file: the node's ACL token file (None without ACLs)
+    :param str datacenter: the node's data center (for messages)
+    :param str primary_datacenter: the primary data center (for messages)
+    :param list servers: the Consul servers of ``datacenter`` (for messages)
+    :param bool heal_secondary_ca: restart the agent if it leads a secondary data center
+        whose CA has no intermediate
+    :param str address: the node's IP (to recognise the leader, ``<address>:8300``)
+    :param int wait: seconds to wait for a leaf before failing
+    :param int heal_after: seconds of the no-intermediate error before healing
+
+    .. code-block:: yaml
+
+        apigee-mtls-mesh-leaf-certificate-ready:
+          apigee_mtls.connect_leaf_ready:
+            - name: egress-10-77-0-17
+            - token_file: /etc/consul.d/acl/agent.token
+            - datacenter: dc-2
+            - primary_datacenter: dc-1
+            - servers: [n7, n8, n9]
+            - heal_secondary_ca: True
+            - address: 10.77.0.17
+    """
+    ret = _ret(name)
+    token = _acl("read_token")(token_file) if token_file else None
+    problem = _leaf_problem(name, token)
+    if problem is None:
+        ret["comment"] = f"Connect leaf certificate for {name} issued in {datacenter}"
+        return ret
+    would_heal = heal_secondary_ca and NO_INTERMEDIATE in problem and _leads(address)
+    if __opts__["test"]:
+        if not _agent_answers():
+            ret["comment"] = ("Consul does not run yet: the leaf certificate is checked "
+                              "by the real run")
+            return ret
+        if would_heal:
+            ret["changes"]["consul"] = {"restart": f"leader of {datacenter}, to "
+                                                   "re-initialise its Connect CA"}
+        ret["result"] = None
+        ret["comment"] = (f"Connect leaf certificate for {name} not issued now ({problem}); "
+                          "the real run waits for it"
+                          + (" and would restart this leader" if would_heal else ""))
+        return ret
+    start = time.monotonic()
+    healed = False
+    while problem is not None and time.monotonic() - start < wait:
+        if (heal_secondary_ca and not healed and NO_INTERMEDIATE in problem
+                and time.monotonic() - start >= heal_after and _leads(address)):
+            log.warning("apigee_mtls: %s's Connect CA has no intermediate: restarting "
+                        "its leader (this node)", datacenter)
+            __salt__["service.restart"]("consul")
+            healed = True
+            ret["changes"]["consul"] = {
+                "restarted": f"leader of {datacenter}, to re-initialise its Connect CA "
+                             "(it had no intermediate from the primary)"}
+        time.sleep(3)
+        problem = _leaf_problem(name, token)
+    if problem is None:
+        ret["comment"] = (f"Connect leaf certificate for {name} issued in {datacenter}"
+                          + (" after restarting its leader" if healed else ""))
+        return ret
+    ret["result"] = False
+    ret["comment"] = (f"no Connect leaf certificate for {name} after {wait} s: {problem}. "
+                      + leaf_failure_cause(problem, datacenter, primary_datacenter,
+                                           servers))
     return ret
 
 

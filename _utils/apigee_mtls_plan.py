@@ -1683,6 +1683,14 @@ def _acl(model, node, is_server, services):
         "replication": replication,
         "replication_policy": acl_policy_name("replication", REPLICATION_RULES)
         if replication else None,
+        # A secondary data center's leader asks the primary to sign its Connect CA
+        # intermediate once, when it takes leadership, with the replication token. Consul
+        # 1.8 logs a refusal ("Primary datacenter refused to sign our intermediate CA
+        # certificate"), marks the CA initialised anyway and asks again only on a leader
+        # change or after max_query_time (10 min): every leaf of that data center fails
+        # meanwhile ("no PEM-encoded data found"). So these servers get their tokens before
+        # the agent's first start.
+        "tokens_before_start": replication,
     }
 
 
@@ -1709,7 +1717,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
             "acl": {"enabled": False},
             "consul_config": None, "encrypt_config": None, "services": [],
             "upstreams": [], "proxies": [], "firewall": {"nat": [], "filter": []},
-            "certificate": None, "signing_policy": None,
+            "certificate": None, "signing_policy": None, "leaf_check": None,
         })
         return result
     upstreams = index.upstreams(node)
@@ -1729,8 +1737,25 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "certificate": _certificate(node, is_server),
         "signing_policy": "apigee_mtls_{}".format(node["id"]),
         "acl": _acl(model, node, is_server, services),
+        "leaf_check": _leaf_check(model, index, node, is_server),
     })
     return result
+
+
+def _leaf_check(model, index, node, is_server):
+    """What the state run checks at its end: this node's agent obtains a Connect leaf
+    certificate (for its egress service, which every node has) from its data center's CA.
+    A server of a secondary data center also heals that CA when it leads it (see
+    ``tokens_before_start`` in :func:`_acl`): Consul re-initialises it on a leader change."""
+    dc = node["datacenter"]
+    return {
+        "service": egress_name(node["ip"]),
+        "datacenter": dc,
+        "primary_datacenter": model["primary_datacenter"],
+        "servers": [s["id"] for s in index.servers_by_dc[dc]],
+        "heal_secondary_ca": is_server and dc != model["primary_datacenter"],
+        "address": node["ip"],
+    }
 
 
 def plan(pillar, node_id, proxy_uid=None, lockdown=True):

@@ -70,11 +70,19 @@ apigee-mtls-acl-agent-token-managed:
     - group: {{ c.group }}
     {#- the sidecars read the token too: 0640 for the group when they run as another user #}
     - mode: "{{ '0640' if shared else '0600' }}"
+{%- if a.tokens_before_start %}
+    {#- a secondary data center's server: its agent starts with its tokens (planner) #}
+    - agent_required: False
+    - require:
+      - file: apigee-mtls-acl-dir-managed
+      - x509: apigee-mtls-tls-agent-key-managed
+{%- else %}
     - require:
       - file: apigee-mtls-acl-dir-managed
       - service: apigee-mtls-service-running
 {%- if plan.signer == grains.id %}
       - apigee_mtls: apigee-mtls-acl-bootstrapped
+{%- endif %}
 {%- endif %}
 
 apigee-mtls-acl-tokens-file-managed:
@@ -90,4 +98,8 @@ apigee-mtls-acl-tokens-file-managed:
     - show_changes: False
     - require:
       - apigee_mtls: apigee-mtls-acl-agent-token-managed
+{%- if a.tokens_before_start %}
+    - require_in:
+      - service: apigee-mtls-service-running
+{%- endif %}
 {%- endif %}

@@ -100,6 +100,24 @@ apigee-mtls-mesh-proxy-{{ svc }}-running:
       - file: apigee-mtls-mesh-proxy-unit-managed
 {%- endfor %}
 
+{#- the end of the run: this node's agent obtains a Connect leaf certificate (what every
+    sidecar needs), or the run fails saying why; a secondary data center's leader heals its
+    CA here (apigee_mtls.connect_leaf_ready) #}
+{%- set leaf = plan.leaf_check %}
+apigee-mtls-mesh-leaf-certificate-ready:
+  apigee_mtls.connect_leaf_ready:
+    - name: {{ leaf.service }}
+    - token_file: {{ plan.acl.agent_token_file | default(None) | json }}
+    - datacenter: {{ leaf.datacenter }}
+    - primary_datacenter: {{ leaf.primary_datacenter }}
+    - servers: {{ leaf.servers | json }}
+    - heal_secondary_ca: {{ leaf.heal_secondary_ca }}
+    - address: {{ leaf.address }}
+    - require:
+{%- for svc in plan.proxies %}
+      - service: apigee-mtls-mesh-proxy-{{ svc }}-running
+{%- endfor %}
+
 {#- systemd lists template instances as running, and as enabled only through the wants links #}
 {%- set wants = salt["file.find"](params.systemd_unit_dir ~ "/multi-user.target.wants", name="apigee-mtls-proxy@*.service", type="l") if salt["file.directory_exists"](params.systemd_unit_dir ~ "/multi-user.target.wants") else [] %}
 {%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
