@@ -47,15 +47,19 @@ TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes
 	tests/lab/test_20_mesh.py::test_every_allowed_flow_reaches_the_right_component_through_the_mesh \
 	tests/lab/test_20_mesh.py::test_capture_shows_only_tls_between_sidecars \
 	tests/lab/test_99_teardown.py
+# tests for two data centres only (the secondary's Connect CA), before the teardown
+MULTI_DC_TESTS := tests/lab/test_16_secondary_ca.py
 
 test: venv
-	$(PY) -m pytest tests -v --durations=20
+	$(PY) -m pytest tests -v --durations=20 $(addprefix --ignore=,$(MULTI_DC_TESTS))
 	$(MAKE) lab-test-topologies
 
 lab-test-topologies: venv
 	set -e; for t in $(TOPOLOGY_SESSIONS); do \
 	  echo "=== topology $$t ==="; \
-	  TOPOLOGY=tests/topologies/$$t.yaml $(PY) -m pytest $(TOPOLOGY_TESTS) -v --durations=5; \
+	  tests="$(TOPOLOGY_TESTS)"; \
+	  case $$t in *dc*) tests="$${tests% *} $(MULTI_DC_TESTS) $${tests##* }";; esac; \
+	  TOPOLOGY=tests/topologies/$$t.yaml $(PY) -m pytest $$tests -v --durations=5; \
 	done
 
 bench: venv
