@@ -38,6 +38,11 @@ ACL_PREFIX = "apigee-mtls"
 CA_DIR = "/etc/apigee-mtls/ca"
 #: the formula's iptables chains: table -> (chain, the built-in chain that jumps to it)
 CHAINS = {"nat": ("APIGEE-MTLS-OUT", "OUTPUT"), "filter": ("APIGEE-MTLS-IN", "INPUT")}
+#: the formula's ip6tables chains (filter table): status key -> (chain, parent, plan key)
+CHAINS6 = {
+    "ip6:APIGEE-MTLS-IN": ("APIGEE-MTLS-IN", "INPUT", "input"),
+    "ip6:APIGEE-MTLS-OUT": ("APIGEE-MTLS-OUT", "OUTPUT", "output"),
+}
 
 
 def __virtual__():
@@ -155,6 +160,9 @@ def plan(node_id=None, pillar=None, secrets=False, lockdown=None):
         result.setdefault(key, model.get(key))
     result["firewall_settings"] = model.get("firewall")
     result["iptables_restore"] = __utils__["apigee_mtls_plan.render_iptables_restore"](
+        result["firewall"]
+    )
+    result["ip6tables_restore"] = __utils__["apigee_mtls_plan.render_ip6tables_restore"](
         result["firewall"]
     )
     return result
@@ -486,10 +494,88 @@ def _uid_to_name(rule):
     return " ".join(words)
 
 
+def ipv6_skip_reason():
+    """
+    Why this host's IPv6 firewall is skipped, or ``None`` when it is managed: ``"IPv6
+    disabled"`` (no ``/proc/net/if_inet6``, or ``net.ipv6.conf.all.disable_ipv6`` is 1) or
+    ``"no ip6tables binary"``. The firewall script decides the same way.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt n1 apigee_mtls.ipv6_skip_reason
+    """
+    if not os.path.exists("/proc/net/if_inet6"):
+        return "IPv6 disabled"
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/disable_ipv6", encoding="ascii") as fh:
+            if fh.read().strip() == "1":
+                return "IPv6 disabled"
+    except OSError:
+        pass
+    if not __salt__["cmd.which"]("ip6tables"):
+        return "no ip6tables binary"
+    return None
+
+
+def _live_chain(cmd, table, chain, parent):
+    """(rules of ``chain`` or None when it does not exist, whether ``parent`` jumps to it)."""
+    res = __salt__["cmd.run_all"](
+        [cmd, "-w", "-t", table, "-S", chain], python_shell=False, ignore_retcode=True,
+    )
+    live = None
+    if res["retcode"] == 0:
+        live = [_uid_to_name(l) for l in res["stdout"].splitlines() if l.startswith("-A ")]
+    jump = __salt__["cmd.run_all"](
+        [cmd, "-w", "-t", table, "-C", parent, "-j", chain], python_shell=False,
+        ignore_retcode=True,
+    )["retcode"] == 0
+    return live, jump
+
+
+def _ip6_status(node_plan):
+    """The ``ip6:<chain>`` entries of :py:func:`firewall_status`."""
+    want6 = (node_plan.get("firewall") or {}).get("ip6")
+    skipped = ipv6_skip_reason()
+    out = {}
+    for key, (chain, parent, part) in CHAINS6.items():
+        entry = {"family": "ipv6", "table": "filter", "parent": parent,
+                 "want": None if want6 is None else want6.get(part, [])}
+        if skipped:
+            entry.update(skipped=skipped, live=None, jump=False)
+        else:
+            entry["live"], entry["jump"] = _live_chain("ip6tables", "filter", chain, parent)
+        out[key] = entry
+    return out
+
+
+def chain_drifted(status):
+    """
+    Whether one :py:func:`firewall_status` entry differs from the plan: a missing or extra
+    rule, or a missing jump; with no plan (``want`` None: ``firewall:ipv6`` false), any chain
+    or jump of the formula left over. A skipped entry (host without IPv6) never drifts.
+
+    CLI Example (through :py:func:`verify`):
+
+    .. code-block:: bash
+
+        salt n1 apigee_mtls.verify
+    """
+    if status.get("skipped"):
+        return False
+    if status["want"] is None:
+        return status["live"] is not None or status["jump"]
+    return status["live"] != status["want"] or not status["jump"]
+
+
 def firewall_status(node_plan=None):
     """
-    The formula's iptables chains on this node, live and planned:
-    ``{chain: {"table", "parent", "want": [rules], "live": [rules] or None, "jump": bool}}``.
+    The formula's iptables and ip6tables chains on this node, live and planned:
+    ``{key: {"table", "parent", "want": [rules] or None, "live": [rules] or None, "jump":
+    bool}}``. IPv4 keys are the chain names; IPv6 keys are ``ip6:<chain>``, with ``family:
+    ipv6``, ``want`` None when ``firewall:ipv6`` is false, and ``skipped: <why>`` on a host
+    without IPv6 (see :py:func:`ipv6_skip_reason`).
 
     CLI Example:
 
@@ -500,19 +586,10 @@ def firewall_status(node_plan=None):
     node_plan = node_plan or plan()
     out = {}
     for table, (chain, parent) in CHAINS.items():
-        res = __salt__["cmd.run_all"](
-            ["iptables", "-w", "-t", table, "-S", chain], python_shell=False,
-            ignore_retcode=True,
-        )
-        live = None
-        if res["retcode"] == 0:
-            live = [_uid_to_name(l) for l in res["stdout"].splitlines() if l.startswith("-A ")]
-        jump = __salt__["cmd.run_all"](
-            ["iptables", "-w", "-t", table, "-C", parent, "-j", chain], python_shell=False,
-            ignore_retcode=True,
-        )["retcode"] == 0
+        live, jump = _live_chain("iptables", table, chain, parent)
         out[chain] = {"table": table, "parent": parent, "jump": jump, "live": live,
                       "want": (node_plan.get("firewall") or {}).get(table, [])}
+    out.update(_ip6_status(node_plan))
     return out
 
 
@@ -535,15 +612,26 @@ def _probe(port, timeout):
         sock.close()
 
 
+def _ipv6_word(fw):
+    """What the firewall check did about IPv6, in one phrase."""
+    entry = fw[next(iter(CHAINS6))]
+    if entry.get("skipped"):
+        return "skipped: " + entry["skipped"]
+    if entry["want"] is None:
+        return "not managed (apigee_mtls:firewall:ipv6 is false)"
+    return "checked"
+
+
 def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
     """
     Check this node's part of the mesh and return a structured verdict
     ``{"ok": bool, "checks": {name: {"ok": bool, ...}}}``; on failure the salt command exits
     non-zero. Checks: Consul membership of every node of this data center, a leader, every
     planned service and sidecar registered with passing checks, a Connect leaf certificate
-    issued by the data center's CA, the firewall chains equal to the plan, and an end-to-end
-    probe of every egress upstream (the connection must survive
-    the mesh: mTLS handshake and intention check at the destination).
+    issued by the data center's CA, the firewall chains (IPv4,
+    and IPv6 unless the host has none: ``checks.firewall.ipv6`` says "skipped: IPv6
+    disabled" then) equal to the plan, and an end-to-end probe of every egress upstream (the
+    connection must survive the mesh: mTLS handshake and intention check at the destination).
 
     firewall
         False skips the firewall check (a staged rollout before its redirect stage).
@@ -615,8 +703,8 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
                               "datacenter": leaf["datacenter"], "error": str(exc)}
     if firewall:
         fw = firewall_status(node_plan)
-        drift = [c for c, st in fw.items() if st["live"] != st["want"] or not st["jump"]]
-        checks["firewall"] = {"ok": not drift, "drifted": drift}
+        drift = [c for c, st in fw.items() if chain_drifted(st)]
+        checks["firewall"] = {"ok": not drift, "drifted": drift, "ipv6": _ipv6_word(fw)}
     # all upstreams at once: each probe holds its connection for probe_timeout
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         futures = {up["service"]: pool.submit(_probe, up["proxy_port"], probe_timeout)

@@ -6,8 +6,8 @@ States for the apigee_mtls formula.
   key never leaves the node).
 - :py:func:`intentions_managed`: the cluster's Consul intentions (default deny + allows),
   through py-consul against the local agent; creates missing, fixes wrong, removes stale.
-- :py:func:`firewall_managed`: the formula's own iptables chains, compared rule by rule with
-  the live ones and rebuilt only when they differ.
+- :py:func:`firewall_managed`: the formula's own iptables and ip6tables chains, compared rule
+  by rule with the live ones and rebuilt only when they differ.
 
 All of them fill ``changes`` before looking at ``test``, answer ``result: None`` with a
 "would" comment in test mode, and never put secrets in their return.
@@ -1039,21 +1039,46 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
 
 # ---------------------------------------------------------------------------------------------
 # firewall chains
-def firewall_managed(name, rules_file, apply_cmd):
+def _chain_change(key, status):
+    """What rebuilding would change in one ``firewall_status`` entry (``{}``: nothing)."""
+    want, live = status["want"], status["live"]
+    change = {}
+    if want is None:  # firewall:ipv6 false: only the formula's own leftovers go
+        if live is not None or status["jump"]:
+            change["chain"] = "remove"
+        return change
+    if live is None:
+        change = {"chain": "create", "rules": len(want)}
+    elif live != want:
+        added = [r for r in want if r not in live]
+        removed = [r for r in live if r not in want]
+        change = {"added": added, "removed": removed} if (added or removed) else {
+            "reordered": True}
+    if not status["jump"]:
+        change["jump"] = f"{status['parent']} -> {key.split(':')[-1]}"
+    return change
+
+
+def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
     """
     Ensure the formula's iptables chains (nat ``APIGEE-MTLS-OUT`` jumped from OUTPUT, filter
-    ``APIGEE-MTLS-IN`` jumped from INPUT) hold exactly the rules of this node's plan.
+    ``APIGEE-MTLS-IN`` jumped from INPUT) and ip6tables chains (filter ``APIGEE-MTLS-IN``
+    jumped from INPUT, ``APIGEE-MTLS-OUT`` from OUTPUT) hold exactly the rules of this
+    node's plan.
 
     The live chains are compared rule by rule with the plan; when they differ (or the jumps
-    are missing) ``apply_cmd`` rebuilds them from ``rules_file`` atomically
-    (``iptables-restore --noflush``: only the formula's chains are flushed, no other rule is
-    touched).
+    are missing) ``apply_cmd`` rebuilds them from ``rules_file`` and ``rules6_file``
+    atomically (``iptables-restore``/``ip6tables-restore --noflush``: only the formula's
+    chains are flushed, no other rule is touched). On a host without IPv6 (or without
+    ``ip6tables``) the IPv6 part is skipped and the comment says so. With
+    ``firewall:ipv6`` false, IPv6 chains the formula made earlier are removed, nothing more.
 
     .. code-block:: yaml
 
         apigee-mtls-firewall-chains-managed:
           apigee_mtls.firewall_managed:
             - rules_file: /etc/apigee-mtls/iptables.rules
+            - rules6_file: /etc/apigee-mtls/ip6tables.rules
             - apply_cmd: /usr/local/sbin/apigee-mtls-firewall apply
     """
     ret = _ret(name)
@@ -1062,30 +1087,30 @@ def firewall_managed(name, rules_file, apply_cmd):
         ret["result"] = False
         ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
         return ret
-    for chain, status in __salt__["apigee_mtls.firewall_status"](plan).items():
-        want, live = status["want"], status["live"]
-        if live is None:
-            ret["changes"][chain] = {"chain": "create", "rules": len(want)}
-        elif live != want:
-            added = [r for r in want if r not in live]
-            removed = [r for r in live if r not in want]
-            ret["changes"][chain] = {"added": added, "removed": removed} if (
-                added or removed) else {"reordered": True}
-        if not status["jump"]:
-            ret["changes"].setdefault(chain, {})["jump"] = f"{status['parent']} -> {chain}"
+    skipped = set()
+    for key, status in __salt__["apigee_mtls.firewall_status"](plan).items():
+        if status.get("skipped"):
+            skipped.add(status["skipped"])
+            continue
+        change = _chain_change(key, status)
+        if change:
+            ret["changes"][key] = change
+    note = "".join(f"; IPv6 firewall skipped: {why}" for why in sorted(skipped))
     if not ret["changes"]:
-        ret["comment"] = "Firewall chains match the plan"
+        ret["comment"] = "Firewall chains match the plan" + note
         return ret
     if __opts__["test"]:
         ret["result"] = None
-        ret["comment"] = "Would rebuild the apigee_mtls firewall chains"
+        ret["comment"] = "Would rebuild the apigee_mtls firewall chains" + note
         return ret
     out = __salt__["cmd.run_all"](apply_cmd, python_shell=False)
     if out["retcode"] != 0:
         ret["result"] = False
         ret["comment"] = f"{apply_cmd} failed: {out['stderr'] or out['stdout']}"
         return ret
-    ret["comment"] = "Rebuilt the apigee_mtls firewall chains from " + rules_file
+    files = rules_file + (f" and {rules6_file}" if rules6_file and plan.get(
+        "ip6tables_restore") is not None and not skipped else "")
+    ret["comment"] = "Rebuilt the apigee_mtls firewall chains from " + files + note
     return ret
 
 

@@ -35,7 +35,7 @@ and returns a *model*: a plain dict (lists, dicts, strings, ints, booleans and
                           "config_dir", "data_dir", "tls_dir", "log_level",
                           "dns_exposed", "install": {"method", "source",
                           "source_hash", "name"}}
-    firewall            {"protected_ports": [...]}
+    firewall            {"protected_ports": [...], "ipv6": bool}
     proxy               {"user"}
     allocation          the result of :func:`allocate_ports`
 
@@ -200,6 +200,10 @@ MULTIPORT_MAX = 15
 #: Names of the formula's own iptables chains.
 NAT_CHAIN = "APIGEE-MTLS-OUT"
 FILTER_CHAIN = "APIGEE-MTLS-IN"
+#: The formula's own ip6tables chains (both in the filter table, jumped first from
+#: INPUT and OUTPUT): the mesh runs on IPv4 only, so over IPv6 they refuse, never redirect.
+IP6_IN_CHAIN = "APIGEE-MTLS-IN"
+IP6_OUT_CHAIN = "APIGEE-MTLS-OUT"
 
 #: Consul agent defaults.
 CONSUL_DEFAULTS = {
@@ -245,6 +249,7 @@ _COMPONENT_OVERRIDE_KEYS = ("ports", "target", "peer_ports")
 _TLS_KEYS = ("signer", "ca_days_valid", "cert_days_valid", "cert_days_remaining",
              "key_algo", "ca_generation", "ca_trust")
 _CONSUL_KEYS = tuple(CONSUL_DEFAULTS) + ("install",)
+_FIREWALL_KEYS = ("protected_ports", "ipv6")
 _INSTALL_KEYS = ("method", "source", "source_hash", "name")
 _INSTALL_METHODS = ("binary", "archive", "pkg")
 _KEY_ALGOS = ("ec", "rsa")
@@ -1068,7 +1073,8 @@ def _norm_consul(raw):
 def _norm_firewall(raw, catalog, ranges):
     path = ("firewall",)
     raw = _mapping(raw, path)
-    _check_keys(raw, ("protected_ports",), path)
+    _check_keys(raw, _FIREWALL_KEYS, path)
+    ipv6 = _bool(raw, "ipv6", True, path)
     given = raw.get("protected_ports")
     ppath = path + ("protected_ports",)
     if given is None:
@@ -1106,7 +1112,7 @@ def _norm_firewall(raw, catalog, ranges):
                 _fail(where, "port {} lies in proxy range {} ({}-{}); expected a port "
                       "outside the proxy ranges".format(
                           port, _key("port_ranges", name), low, high))
-    return {"protected_ports": sorted(ports)}
+    return {"protected_ports": sorted(ports), "ipv6": ipv6}
 
 
 def _norm_proxy(raw, consul):
@@ -1586,6 +1592,59 @@ def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
     return {"nat": nat, "filter": filt}
 
 
+def _cluster_component_ports(model, index):
+    """Every meshed component port of the cluster's non-retired nodes, sorted."""
+    ports = set()
+    for node in model["nodes"]:
+        if not node["retired"]:
+            for block in index.allocation[node["id"]]["ingress"].values():
+                ports.update(block)
+    return sorted(ports)
+
+
+def _multiport_rules(chain, proto, ports, target):
+    """``-A chain -p proto -m multiport --dports ... -j target`` rules for ``ports``."""
+    return ["-A {} -p {} -m multiport --dports {} -j {}".format(chain, proto, chunk, target)
+            for chunk in _multiport_chunks(ports)]
+
+
+def _firewall6(model, index, node, lockdown=True):
+    """
+    The IPv6 filter rules: ``{"input": [...], "output": [...]}``, or ``None`` when
+    ``firewall:ipv6`` is false.
+
+    The mesh runs on the pillar's IPv4 addresses, so over IPv6 nothing is redirected:
+    INPUT refuses the cluster's meshed component ports, Consul's ports and this node's
+    sidecar ports; OUTPUT refuses the cluster's meshed component ports towards other
+    hosts.  Loopback, established traffic and the protected ports pass first; no rule
+    matches ICMPv6 (neighbour discovery is never touched).  ``lockdown`` gates the
+    component-port refusals exactly as it gates the IPv4 ones.
+    """
+    if not model["firewall"]["ipv6"]:
+        return None
+    if node["retired"]:
+        return {"input": [], "output": []}
+    inp, out = IP6_IN_CHAIN, IP6_OUT_CHAIN
+    reject = "REJECT --reject-with tcp-reset"
+    protected = model["firewall"]["protected_ports"]
+    components = _cluster_component_ports(model, index) if lockdown else []
+    alloc = index.allocation[node["id"]]
+    sidecar = [alloc["egress"]] + [p for block in alloc["ingress"].values()
+                                   for p in block.values()]
+    filt = [
+        "-A {} -i lo -j RETURN".format(inp),
+        "-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp),
+    ]
+    filt += _multiport_rules(inp, "tcp", protected, "RETURN")
+    filt += _multiport_rules(inp, "tcp", components, reject)
+    filt += _multiport_rules(inp, "tcp", sorted(CONSUL_PORTS) + sidecar, reject)
+    filt += _multiport_rules(inp, "udp", CONSUL_MEMBER_UDP_PORTS, "DROP")
+    egress = ["-A {} -o lo -j RETURN".format(out)]
+    egress += _multiport_rules(out, "tcp", protected, "RETURN")
+    egress += _multiport_rules(out, "tcp", components, reject)
+    return {"input": filt, "output": egress}
+
+
 def _certificate(node, is_server):
     dc = node["datacenter"]
     dns = ["localhost"]
@@ -1716,13 +1775,17 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         result.update({
             "acl": {"enabled": False},
             "consul_config": None, "encrypt_config": None, "services": [],
-            "upstreams": [], "proxies": [], "firewall": {"nat": [], "filter": []},
+            "upstreams": [], "proxies": [],
+            "firewall": {"nat": [], "filter": [],
+                         "ip6": _firewall6(model, index, node, lockdown)},
             "certificate": None, "signing_policy": None, "leaf_check": None,
         })
         return result
     upstreams = index.upstreams(node)
     services = _services(model, index, node, upstreams)
     owner = proxy_uid if proxy_uid is not None else model["proxy"]["user"]
+    firewall = _firewall(model, index, node, upstreams, owner, lockdown)
+    firewall["ip6"] = _firewall6(model, index, node, lockdown)
     result.update({
         "consul_config": _consul_config(model, index, node, is_server),
         "encrypt_config": {
@@ -1733,7 +1796,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "services": services,
         "upstreams": upstreams,
         "proxies": [s["id"] for s in services],
-        "firewall": _firewall(model, index, node, upstreams, owner, lockdown),
+        "firewall": firewall,
         "certificate": _certificate(node, is_server),
         "signing_policy": "apigee_mtls_{}".format(node["id"]),
         "acl": _acl(model, node, is_server, services),
@@ -1769,13 +1832,16 @@ def plan(pillar, node_id, proxy_uid=None, lockdown=True):
         with live output; by default the user name is used (fine for
         ``iptables-restore``)
     :param lockdown: False leaves out the filter rules that refuse direct
-        connections to meshed component ports (the redirect stage of a staged
-        rollout: traffic already goes through the mesh, direct still works)
+        connections to meshed component ports, over IPv4 and IPv6 (the redirect
+        stage of a staged rollout: traffic already goes through the mesh, direct
+        still works)
     :return: dict with keys ``node``, ``servers``, ``is_server``,
         ``datacenter``, ``primary_datacenter``, ``ports``, ``consul``, ``tls``,
         ``proxy``, ``consul_config``, ``encrypt_config``, ``services``,
         ``upstreams``, ``proxies``, ``firewall``, ``certificate``, ``signer``,
-        ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`).  A retired node gets empty ``services``,
+        ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`).
+        ``firewall`` is ``{"nat": [...], "filter": [...], "ip6": {"input": [...],
+        "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).  A retired node gets empty ``services``,
         ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
         ``consul_config``, ``encrypt_config``, ``certificate`` and
         ``signing_policy``.
@@ -1801,6 +1867,31 @@ def render_iptables_restore(firewall):
     lines += list(firewall.get("nat", ()))
     lines += ["COMMIT", "*filter", ":{} - [0:0]".format(FILTER_CHAIN)]
     lines += list(firewall.get("filter", ()))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def render_ip6tables_restore(firewall):
+    """
+    Render the IPv6 part of a firewall plan as an ``ip6tables-restore --noflush``
+    payload: the filter chains ``APIGEE-MTLS-IN`` and ``APIGEE-MTLS-OUT``, declared
+    (created or flushed) and filled; the jumps from INPUT/OUTPUT are managed
+    separately.
+
+    .. code-block:: python
+
+        payload = render_ip6tables_restore(plan(pillar, "n1")["firewall"])
+
+    :param firewall: the ``firewall`` of :func:`plan`
+    :return: the payload text, or ``None`` when the plan has no IPv6 part
+        (``firewall:ipv6`` is false)
+    """
+    ip6 = firewall.get("ip6")
+    if ip6 is None:
+        return None
+    lines = ["*filter", ":{} - [0:0]".format(IP6_IN_CHAIN),
+             ":{} - [0:0]".format(IP6_OUT_CHAIN)]
+    lines += list(ip6.get("input", ())) + list(ip6.get("output", ()))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 

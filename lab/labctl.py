@@ -39,6 +39,10 @@ CACHE = os.environ.get("LAB_CACHE", "/var/cache/apigee-mtls-lab")
 BRIDGE = os.environ.get("LAB_BRIDGE", "amtls0")
 HOST_IP = os.environ.get("LAB_HOST_IP", "10.77.0.1")
 PREFIX = 24
+#: IPv6 (ULA) on the lab bridge, so that the tests can prove nothing plaintext crosses it over
+#: IPv6 either: the host has HOST_IP6, each node fd77::<last octet of its IPv4> (ipv6_of)
+HOST_IP6 = os.environ.get("LAB_HOST_IP6", "fd77::1")
+PREFIX6 = 64
 MACHINE_PREFIX = "amtls-"
 DEFAULT_TOPOLOGY = os.path.join(REPO, "tests", "topologies", "5-node.yaml")
 VENV_BIN = os.path.dirname(sys.executable)
@@ -287,10 +291,21 @@ def start_master(state):
     save_state(state)
 
 
+def ipv6_of(ip):
+    """A node's lab IPv6 address: ``fd77::<last octet of its IPv4>`` (10.77.0.12 -> fd77::12)."""
+    return "{}::{}".format(HOST_IP6.split("::")[0], ip.rsplit(".", 1)[1])
+
+
 def setup_bridge():
     if run(["ip", "link", "show", BRIDGE], check=False, capture=True).returncode != 0:
         run(["ip", "link", "add", BRIDGE, "type", "bridge"])
         run(["ip", "addr", "add", f"{HOST_IP}/{PREFIX}", "dev", BRIDGE])
+    six = f"/proc/sys/net/ipv6/conf/{BRIDGE}/disable_ipv6"
+    have = run(["ip", "-6", "addr", "show", "dev", BRIDGE], check=False, capture=True).stdout
+    if os.path.exists(six) and f"{HOST_IP6}/{PREFIX6}" not in (have or ""):
+        with open(six, "w", encoding="ascii") as fh:  # the bridge's own setting only
+            fh.write("0\n")
+        run(["ip", "-6", "addr", "add", f"{HOST_IP6}/{PREFIX6}", "dev", BRIDGE, "nodad"])
     run(["ip", "link", "set", BRIDGE, "up"])
 
 
@@ -301,10 +316,11 @@ def standin_config(node, model):
         spec = comps.get(comp, {})
         for port in spec.get("ports", []):
             target = spec.get("targets", {}).get(port, "loopback")
+            # "::" is dual-stack (IPv4 and IPv6), like a real component on a dual-stack host
             listeners.append({"component": comp, "port": port,
-                              "bind": node["ip"] if target == "node_ip" else "0.0.0.0"})
+                              "bind": node["ip"] if target == "node_ip" else "::"})
         for port in EXTRA_PORTS.get(comp, []):
-            listeners.append({"component": comp, "port": port, "bind": "0.0.0.0"})
+            listeners.append({"component": comp, "port": port, "bind": "::"})
     return {"node": node["id"], "ip": node["ip"], "listeners": listeners}
 
 
@@ -330,7 +346,8 @@ def write_node(node, model):
     put("/etc/hosts", "127.0.0.1 localhost\n" + f"{node['ip']} {node['id']}\n")
     put("/etc/systemd/network/10-lab-host0.network",
         "[Match]\nName=host0\n[Network]\n"
-        f"Address={node['ip']}/{PREFIX}\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n")
+        f"Address={node['ip']}/{PREFIX}\nAddress={ipv6_of(node['ip'])}/{PREFIX6}\n"
+        "LinkLocalAddressing=no\nIPv6AcceptRA=no\n")
     put("/etc/salt/minion.d/lab.conf", yaml.safe_dump({
         "master": HOST_IP, "id": node["id"], "acceptance_wait_time": 1,
         "random_reauth_delay": 0, "recon_default": 200, "recon_max": 2000,

@@ -151,6 +151,7 @@ for d in /etc/consul.d /etc/apigee-mtls /usr/local/bin/consul /etc/systemd/syste
   [ -e "$d" ] && find "$d" -type f -exec sha256sum {} + 2>/dev/null
 done | sort
 iptables-save 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//'
+ip6tables-save 2>/dev/null | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//'
 systemctl list-units --all --plain --no-legend 'consul*' 'apigee-mtls*' 2>/dev/null | awk '{print $1, $3, $4}'
 getent passwd consul
 """

@@ -20,6 +20,16 @@ def test_test_mode_on_fresh_nodes_previews_and_changes_nothing(lab):
         assert any(st["result"] is None for st in states.values())
         assert lab.after_test_mode_fingerprints[node] == lab.fresh_fingerprints[node], (
             f"{node}: test=True changed the node")
+        # the IPv6 chains are previewed exactly: both created, both jumps, nothing done
+        chains = next(st for st in states.values()
+                      if st["__id__"] == "apigee-mtls-firewall-chains-managed")
+        assert chains["result"] is None and chains["comment"].startswith("Would"), chains
+        for chain, parent in (("APIGEE-MTLS-IN", "INPUT"), ("APIGEE-MTLS-OUT", "OUTPUT")):
+            assert chains["changes"]["ip6:" + chain]["chain"] == "create", chains
+            assert chains["changes"]["ip6:" + chain]["jump"] == f"{parent} -> {chain}"
+        rules6 = next(st for st in states.values()
+                      if st["__id__"] == "apigee-mtls-firewall-rules6-managed")
+        assert rules6["result"] is None, rules6
     signer = lab.model["tls"]["signer"]
     ids = {st["__id__"] for st in lab.test_mode_return[signer].values()}
     assert "apigee-mtls-tls-ca-key-managed" in ids and "apigee-mtls-intentions-managed" in ids
@@ -173,6 +183,10 @@ def test_rerun_reports_zero_changes(applied):
     for node in applied.nodes:
         assert not summary[node]["failed"], summary[node]
         assert summary[node]["changed"] == [], f"{node}: rerun changed {summary[node]['changed']}"
+        # IPv6 was compared, not skipped (the lab's nodes are dual-stack)
+        chains = next(st for st in ret[node].values()
+                      if st["__id__"] == "apigee-mtls-firewall-chains-managed")
+        assert chains["comment"] == "Firewall chains match the plan", chains
 
 
 def test_no_secret_in_state_returns(applied):

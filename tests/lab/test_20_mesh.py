@@ -255,6 +255,9 @@ def test_pillar_change_previews_exactly_what_would_change(mesh):
             expected = {"apigee-mtls-config-services-file-managed",
                         "apigee-mtls-service-reloaded",  # would reload the agent
                         "apigee-mtls-firewall-rules-managed",
+                        # 7000 leaves the cluster's meshed ports: every node's IPv6
+                        # refusals change with it
+                        "apigee-mtls-firewall-rules6-managed",
                         "apigee-mtls-firewall-chains-managed"}
             if node in cass_nodes:
                 svc = f"cass-7000-{lab.ip[node].replace('.', '-')}"
@@ -297,8 +300,8 @@ def test_pillar_change_previews_exactly_what_would_change(mesh):
 
 
 def test_node_reboot_brings_everything_back_by_itself(mesh):
-    """Machine restart with its disk kept: agent, sidecars and the firewall chains come back
-    without Salt, flows through the node work, and a state rerun reports 0 changes."""
+    """Machine restart with its disk kept: agent, sidecars and the firewall chains (IPv4 and
+    IPv6) come back without Salt, flows through the node work, and a state rerun reports 0 changes."""
     lab = mesh
     node = "n2"
     subprocess.run([labctl.sys.executable, os.path.join(labctl.REPO, "lab", "labctl.py"),
@@ -313,6 +316,13 @@ def test_node_reboot_brings_everything_back_by_itself(mesh):
             break
         time.sleep(1)
     assert len([l for l in nat.splitlines() if l.startswith("-A")]) == len(plan["firewall"]["nat"])
+    # the IPv6 chains are back too, exactly as planned, jumped first
+    for chain, parent, part in (("APIGEE-MTLS-IN", "INPUT", "input"),
+                                ("APIGEE-MTLS-OUT", "OUTPUT", "output")):
+        rules = lab.run(node, f"ip6tables -w -S {chain}").stdout.splitlines()
+        assert [l for l in rules if l.startswith("-A")] == plan["firewall"]["ip6"][part]
+        jumps = lab.run(node, f"ip6tables -w -S {parent}").stdout.splitlines()
+        assert [l for l in jumps if l.startswith("-A")][0] == f"-A {parent} -j {chain}"
     units = lab.run(node, "systemctl list-units --plain --no-legend 'apigee-mtls-proxy@*'").stdout
     assert len(units.strip().splitlines()) == len(plan["proxies"])
     lab.wait_mesh_ready()

@@ -1,5 +1,5 @@
 """Uninstall: `state.apply apigee_mtls.clean` removes proxies, agents, units, config,
-certificates, the formula's chains (nat OUTPUT as before) and the consul user; components are
+certificates, the formula's chains (nat OUTPUT as before; IPv6 too) and the consul user; components are
 reachable directly again; a second clean changes nothing; the formula installs again."""
 import json
 import os
@@ -25,6 +25,10 @@ iptables -w -t nat -S OUTPUT | grep -v '^-P' | sed 's/^/nat /'
 iptables -w -S INPUT | grep -v '^-P' | sed 's/^/filter /'
 iptables -w -t nat -S APIGEE-MTLS-OUT >/dev/null 2>&1 && echo "chain APIGEE-MTLS-OUT"
 iptables -w -S APIGEE-MTLS-IN >/dev/null 2>&1 && echo "chain APIGEE-MTLS-IN"
+# IPv6: no chain or rule of the formula anywhere, INPUT/OUTPUT as on a fresh node (empty)
+ip6tables-save | grep APIGEE-MTLS | sed 's/^/ip6 /'
+ip6tables -w -S INPUT | grep -v '^-P' | sed 's/^/ip6 filter /'
+ip6tables -w -S OUTPUT | grep -v '^-P' | sed 's/^/ip6 filter /'
 true
 """
 

@@ -28,6 +28,7 @@ def test_pillar_example_is_valid_once_the_gossip_key_is_set(amp):
 def test_pillar_example_documents_every_key(amp):
     text = open(EXAMPLE, encoding="utf-8").read()
     keys = set(amp._TOP_KEYS) | set(amp._NODE_KEYS) | set(amp._TLS_KEYS) | set(amp._CONSUL_KEYS)
-    keys |= set(amp._INSTALL_KEYS) | {"protected_ports", "user", "ports", "peer_ports", "target"}
+    keys |= set(amp._INSTALL_KEYS) | set(amp._FIREWALL_KEYS)
+    keys |= {"user", "ports", "peer_ports", "target"}
     missing = [k for k in sorted(keys) if not re.search(rf"(^|\s|#\s*){re.escape(k)}:", text, re.M)]
     assert not missing, f"pillar.example does not document: {missing}"

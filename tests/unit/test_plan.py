@@ -237,7 +237,7 @@ def test_defaults_are_filled():
     assert consul["dns_exposed"] is False
     assert consul["install"] == {"method": "pkg", "source": None, "source_hash": None,
                                  "name": "consul"}
-    assert model["firewall"] == {"protected_ports": [22, 4505, 4506]}
+    assert model["firewall"] == {"protected_ports": [22, 4505, 4506], "ipv6": True}
     assert model["proxy"] == {"user": "consul"}
     assert model["secrets"] == {"gossip_key": GOSSIP, "connect_ca_key": None}
     assert model["acl"] == {"enabled": True, "down_policy": "extend-cache"}
@@ -449,7 +449,7 @@ def test_retired_node_gets_nothing_and_is_reached_by_nobody(topo5):
     plan = amp.plan(topo5, "n5")
     assert plan["node"]["retired"] is True
     assert plan["services"] == [] and plan["upstreams"] == [] and plan["proxies"] == []
-    assert plan["firewall"] == {"nat": [], "filter": []}
+    assert plan["firewall"] == {"nat": [], "filter": [], "ip6": {"input": [], "output": []}}
     assert plan["consul_config"] is None and plan["certificate"] is None
     for node_id in ("n1", "n2", "n3", "n4"):
         other = amp.plan(topo5, node_id)

@@ -43,7 +43,8 @@ EXPECTED = {
     "Debian": {"pkgs": ["iptables", "netcat-openbsd"], "shell": "/usr/sbin/nologin",
                "firewall_after": "After=local-fs.target"},
     "RedHat": {"pkgs": ["iptables", "iptables-services", "nmap-ncat"], "shell": "/sbin/nologin",
-               "firewall_after": "After=local-fs.target iptables.service firewalld.service"},
+               "firewall_after": "After=local-fs.target iptables.service ip6tables.service "
+                                 "firewalld.service"},
 }
 
 #: the only states whose data may differ between OSes: those rendering an OS parameter
@@ -266,6 +267,27 @@ def test_firewall_unit_starts_after_what_would_flush_its_chains(renders, os_name
     unit = _unit(renders, os_name, "apigee-mtls-firewall.service")
     after = [line for line in unit["Unit"] if line.startswith("After=")]
     assert after == [EXPECTED[OSES[os_name]["os_family"]]["firewall_after"]]
+
+
+@pytest.mark.parametrize("os_name,node", [(o, n) for o in OSES for n in NODES])
+def test_ipv6_firewall_renders(renders, os_name, node):
+    """Issue 11: the IPv6 rules file holds the planner's ip6tables-restore payload, the chains
+    state compares it, and clean removes the IPv6 chains and file too."""
+    states = _states(renders, os_name, node, "apigee_mtls")
+    fun, args = _args(states["apigee-mtls-firewall-rules6-managed"])
+    plan = apigee_mtls_plan.plan(load_topology(TOPOLOGY), node)
+    assert (fun, args["name"]) == ("file.managed", "/etc/apigee-mtls/ip6tables.rules")
+    assert args["contents"] == apigee_mtls_plan.render_ip6tables_restore(plan["firewall"])
+    assert "-A APIGEE-MTLS-OUT -o lo -j RETURN" in args["contents"]
+    fun, args = _args(states["apigee-mtls-firewall-chains-managed"])
+    assert args["rules6_file"] == "/etc/apigee-mtls/ip6tables.rules"
+    assert {"file": "apigee-mtls-firewall-rules6-managed"} in args["require"]
+    clean = _states(renders, os_name, node, "apigee_mtls.clean")
+    _, args = _args(clean["apigee-mtls-firewall-chains-absent"])
+    assert "ip6tables -w -S APIGEE-MTLS-IN" in args["onlyif"]
+    assert "ip6tables -w -S APIGEE-MTLS-OUT" in args["onlyif"]
+    absent = {_args(s)[1]["name"] for s in clean.values() if _args(s)[0] == "file.absent"}
+    assert "/etc/apigee-mtls/ip6tables.rules" in absent
 
 
 @pytest.mark.parametrize("os_name", OSES)

@@ -1,6 +1,10 @@
 {#- iptables, in chains the formula owns (nat APIGEE-MTLS-OUT from OUTPUT, filter
-    APIGEE-MTLS-IN from INPUT); no other rule is touched, no table is flushed.
-    Applied after the sidecars are up; re-applied at boot by apigee-mtls-firewall.service. -#}
+    APIGEE-MTLS-IN from INPUT), and ip6tables (filter APIGEE-MTLS-IN from INPUT and
+    APIGEE-MTLS-OUT from OUTPUT: refusals only, the mesh is IPv4); no other rule is touched, no
+    table is flushed. Applied after the sidecars are up; re-applied at boot by
+    apigee-mtls-firewall.service. Without an IPv6 plan (firewall:ipv6 false) the IPv6 rules
+    file is absent: the script then leaves ip6tables alone (removing only its own old chains);
+    the state skips IPv6 on a host without it. -#}
 {%- from "apigee_mtls/map.jinja" import params, plan with context %}
 {%- if plan.member %}
 include:
@@ -24,6 +28,22 @@ apigee-mtls-firewall-rules-managed:
     - require:
       - file: apigee-mtls-install-state-dir-managed
 
+{%- if plan.ip6tables_restore is not none %}
+apigee-mtls-firewall-rules6-managed:
+  file.managed:
+    - name: {{ params.state_dir }}/ip6tables.rules
+    - contents: {{ plan.ip6tables_restore | json }}
+    - user: root
+    - group: root
+    - mode: "0644"
+    - require:
+      - file: apigee-mtls-install-state-dir-managed
+{%- else %}
+apigee-mtls-firewall-rules6-managed:
+  file.absent:
+    - name: {{ params.state_dir }}/ip6tables.rules
+{%- endif %}
+
 apigee-mtls-firewall-unit-managed:
   file.managed:
     - name: {{ params.systemd_unit_dir }}/apigee-mtls-firewall.service
@@ -46,9 +66,11 @@ apigee-mtls-firewall-service-enabled:
 apigee-mtls-firewall-chains-managed:
   apigee_mtls.firewall_managed:
     - rules_file: {{ params.state_dir }}/iptables.rules
+    - rules6_file: {{ params.state_dir }}/ip6tables.rules
     - apply_cmd: {{ params.firewall_script }} apply
     - require:
       - file: apigee-mtls-firewall-rules-managed
+      - file: apigee-mtls-firewall-rules6-managed
       - file: apigee-mtls-firewall-script-managed
 {%- for svc in plan.proxies %}
       - service: apigee-mtls-mesh-proxy-{{ svc }}-running
