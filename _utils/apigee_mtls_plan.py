@@ -882,7 +882,7 @@ def _norm_acl(raw):
     return acl
 
 
-def _norm_connect_ca(raw, acl, dcs=("dc-1",)):
+def _norm_connect_ca(raw, acl):
     path = ("connect_ca",)
     raw = _mapping(raw, path)
     _check_keys(raw, ("root_cert",), path)
@@ -890,12 +890,6 @@ def _norm_connect_ca(raw, acl, dcs=("dc-1",)):
     if cert is not None:
         cert = _pem(cert, path + ("root_cert",), ("CERTIFICATE",),
                     "the organisation's CA certificate (the mesh root)")
-        if len(dcs) > 1:
-            _fail(path + ("root_cert",), "set with {} data centers; supported with one data "
-                  "center only: in the lab, Consul 1.8.7's secondary data centers could fail "
-                  "to sign mesh certificates after the primary's root changed (\"error "
-                  "parsing CA cert\"); expected no connect_ca with several data "
-                  "centers".format(len(dcs)))
         if not acl["enabled"]:
             _fail(path + ("root_cert",), "set while acl:enabled is false; the formula "
                   "changes Consul's CA configuration with its management token, which "
@@ -1145,7 +1139,7 @@ def normalize(pillar):
     secret = _norm_secrets(pillar.get("secrets"))
     tls = _norm_tls(pillar.get("tls"), nodes, dcs[0])
     acl = _norm_acl(pillar.get("acl"))
-    connect_ca = _norm_connect_ca(pillar.get("connect_ca"), acl, dcs)
+    connect_ca = _norm_connect_ca(pillar.get("connect_ca"), acl)
     signer_dc = next(n["datacenter"] for n in nodes if n["id"] == tls["signer"])
     if acl["enabled"] and signer_dc != dcs[0]:
         _fail(("tls", "signer"), "node {!r} is in data center {!r}; with ACLs the signer "

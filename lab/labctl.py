@@ -247,9 +247,7 @@ def write_pillar(topo, sha=None):
         "method": "binary", "source": "salt://consul/consul", "source_hash": f"sha256={sha}"}
     top = {"base": {"*": ["apigee_mtls"]}}
     signer_pillar = None
-    # (one data center only: see the planner's connect_ca check)
-    if "connect_ca" not in pillar and pillar.get("acl", {}).get("enabled", True) \
-            and len(pillar.get("datacenters") or ["dc-1"]) == 1:
+    if "connect_ca" not in pillar and pillar.get("acl", {}).get("enabled", True):
         cert, key = org_ca()
         pillar["connect_ca"] = {"root_cert": cert}
         try:

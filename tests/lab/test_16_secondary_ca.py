@@ -8,12 +8,12 @@ parsing CA cert: no PEM-encoded data found" until a leader change, or max_query_
 The formula starts a secondary's servers with their tokens (so the first request is granted),
 ends every run by obtaining the node's leaf, and lets the secondary's leader restart itself
 when its CA has no intermediate."""
-import json
+import os
 import time
 
 import pytest
 
-from conftest import state_summary
+from conftest import labctl, state_summary
 
 LEAF = """
 import json, urllib.request, urllib.error
@@ -77,6 +77,49 @@ def test_first_rollout_gets_the_intermediate_signed_at_once(secondary):
     for node in servers[:1] + clients[:1]:
         leaf = _leaf(lab, node)
         assert leaf["ok"] and leaf["intermediates"] == 1, (node, leaf)
+
+
+CHAIN = """
+import json, urllib.request
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+token = open("/etc/consul.d/acl/agent.token").read().strip()
+req = urllib.request.Request("http://127.0.0.1:8500/v1/agent/connect/ca/leaf/{service}",
+                             headers={{"X-Consul-Token": token}})
+leaf = x509.load_pem_x509_certificate(json.loads(urllib.request.urlopen(req, timeout=15)
+                                                 .read())["CertPEM"].encode())
+roots = json.loads(urllib.request.urlopen("http://127.0.0.1:8500/v1/connect/ca/roots",
+                                          timeout=5).read())
+active = [r for r in roots["Roots"] if r["Active"]][0]
+org = x509.load_pem_x509_certificate({org!r}.encode())
+inter = [x509.load_pem_x509_certificate(p.encode()) for p in active["IntermediateCerts"]]
+issuer = [c for c in inter if c.subject == leaf.issuer][0]
+issuer.public_key().verify(leaf.signature, leaf.tbs_certificate_bytes,
+                           ec.ECDSA(leaf.signature_hash_algorithm))
+org.public_key().verify(issuer.signature, issuer.tbs_certificate_bytes,
+                        ec.ECDSA(issuer.signature_hash_algorithm))
+print(json.dumps({{"root_is_org": active["RootCert"].strip() == {org!r}.strip(),
+                  "leaf_issuer": leaf.issuer.rfc4514_string(),
+                  "intermediate_issuer": issuer.issuer.rfc4514_string()}}))
+"""
+
+
+def test_secondary_leaves_chain_to_the_organisation_ca(secondary):
+    """connect_ca with two data centres: the organisation's CA is the root in both; dc-2's
+    leaves are signed by its own intermediate, which the organisation's CA signed (both
+    signatures checked with the public keys)."""
+    lab, _, _, servers, clients = secondary
+    org_file = f"{labctl.STATE}/org-ca.pem"
+    assert os.path.exists(org_file), "the lab's pillar has no organisation CA (connect_ca)"
+    with open(org_file, encoding="utf-8") as fh:
+        org = fh.read()
+    for node in (servers[0], clients[0]):
+        service = lab.salt(node, "apigee_mtls.plan")[node]["leaf_check"]["service"]
+        out = lab.py(node, CHAIN.format(service=service, org=org),
+                     python="/opt/salt/bin/python3", token=None)
+        assert out["root_is_org"], (node, out)
+        assert out["intermediate_issuer"] == "CN=Example Org Mesh Root CA,O=Example Org", out
+        assert out["leaf_issuer"] != out["intermediate_issuer"], out
 
 
 def _break_secondary_ca(lab, servers, clients):
