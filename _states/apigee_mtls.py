@@ -649,6 +649,100 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
 
 
 # ---------------------------------------------------------------------------------------------
+# The agent's configuration: reload what Consul reloads, restart only for the rest
+_ACTION_TEXT = {"start": "reads it when it starts", "next_start": "reads it at its next start",
+                "reload": "reloaded", "restart": "restarted", "none": "is not touched"}
+_WOULD = {"start": "would read it when it starts", "next_start": "would read it at its next "
+          "start", "reload": "would reload", "restart": "would restart", "none": "unchanged"}
+
+
+def _consul_reload(bin_path, token_file, attempts=15, interval=2):
+    """``consul reload`` (returns once the agent re-read its files), with the agent's local
+    master token from ``token_file``; retried while the agent is still starting."""
+    env = {"CONSUL_HTTP_TOKEN_FILE": token_file} if token_file else {}
+    res = None
+    for _ in range(attempts):
+        res = __salt__["cmd.run_all"]([bin_path, "reload", "-http-addr=127.0.0.1:8500"],
+                                      env=env, python_shell=False, ignore_retcode=True)
+        if res["retcode"] == 0:
+            return None
+        time.sleep(interval)
+    return (res["stderr"] or res["stdout"]).strip()
+
+
+def agent_config_managed(name, config, user="root", group="consul", mode="0640",
+                         bin_path="/usr/local/bin/consul", token_file=None, service="consul"):
+    """
+    Ensure the Consul agent's configuration file ``name`` holds ``config``, and that the
+    running agent uses it with as little disruption as Consul allows: a change of keys that
+    Consul 1.8 re-reads on ``consul reload`` (the log level, TLS settings, ...) reloads the
+    agent, which keeps its PID and every connection; a change of keys read only at start
+    (``retry_join``, ``bootstrap_expect``, ...) waits for the next start; any other change
+    restarts it. The planner's ``agent_config_action`` decides; ``changes`` says which keys
+    changed and what the agent does, and ``test=True`` previews it.
+
+    :param str name: the file (``/etc/consul.d/consul.json``)
+    :param dict config: its content
+    :param str user: owner of the file
+    :param str group: its group (the agent's)
+    :param str mode: its mode
+    :param str bin_path: the consul binary (for ``consul reload``)
+    :param str token_file: a token file allowed to reload the agent (its local master
+        token), with ACLs
+    :param str service: the agent's systemd unit
+    :raises: nothing; a failed write, reload or restart is ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-config-agent-file-managed:
+          apigee_mtls.agent_config_managed:
+            - name: /etc/consul.d/consul.json
+            - config: {"log_level": "INFO", "server": false}
+            - token_file: /etc/consul.d/acl/agent-master.token
+    """
+    ret = _ret(name)
+    text = _read(name)
+    old = None
+    if text is not None:
+        try:
+            old = json.loads(text)
+        except ValueError:
+            old = {}  # unreadable: every key differs
+    decision = __utils__["apigee_mtls_plan.agent_config_action"](old, config)
+    written = __states__["file.serialize"](name=name, dataset=config, serializer="json",
+                                           user=user, group=group, mode=mode)
+    if written["result"] is False:
+        return dict(written, name=name)
+    action = decision["action"]
+    if action in ("reload", "restart") and not __salt__["service.status"](service):
+        action = "start"  # not running: it reads the file when it starts
+    if not written["changes"] and action == "none":
+        ret["comment"] = f"{name} is up to date"
+        return ret
+    ret["changes"] = dict(written["changes"])
+    if action != "none":
+        ret["changes"]["consul"] = {"keys": decision["keys"], "agent": action}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = f"Would update {name}; Consul {_WOULD[action]}"
+        return ret
+    if action == "reload":
+        error = _consul_reload(bin_path, token_file)
+        if error:
+            ret["result"] = False
+            ret["comment"] = f"{name} updated, but consul reload failed: {error}"
+            return ret
+    elif action == "restart":
+        if not __salt__["service.restart"](service):
+            ret["result"] = False
+            ret["comment"] = f"{name} updated, but restarting {service} failed"
+            return ret
+    ret["comment"] = f"{name} updated; Consul {_ACTION_TEXT[action]}" + (
+        f" ({', '.join(decision['keys'])})" if action != "none" else "")
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
 # Connect leaf certificates (the end of a state run: can this node's sidecars get one?)
 NO_INTERMEDIATE = "no PEM-encoded data found"
 

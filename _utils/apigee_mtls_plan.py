@@ -1433,6 +1433,53 @@ def _consul_config(model, index, node, is_server):
     return config
 
 
+#: consul.json keys Consul 1.8 applies on ``consul reload`` (``Agent.ReloadConfig`` in 1.8.7:
+#: the log level, the TLS files and verification settings, node metadata, limits, DNS
+#: settings; services, checks, watches and ACL tokens live in other files and reload too).
+AGENT_RELOADABLE_KEYS = frozenset({
+    "log_level", "ca_file", "cert_file", "key_file", "verify_incoming", "verify_outgoing",
+    "verify_server_hostname", "tls_min_version", "tls_cipher_suites", "node_meta", "limits",
+    "dns_config", "discard_check_output",
+})
+#: keys an agent reads only when it starts or bootstraps: a change takes effect at its next
+#: start and needs no restart (joining a cluster it is already in, expecting servers of a
+#: cluster already bootstrapped)
+AGENT_START_ONLY_KEYS = frozenset({
+    "retry_join", "retry_join_wan", "retry_interval", "retry_interval_wan", "start_join",
+    "start_join_wan", "bootstrap_expect",
+})
+
+
+def agent_config_action(old, new):
+    """
+    What a running Consul agent needs when its configuration file goes from ``old`` to
+    ``new``: nothing, a reload (``consul reload``, the agent keeps its PID and its
+    connections), or a restart. Keys read only at start are written for the next start.
+
+    :param old: the current ``consul.json`` content (dict), or None when there is none
+    :param new: the planned content (dict)
+    :return: ``{"action": "none"|"start"|"next_start"|"reload"|"restart", "keys": [...]}``,
+        ``keys`` the top-level keys that differ (sorted); ``start`` when there was no file
+
+    .. code-block:: python
+
+        >>> agent_config_action({"log_level": "INFO"}, {"log_level": "DEBUG"})
+        {'action': 'reload', 'keys': ['log_level']}
+    """
+    if old is None:
+        return {"action": "start", "keys": sorted(new)}
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        action = "none"
+    elif any(k not in AGENT_RELOADABLE_KEYS and k not in AGENT_START_ONLY_KEYS for k in keys):
+        action = "restart"
+    elif any(k in AGENT_RELOADABLE_KEYS for k in keys):
+        action = "reload"
+    else:
+        action = "next_start"
+    return {"action": action, "keys": keys}
+
+
 SIDECAR_CHECK_INTERVAL = "5s"
 
 

@@ -13,16 +13,25 @@ include:
   - apigee_mtls.acl
 {%- endif %}
 
+{#- a change of keys Consul reloads (log level, TLS settings) reloads the running agent, which
+    keeps its PID and connections; keys read at start wait for the next start; anything else
+    restarts it (apigee_mtls.agent_config_managed; the planner's agent_config_action decides) #}
 apigee-mtls-config-agent-file-managed:
-  file.serialize:
+  apigee_mtls.agent_config_managed:
     - name: {{ c.config_dir }}/consul.json
-    - serializer: json
-    - dataset: {{ plan.consul_config | json }}
+    - config: {{ plan.consul_config | json }}
     - user: root
     - group: {{ c.group }}
     - mode: "0640"
+    - bin_path: {{ c.bin }}
+{%- if plan.acl.enabled %}
+    - token_file: {{ plan.acl.agent_master_token_file }}
+{%- endif %}
     - require:
       - file: apigee-mtls-install-config-dir-managed
+{%- if plan.acl.enabled %}
+      - file: apigee-mtls-acl-agent-master-file-managed
+{%- endif %}
 
 apigee-mtls-config-encrypt-file-managed:
   file.managed:

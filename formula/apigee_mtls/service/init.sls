@@ -31,13 +31,14 @@ apigee-mtls-service-running:
       # encrypt.json seeds the keyring on the first start only; a later key change goes
       # through `consul keyring`, so it must not restart every agent at once
       - file: apigee-mtls-config-encrypt-file-managed
+      # consul.json: its own state reloads or restarts a running agent as the change needs
+      - apigee_mtls: apigee-mtls-config-agent-file-managed
     - watch:
 {%- if plan.acl.enabled %}
       # the local master token must be known from the first start (reload needs it)
       - file: apigee-mtls-acl-agent-master-file-managed
 {%- endif %}
       - file: apigee-mtls-service-unit-managed
-      - file: apigee-mtls-config-agent-file-managed
       - file: apigee-mtls-install-consul-binary-managed
 
 {#- `consul reload` returns once the agent has re-read its configuration (a SIGHUP would

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Traffic harness: Apigee-like clients that keep using the mesh while an operation runs, and
+count what failed.
+
+On every node it starts (``systemd-run``, a transient unit ``apigee-traffic``) a small client,
+standard library only, that for each target (one per destination component per remote node the
+node's components may reach, aimed at the component's real address: the node's iptables rules
+redirect it into the mesh):
+
+- opens a **new connection** every ``interval`` seconds (0.05 by default), to each target in
+  turn (every target is used every ``interval`` x number of targets), sends a line, reads
+  the component's reply (the lab's stand-ins answer each line with who they are), and closes;
+- holds one **long-lived connection** that sends a line every ``long_interval`` seconds and
+  reads the reply; a connection that errors or answers wrongly counts as broken, and is
+  reopened;
+- samples the local Consul agent's ``/v1/status/leader`` every second.
+
+It stops by itself after ``max_seconds`` (or when told to), and writes a JSON report. The host
+side (:class:`Traffic`) picks the targets from the planner, starts the clients, stops them and
+sums the reports: failed new connections, broken long-lived connections, the longest gap
+between two successful requests of one target, and samples without a leader.
+
+Used by the lab tests (day-2 operations under traffic) and ``bench/run.py``::
+
+    traffic = Traffic(lab)          # lab: tests/lab/conftest.py's Lab
+    traffic.start()
+    ...                              # the operation
+    report = traffic.stop()          # {"totals": {...}, "nodes": {...}}
+"""
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import urllib.request
+
+UNIT = "apigee-traffic"
+NODE_DIR = "/run/apigee-traffic"
+
+
+# ---------------------------------------------------------------------------------------------
+# the client, inside a node
+class _Target:
+    def __init__(self, spec):
+        self.spec = spec
+        self.lock = threading.Lock()
+        self.new_ok = self.new_failed = 0
+        self.long_ok = self.long_broken = 0
+        self.failures = []  # [(seconds since start, kind, error)], the first ones
+        self.last_ok = None
+        self.max_gap = 0.0
+
+    def ok(self, kind, now):
+        with self.lock:
+            if kind == "new":
+                self.new_ok += 1
+            else:
+                self.long_ok += 1
+            if self.last_ok is not None:
+                self.max_gap = max(self.max_gap, now - self.last_ok)
+            self.last_ok = now
+
+    def failed(self, kind, now, t0, error):
+        with self.lock:
+            if kind == "new":
+                self.new_failed += 1
+            else:
+                self.long_broken += 1
+            if len(self.failures) < 20:
+                self.failures.append((round(now - t0, 2), kind, error[:160]))
+
+    def report(self, now):
+        with self.lock:
+            gap = self.max_gap
+            if self.last_ok is not None:
+                gap = max(gap, now - self.last_ok)
+            return {"target": self.spec, "new_ok": self.new_ok, "new_failed": self.new_failed,
+                    "long_ok": self.long_ok, "long_broken": self.long_broken,
+                    "max_gap": round(gap, 3), "failures": self.failures}
+
+
+def _request(sock, payload, target):
+    """Send one line, read one line; raise when the reply is not the target's component."""
+    sock.sendall(payload.encode() + b"\n")
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed without reply" if not buf else "closed mid-reply")
+        buf += chunk
+    reply = json.loads(buf)
+    if reply.get("node") != target["node"] or reply.get("port") != target["port"]:
+        raise ValueError(f"wrong reply {reply.get('node')}:{reply.get('port')}")
+    return reply
+
+
+def _new_connections(tgt, cfg, stop, t0, offset):
+    spec, n = tgt.spec, 0
+    every = cfg["interval"] * len(cfg["targets"])
+    stop.wait(offset)
+    while not stop.is_set():
+        started = time.monotonic()
+        n += 1
+        try:
+            with socket.create_connection((spec["ip"], spec["port"]), timeout=cfg["timeout"]) as s:
+                s.settimeout(cfg["timeout"])
+                _request(s, f"new {n}", spec)
+            tgt.ok("new", time.monotonic())
+        except Exception as exc:  # pylint: disable=broad-except
+            tgt.failed("new", time.monotonic(), t0, f"{type(exc).__name__}: {exc}")
+        stop.wait(max(0.0, every - (time.monotonic() - started)))
+
+
+def _long_lived(tgt, cfg, stop, t0):
+    spec, sock, n = tgt.spec, None, 0
+    while not stop.is_set():
+        n += 1
+        try:
+            if sock is None:
+                sock = socket.create_connection((spec["ip"], spec["port"]),
+                                                timeout=cfg["timeout"])
+                sock.settimeout(cfg["timeout"])
+            _request(sock, f"long {n}", spec)
+            tgt.ok("long", time.monotonic())
+        except Exception as exc:  # pylint: disable=broad-except
+            tgt.failed("long", time.monotonic(), t0, f"{type(exc).__name__}: {exc}")
+            if sock is not None:
+                sock.close()
+            sock = None
+            stop.wait(0.2)
+            continue
+        stop.wait(cfg["long_interval"])
+    if sock is not None:
+        sock.close()
+
+
+def _leader(samples, stop):
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:8500/v1/status/leader",
+                                        timeout=1) as res:
+                leader = json.loads(res.read() or b'""')
+        except Exception:  # pylint: disable=broad-except
+            leader = ""
+        samples.append((round(time.monotonic(), 2), bool(leader)))
+        stop.wait(1.0)
+
+
+def run_client(config_path):
+    """The in-node client: runs until ``<dir>/stop`` exists or ``max_seconds`` pass, then
+    writes ``<dir>/report.json``."""
+    with open(config_path, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    stop, t0 = threading.Event(), time.monotonic()
+    targets = [_Target(spec) for spec in cfg["targets"]]
+    samples = []
+    threads = [threading.Thread(target=_leader, args=(samples, stop), daemon=True)]
+    for i, tgt in enumerate(targets):
+        threads.append(threading.Thread(target=_new_connections,
+                                        args=(tgt, cfg, stop, t0, i * cfg["interval"]),
+                                        daemon=True))
+        threads.append(threading.Thread(target=_long_lived, args=(tgt, cfg, stop, t0),
+                                        daemon=True))
+    for thread in threads:
+        thread.start()
+    stop_file = os.path.join(cfg["dir"], "stop")
+    while not os.path.exists(stop_file) and time.monotonic() - t0 < cfg["max_seconds"]:
+        time.sleep(0.2)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=cfg["timeout"] + 2)
+    now = time.monotonic()
+    no_leader = [t for t, ok in samples if not ok]
+    report = {"seconds": round(now - t0, 1), "targets": [t.report(now) for t in targets],
+              "leader_samples": len(samples), "no_leader_samples": len(no_leader),
+              "no_leader_at": [round(t - t0, 1) for t in no_leader][:50]}
+    tmp = os.path.join(cfg["dir"], "report.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(report, fh)
+    os.replace(tmp, os.path.join(cfg["dir"], "report.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the host side
+def _planner():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "_utils"))
+    import apigee_mtls_plan  # pylint: disable=import-outside-toplevel
+
+    return apigee_mtls_plan
+
+
+def targets_for(pillar, node_id):
+    """One target per (remote node, destination component) the node may reach: the
+    component's first meshed port there, at the real address (redirected into the mesh)."""
+    planner = _planner()
+    seen, out = set(), []
+    for up in planner.plan(pillar, node_id)["upstreams"]:
+        key = (up["node"], up["component"])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"node": up["node"], "component": up["component"], "ip": up["ip"],
+                    "port": up["component_port"]})
+    return out
+
+
+class Traffic:
+    """Clients on every node of a lab (``tests/lab/conftest.py``'s ``Lab``).
+
+    :param lab: the lab
+    :param pillar: the ``apigee_mtls`` pillar the targets come from (default: the lab's)
+    :param nodes: the nodes that run a client (default: every node)
+    :param interval: seconds between two new connections of a node (targets in turn)
+    :param long_interval: seconds between two requests on a long-lived connection
+    :param max_seconds: the clients stop by themselves after this long
+    """
+
+    def __init__(self, lab, pillar=None, nodes=None, interval=0.05, long_interval=1.0,
+                 max_seconds=900, timeout=3.0):
+        self.lab = lab
+        self.nodes = list(nodes or lab.nodes)
+        self.cfg = {"interval": interval, "long_interval": long_interval,
+                    "max_seconds": max_seconds, "timeout": timeout, "dir": NODE_DIR}
+        self.targets = {n: targets_for(pillar or lab.pillar, n) for n in self.nodes}
+
+    def start(self, settle=3.0):
+        """Start the clients; wait ``settle`` seconds so every target has been used."""
+        with open(os.path.abspath(__file__), encoding="utf-8") as fh:
+            code = fh.read()
+        for node in self.nodes:
+            cfg = dict(self.cfg, targets=self.targets[node])
+            self.lab.run(node, f"systemctl stop {UNIT} 2>/dev/null; systemctl reset-failed "
+                               f"{UNIT} 2>/dev/null; rm -rf {NODE_DIR} && mkdir -p {NODE_DIR}")
+            self.lab.run(node, ["sh", "-c", f"cat > {NODE_DIR}/traffic.py"], input=code)
+            self.lab.run(node, ["sh", "-c", f"cat > {NODE_DIR}/config.json"],
+                         input=json.dumps(cfg))
+            self.lab.run(node, ["systemd-run", "--quiet", f"--unit={UNIT}", "--collect",
+                                "python3", f"{NODE_DIR}/traffic.py", f"{NODE_DIR}/config.json"])
+        time.sleep(settle)
+
+    def stop(self, timeout=30):
+        """Stop the clients and return ``{"totals": {...}, "nodes": {node: report}}``."""
+        for node in self.nodes:
+            self.lab.run(node, ["touch", f"{NODE_DIR}/stop"], check=False)
+        reports, deadline = {}, time.monotonic() + timeout
+        while len(reports) < len(self.nodes) and time.monotonic() < deadline:
+            for node in self.nodes:
+                if node in reports:
+                    continue
+                out = self.lab.run(node, ["cat", f"{NODE_DIR}/report.json"], check=False)
+                if out.returncode == 0 and out.stdout.strip():
+                    reports[node] = json.loads(out.stdout)
+            time.sleep(0.5)
+        missing = [n for n in self.nodes if n not in reports]
+        return {"totals": summarize(reports, missing), "nodes": reports}
+
+
+def summarize(reports, missing=()):
+    """Totals over the nodes' reports: new connections made and failed, long-lived requests
+    and broken connections, the longest gap of any target, samples without a leader, and the
+    failed flows (``"<src> -> <dst> <component>"``)."""
+    tot = {"new_ok": 0, "new_failed": 0, "long_ok": 0, "long_broken": 0, "max_gap": 0.0,
+           "leader_samples": 0, "no_leader_samples": 0, "failed_flows": [],
+           "missing_reports": list(missing)}
+    for node, rep in sorted(reports.items()):
+        tot["leader_samples"] += rep["leader_samples"]
+        tot["no_leader_samples"] += rep["no_leader_samples"]
+        for tgt in rep["targets"]:
+            for key in ("new_ok", "new_failed", "long_ok", "long_broken"):
+                tot[key] += tgt[key]
+            tot["max_gap"] = max(tot["max_gap"], tgt["max_gap"])
+            if tgt["new_failed"] or tgt["long_broken"]:
+                dst = tgt["target"]
+                tot["failed_flows"].append(f"{node} -> {dst['node']} {dst['component']}")
+    tot["max_gap"] = round(tot["max_gap"], 2)
+    return tot
+
+
+if __name__ == "__main__":
+    run_client(sys.argv[1])
