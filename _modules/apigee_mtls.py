@@ -60,7 +60,32 @@ def _pillar():
 
 
 def _error(exc):
+    """The answer of a peer-published function (``sign_agent_certificate``,
+    ``issue_acl_token``) to a bad pillar: the requesting state parses it."""
     return {"error": str(exc), "key": getattr(exc, "key", None)}
+
+
+def _invalid(exc):
+    """The one-line error of a bad pillar (a ``PillarError`` from the planner): the CLI
+    exits non-zero with it, and a template calling the function stops rendering with it."""
+    return CommandExecutionError(f"apigee_mtls: invalid pillar: {exc}")
+
+
+def _model(data=None):
+    """The planner's normalized model of ``data`` (default: this minion's pillar).
+
+    :raises CommandExecutionError: the pillar is invalid
+    """
+    try:
+        return __utils__["apigee_mtls_plan.normalize"](_pillar() if data is None else data)
+    except ValueError as exc:
+        raise _invalid(exc) from exc
+
+
+def _check_bool(name, value, allow_none=False):
+    if (value is None and allow_none) or isinstance(value, bool):
+        return
+    raise CommandExecutionError(f"{name}: expected True or False, got {value!r}")
 
 
 def validate(pillar=None):
@@ -76,12 +101,7 @@ def validate(pillar=None):
 
         salt '*' apigee_mtls.validate
     """
-    data = _pillar() if pillar is None else pillar
-    try:
-        model = __utils__["apigee_mtls_plan.normalize"](data)
-    except ValueError as exc:
-        return _error(exc)
-    return _mask(model)
+    return _mask(_model(pillar))
 
 
 def _mask(obj):
@@ -118,8 +138,8 @@ def rollout_stage():
     """
     stage = __salt__["pillar.get"]("apigee_mtls_rollout:stage", None, unmask=True) or "full"
     if stage not in ROLLOUT_STAGES:
-        raise ValueError(f"apigee_mtls_rollout:stage: {stage!r} is not one of "
-                         f"{', '.join(ROLLOUT_STAGES)}")
+        raise CommandExecutionError(f"apigee_mtls_rollout:stage: {stage!r} is not one of "
+                                    f"{', '.join(ROLLOUT_STAGES)}")
     return stage
 
 
@@ -139,17 +159,21 @@ def plan(node_id=None, pillar=None, secrets=False, lockdown=None):
 
         salt-call apigee_mtls.plan --out=json
     """
+    _check_bool("secrets", secrets)
+    _check_bool("lockdown", lockdown, allow_none=True)
+    if node_id is not None and not isinstance(node_id, str):
+        raise CommandExecutionError(f"node_id: expected a minion id, got {node_id!r}")
     data = _pillar() if pillar is None else pillar
     node_id = node_id or __opts__["id"]
+    model = _model(data)
+    if node_id not in {n["id"] for n in model["nodes"]}:
+        return {"member": False, "node_id": node_id}
+    if lockdown is None:
+        lockdown = rollout_stage() == "full"
     try:
-        model = __utils__["apigee_mtls_plan.normalize"](data)
-        if node_id not in {n["id"] for n in model["nodes"]}:
-            return {"member": False, "node_id": node_id}
-        if lockdown is None:
-            lockdown = rollout_stage() == "full"
         result = __utils__["apigee_mtls_plan.plan"](data, node_id, lockdown=lockdown)
     except ValueError as exc:
-        return _error(exc)
+        raise _invalid(exc) from exc
     result["lockdown"] = lockdown
     result["member"] = True
     if not secrets and result.get("encrypt_config"):
@@ -182,7 +206,7 @@ def intentions(pillar=None):
     try:
         return __utils__["apigee_mtls_plan.intentions"](data)
     except ValueError as exc:
-        return _error(exc)
+        raise _invalid(exc) from exc
 
 
 def ports(pillar=None):
@@ -200,7 +224,7 @@ def ports(pillar=None):
     try:
         return __utils__["apigee_mtls_plan.port_report"](data)
     except ValueError as exc:
-        return _error(exc)
+        raise _invalid(exc) from exc
 
 
 report = ports
@@ -240,10 +264,14 @@ def ca_files(ca_dir=None):
 
         salt n1 apigee_mtls.ca_files
     """
+    if ca_dir is not None and not (isinstance(ca_dir, str) and os.path.isabs(ca_dir)):
+        raise CommandExecutionError(f"ca_dir: expected an absolute path, got {ca_dir!r}")
     try:
         names = os.listdir(ca_dir or CA_DIR)
-    except OSError:
-        return []
+    except FileNotFoundError:
+        return []  # the signer's first run: no CA yet
+    except OSError as exc:
+        raise CommandExecutionError(f"ca_dir: cannot list {ca_dir or CA_DIR}: {exc}") from exc
     gens = {__utils__["apigee_mtls_plan.ca_file_generation"](n) for n in names}
     return [{"generation": g, "cert": _ca_file(g, "cert", ca_dir),
              "key": _ca_file(g, "key", ca_dir)} for g in sorted(x for x in gens if x)]
@@ -267,11 +295,13 @@ def ca_ready(generations=None):
         salt n1 apigee_mtls.ca_ready
     """
     if generations is None:
-        try:
-            model = __utils__["apigee_mtls_plan.normalize"](_pillar())
-        except ValueError:
-            return False
+        model = _model()
         generations = [model["tls"]["ca_generation"]] + model["tls"]["ca_trust"]
+    if not isinstance(generations, (list, tuple)) or not all(
+            isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in generations):
+        raise CommandExecutionError(
+            f"generations: expected a list of CA generations (integers from 1), got "
+            f"{generations!r}")
     return not _missing_generations(generations)
 
 
@@ -423,8 +453,7 @@ def _ensure_token(mgmt, kind, policy, rules, description):
 
 def management_token_file():
     """Path of the management token on the signer (``<config_dir>/acl/management.token``)."""
-    model = validate()
-    return model["consul"]["config_dir"] + "/acl/management.token"
+    return _model()["consul"]["config_dir"] + "/acl/management.token"
 
 
 def issue_acl_token(public_key=None, **kwargs):
@@ -562,6 +591,10 @@ def chain_drifted(status):
 
         salt n1 apigee_mtls.verify
     """
+    if not isinstance(status, dict) or not {"want", "live", "jump"} <= set(status):
+        raise CommandExecutionError(
+            "status: expected one entry of apigee_mtls.firewall_status (a mapping with "
+            f"want, live and jump), got {status!r}")
     if status.get("skipped"):
         return False
     if status["want"] is None:
@@ -583,6 +616,9 @@ def firewall_status(node_plan=None):
 
         salt n1 apigee_mtls.firewall_status
     """
+    if node_plan is not None and not isinstance(node_plan, dict):
+        raise CommandExecutionError(
+            f"node_plan: expected a plan (apigee_mtls.plan), got {node_plan!r}")
     node_plan = node_plan or plan()
     out = {}
     for table, (chain, parent) in CHAINS.items():
@@ -644,10 +680,16 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
 
         salt '*' apigee_mtls.verify
     """
+    if isinstance(probe_timeout, bool) or not isinstance(probe_timeout, (int, float)) or \
+            probe_timeout <= 0:
+        raise CommandExecutionError(
+            f"probe_timeout: expected a positive number of seconds, got {probe_timeout!r}")
+    if isinstance(http_port, bool) or not isinstance(http_port, int) or \
+            not 1 <= http_port <= 65535:
+        raise CommandExecutionError(f"http_port: expected a TCP port, got {http_port!r}")
+    _check_bool("firewall", firewall)
+    _check_bool("lockdown", lockdown)
     node_plan = plan(lockdown=lockdown)
-    if node_plan.get("error"):
-        __context__["retcode"] = 1
-        return {"ok": False, "error": node_plan["error"]}
     if not node_plan.get("member"):
         return {"ok": True, "member": False}
     if not HAS_CONSUL:
@@ -670,7 +712,7 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
     except Exception as exc:  # pylint: disable=broad-except
         __context__["retcode"] = 1
         return {"ok": False, "error": f"local Consul agent not answering: {exc}"}
-    model = validate()
+    model = _model()
     dc = node_plan["datacenter"]
     expected = {n["id"] for n in model["nodes"] if n["datacenter"] == dc and not n["retired"]}
     # serf status 1 alive; 2 "leaving" is how some peers keep seeing a server that restarted

@@ -57,6 +57,22 @@ def _ret(name):
     return {"name": name, "result": True, "changes": {}, "comment": ""}
 
 
+def _member_plan(ret):
+    """This minion's plan (``apigee_mtls.plan``), or None with ``ret`` set to a failure: a
+    bad pillar (the execution module's one-line error) or a minion not in the pillar."""
+    try:
+        plan = __salt__["apigee_mtls.plan"]()
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return None
+    if not plan.get("member"):
+        ret["result"] = False
+        ret["comment"] = "this minion is not in apigee_mtls:nodes"
+        return None
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------
 # agent certificate
 def _common_name(name):
@@ -206,10 +222,8 @@ def agent_certificate_managed(
             - ca_bundle: /etc/consul.d/tls/ca.pem
     """
     ret = _ret(name)
-    plan = __salt__["apigee_mtls.plan"]()
-    if plan.get("error") or not plan.get("member"):
-        ret["result"] = False
-        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
+    plan = _member_plan(ret)
+    if plan is None:
         return ret
     ident, cas, signer = plan["certificate"], plan["ca_generations"], plan["signer"]
     days_remaining = plan["tls"]["cert_days_remaining"]
@@ -550,10 +564,8 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             - private_key: /etc/consul.d/tls/agent-key.pem
     """
     ret = _ret(name)
-    plan = __salt__["apigee_mtls.plan"]()
-    if plan.get("error") or not plan.get("member"):
-        ret["result"] = False
-        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
+    plan = _member_plan(ret)
+    if plan is None:
         return ret
     acl = plan["acl"]
     if not acl.get("enabled"):
@@ -1082,10 +1094,8 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
             - apply_cmd: /usr/local/sbin/apigee-mtls-firewall apply
     """
     ret = _ret(name)
-    plan = __salt__["apigee_mtls.plan"]()
-    if plan.get("error") or not plan.get("member"):
-        ret["result"] = False
-        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
+    plan = _member_plan(ret)
+    if plan is None:
         return ret
     skipped = set()
     for key, status in __salt__["apigee_mtls.firewall_status"](plan).items():
