@@ -163,12 +163,16 @@ def _read(path):
 
 
 def _write(path, text, mode, user, group):
+    """Write ``text`` (ended by a newline) to ``path``, owned by ``user``:``group`` with
+    ``mode``, through Salt's file functions: a temporary file next to ``path`` gets the
+    contents, owner and mode, then replaces ``path`` (Consul never reads a half-written
+    certificate)."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    text = text if text.endswith("\n") else text + "\n"
+    __salt__["file.write"](tmp, text[:-1])  # file.write ends each argument with a newline
     __salt__["file.chown"](tmp, user, group)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    __salt__["file.set_mode"](tmp, mode)
+    __salt__["file.rename"](tmp, path)
 
 
 def _ask_signer(signer, pub, bundle_only):
@@ -187,7 +191,8 @@ def _gens(generations):
 
 
 def agent_certificate_managed(
-    name, private_key, ca_bundle, user="root", group="consul", wait=180, **kwargs
+    name, private_key, ca_bundle, user="root", group="consul", wait=180, mode="0644",
+    signer=None, identity=None, ca_generations=None, days_remaining=None, **kwargs
 ):
     """
     Ensure ``name`` holds a valid Consul agent certificate for this node, issued by the
@@ -222,11 +227,16 @@ def agent_certificate_managed(
             - ca_bundle: /etc/consul.d/tls/ca.pem
     """
     ret = _ret(name)
-    plan = _member_plan(ret)
-    if plan is None:
-        return ret
-    ident, cas, signer = plan["certificate"], plan["ca_generations"], plan["signer"]
-    days_remaining = plan["tls"]["cert_days_remaining"]
+    if None in (signer, identity, ca_generations, days_remaining):
+        plan = _member_plan(ret)
+        if plan is None:
+            return ret
+        signer = signer or plan["signer"]
+        identity = identity or plan["certificate"]
+        ca_generations = ca_generations or plan["ca_generations"]
+        if days_remaining is None:
+            days_remaining = plan["tls"]["cert_days_remaining"]
+    ident, cas = identity, ca_generations
     key_pem, cert_pem, bundle_pem = _read(private_key), _read(name), _read(ca_bundle)
     problems = _cert_problems(cert_pem, key_pem, bundle_pem, ident, days_remaining, cas)
     if not problems["certificate"] and not problems["ca_bundle"]:
@@ -285,12 +295,12 @@ def agent_certificate_managed(
             return ret
         time.sleep(3)
     if answer["ca_bundle"].encode() != bundle_pem:
-        _write(ca_bundle, answer["ca_bundle"], 0o644, user, group)
+        _write(ca_bundle, answer["ca_bundle"], mode, user, group)
         ret["changes"].setdefault("ca_bundle", {
             "reason": ["the signer's CA certificates changed"],
             "generations": [g["generation"] for g in cas]})
     if need_cert:
-        _write(name, answer["certificate"], 0o644, user, group)
+        _write(name, answer["certificate"], mode, user, group)
         cert = cx509.load_pem_x509_certificate(answer["certificate"].encode())
         ret["changes"]["certificate"].update(
             {"serial": format(cert.serial_number, "x"), "not_after": str(cert.not_valid_after_utc)}
@@ -320,6 +330,15 @@ def _ids(user, group):
         if __opts__["test"]:
             return None, None
         raise CommandExecutionError(f"user {user} or group {group} does not exist")
+
+
+def _fix_owner_mode(path, user, group, mode):
+    """Give an existing file its owner and mode (``mode`` an int) through Salt's file
+    functions. Secret files are *created* by ``apigee_mtls_acl.write_secret`` instead, with
+    plain ``os`` calls: it opens them with their final mode, so the secret is never readable
+    by others, not even between a write and a chmod."""
+    __salt__["file.chown"](path, user, group)
+    __salt__["file.set_mode"](path, format(mode, "04o"))
 
 
 def _file_problems(path, uid, gid, mode):
@@ -398,11 +417,14 @@ def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
         problem = _retrying(lambda: _token_problem(token), 0 if __opts__["test"] else wait,
                             "management token check")
     except Exception as exc:  # pylint: disable=broad-except
+        ret["comment"] = f"cannot check the management token in {name}: {exc}"
         if not __opts__["test"]:
             ret["result"] = False
-            ret["comment"] = f"cannot check the management token: {exc}"
-            return ret
-        problem = f"cannot check it yet ({exc})"
+        else:
+            # Consul not answering: neither "valid" nor "would bootstrap" can be said
+            ret["comment"] = ("Could not check the management token in "
+                              f"{name} (Consul: {exc}): the real run checks it")
+        return ret
     if problem:
         ret["changes"]["management_token"] = {"reason": problem, "file": name}
     fix = _file_problems(name, uid, gid, 0o600) if not problem else []
@@ -442,9 +464,8 @@ def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
         _acl("write_secret")(name, token, uid, gid)
         ret["comment"] = f"ACL system bootstrapped; management token in {name}"
     else:
-        for _ in fix:
-            os.chown(name, uid, gid)
-            os.chmod(name, 0o600)
+        if fix:
+            _fix_owner_mode(name, user, group, 0o600)
         ret["comment"] = "ACL system bootstrapped; management token valid"
     if nodes is not None:
         try:
@@ -512,8 +533,7 @@ def local_token_managed(name, user="consul", group="consul", mode="0600"):
         _acl("write_secret")(name, str(uuid.uuid4()), uid, gid, mode)
         ret["comment"] = f"Local token created in {name}"
     else:
-        os.chown(name, uid, gid)
-        os.chmod(name, mode)
+        _fix_owner_mode(name, user, group, mode)
         ret["comment"] = f"Fixed {name}'s owner and mode"
     return ret
 
@@ -536,7 +556,8 @@ def _agent_answers():
 
 
 def acl_token_managed(name, private_key, replication_file=None, user="consul", group="consul",
-                      mode="0600", wait=180, agent_required=True):
+                      mode="0600", wait=180, agent_required=True, signer=None, policy=None,
+                      replication_policy=None):
     """
     Ensure ``name`` holds this node's Consul ACL token, known to Consul and linked to the
     policy this node's pillar gives it (write on its own services only; see the planner's
@@ -564,19 +585,24 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             - private_key: /etc/consul.d/tls/agent-key.pem
     """
     ret = _ret(name)
-    plan = _member_plan(ret)
-    if plan is None:
-        return ret
-    acl = plan["acl"]
-    if not acl.get("enabled"):
-        ret["comment"] = "ACLs are disabled (apigee_mtls:acl:enabled)"
-        return ret
+    if signer is None or policy is None or (replication_file and replication_policy is None):
+        plan = _member_plan(ret)
+        if plan is None:
+            return ret
+        if not plan["acl"].get("enabled"):
+            ret["comment"] = "ACLs are disabled (apigee_mtls:acl:enabled)"
+            return ret
+        signer = signer or plan["signer"]
+        policy = policy or plan["acl"]["policy"]
+        replication_policy = replication_policy or plan["acl"]["replication_policy"]
+    acl = {"policy": policy, "replication_policy": replication_policy}
     uid, gid = _ids(user, group)
     mode = int(str(mode), 8)
     files = {"agent": (name, [acl["policy"]])}
     if replication_file:
         files["replication"] = (replication_file, [acl["replication_policy"]])
     problems = {}
+    unchecked = {}
     offline = not agent_required and not _agent_answers()
     for kind, (path, policies) in files.items():
         token = _acl("read_token")(path)
@@ -593,14 +619,23 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
                 ret["result"] = False
                 ret["comment"] = f"cannot check the {kind} token: {exc}"
                 return ret
-            why = None  # the agent is not up yet: nothing to say before the real run
+            # the agent is not up yet (test=True on a stopped node): the real run checks
+            unchecked[kind] = str(exc)
+            continue
         if why:
             problems[kind] = why
     fix = [p for path, _ in files.values() for p in _file_problems(path, uid, gid, mode)]
     if not problems and not fix:
-        ret["comment"] = (f"ACL token present (policy {acl['policy']}); the agent is not "
-                          "running: checked once it runs" if offline else
-                          f"ACL token valid (policy {acl['policy']})")
+        if unchecked:
+            ret["comment"] = (f"ACL token present (policy {acl['policy']}); could not check "
+                              "it with Consul ("
+                              + "; ".join(f"{k}: {v}" for k, v in sorted(unchecked.items()))
+                              + "): the real run checks it")
+        elif offline:
+            ret["comment"] = (f"ACL token present (policy {acl['policy']}); the agent is not "
+                              "running: checked once it runs")
+        else:
+            ret["comment"] = f"ACL token valid (policy {acl['policy']})"
         return ret
     if problems:
         ret["changes"]["tokens"] = {k: {"reason": v, "policy": files[k][1][0]}
@@ -609,7 +644,7 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
         ret["changes"]["files"] = fix
     if __opts__["test"]:
         ret["result"] = None
-        ret["comment"] = (f"Would ask {plan['signer']} for this node's ACL token"
+        ret["comment"] = (f"Would ask {signer} for this node's ACL token"
                           if problems else "Would fix the token files' owner and mode")
         return ret
     if problems:
@@ -622,7 +657,7 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
         pub = __salt__["x509.get_public_key"](private_key)
         deadline = time.monotonic() + wait
         while True:
-            answer = _ask_for_token(plan["signer"], pub)
+            answer = _ask_for_token(signer, pub)
             if isinstance(answer, dict) and answer.get("agent") and \
                     answer.get("policy") == acl["policy"] and \
                     (not replication_file or answer.get("replication")):
@@ -638,7 +673,7 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             if not retry or time.monotonic() > deadline:
                 ret["result"] = False
                 ret["changes"] = {}
-                ret["comment"] = f"signer {plan['signer']} issued no token: {last or 'no answer'}"
+                ret["comment"] = f"signer {signer} issued no token: {last or 'no answer'}"
                 return ret
             time.sleep(3)
         os.makedirs(os.path.dirname(name), exist_ok=True)
@@ -651,11 +686,10 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             ret["changes"] = {}
             ret["comment"] = f"the signer's answer does not open with {private_key}: {exc}"
             return ret
-        ret["comment"] = f"ACL token issued by {plan['signer']} (policy {acl['policy']})"
+        ret["comment"] = f"ACL token issued by {signer} (policy {acl['policy']})"
     else:
         for path, _ in files.values():
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
+            _fix_owner_mode(path, user, group, mode)
         ret["comment"] = "Token files' owner and mode fixed"
     return ret
 
@@ -1030,19 +1064,37 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
             }
         )
 
-    # allows before denies: a new default deny must never precede the allows it guards
-    for pair in sorted(create + update, key=lambda p: (want[p] == "deny", p)):
-        if pair in by_pair:
+    def write(pair):
+        if pair in delete:
+            client.http.delete(
+                CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}", headers=headers
+            )
+        elif pair in by_pair:
             client.http.put(
                 CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}",
                 data=body(pair), headers=headers,
             )
         else:
             client.http.post(CB.json(), "/v1/connect/intentions", data=body(pair), headers=headers)
-    for pair in delete:
-        client.http.delete(
-            CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}", headers=headers
-        )
+
+    # allows before denies: a new default deny must never precede the allows it guards
+    done = []
+    for pair in sorted(create + update, key=lambda p: (want[p] == "deny", p)) + delete:
+        try:
+            write(pair)
+        except Exception as exc:  # pylint: disable=broad-except
+            # report what was written, and what failed: the next run does the rest
+            ret["result"] = False
+            ret["changes"] = {}
+            for key, pairs in (("created", create), ("updated", update), ("removed", delete)):
+                written = [p for p in pairs if p in done]
+                if written:
+                    ret["changes"][key] = fmt(written)
+            ret["comment"] = (f"Writing intention {pair[0]} -> {pair[1]} failed: {exc}; "
+                              f"{len(done)} of {len(create) + len(update) + len(delete)} "
+                              "written")
+            return ret
+        done.append(pair)
     ret["comment"] = (
         f"Created {len(create)}, updated {len(update)}, removed {len(delete)} intentions"
     )
@@ -1071,7 +1123,7 @@ def _chain_change(key, status):
     return change
 
 
-def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
+def firewall_managed(name, rules_file, apply_cmd, rules6_file=None, firewall=None):
     """
     Ensure the formula's iptables chains (nat ``APIGEE-MTLS-OUT`` jumped from OUTPUT, filter
     ``APIGEE-MTLS-IN`` jumped from INPUT) and ip6tables chains (filter ``APIGEE-MTLS-IN``
@@ -1094,11 +1146,17 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
             - apply_cmd: /usr/local/sbin/apigee-mtls-firewall apply
     """
     ret = _ret(name)
-    plan = _member_plan(ret)
-    if plan is None:
+    if firewall is None:
+        plan = _member_plan(ret)
+        if plan is None:
+            return ret
+        firewall = plan["firewall"]
+    if firewall.get("ip6") is not None and not rules6_file:
+        ret["result"] = False
+        ret["comment"] = "rules6_file is required: the firewall has IPv6 rules"
         return ret
     skipped = set()
-    for key, status in __salt__["apigee_mtls.firewall_status"](plan).items():
+    for key, status in __salt__["apigee_mtls.firewall_status"]({"firewall": firewall}).items():
         if status.get("skipped"):
             skipped.add(status["skipped"])
             continue
@@ -1113,13 +1171,16 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
         ret["result"] = None
         ret["comment"] = "Would rebuild the apigee_mtls firewall chains" + note
         return ret
-    out = __salt__["cmd.run_all"](apply_cmd, python_shell=False)
+    # the firewall script reads its rules files from these variables (an empty RULES6: no
+    # IPv6 rules, the formula's own IPv6 chains are removed)
+    env = {"APIGEE_MTLS_RULES": rules_file, "APIGEE_MTLS_RULES6": rules6_file or ""}
+    out = __salt__["cmd.run_all"](apply_cmd, python_shell=False, env=env)
     if out["retcode"] != 0:
         ret["result"] = False
         ret["comment"] = f"{apply_cmd} failed: {out['stderr'] or out['stdout']}"
         return ret
-    files = rules_file + (f" and {rules6_file}" if rules6_file and plan.get(
-        "ip6tables_restore") is not None and not skipped else "")
+    files = rules_file + (f" and {rules6_file}" if firewall.get("ip6") is not None
+                          and not skipped else "")
     ret["comment"] = "Rebuilt the apigee_mtls firewall chains from " + files + note
     return ret
 
@@ -1196,20 +1257,23 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
         ret["comment"] = "Would rotate the gossip keyring to " + _fingerprint(key)
         return ret
     body = json.dumps({"Key": key})
+    # (what the step does, the change it makes, the call)
     steps = []
     if not complete:
-        steps.append(lambda: client.http.post(CB.boolean(), "/v1/operator/keyring", data=body,
-                                              headers=headers))
-    steps.append(lambda: client.http.put(CB.boolean(), "/v1/operator/keyring", data=body,
-                                         headers=headers))
+        steps.append(("install", {"installed": _fingerprint(key)}, lambda: client.http.post(
+            CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)))
+    steps.append(("use", {"primary": _fingerprint(key)}, lambda: client.http.put(
+        CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)))
     for old in others:
-        steps.append(lambda old=old: client.http.delete(
-            CB.boolean(), "/v1/operator/keyring", data=json.dumps({"Key": old}),
-            headers=headers))
+        steps.append(("remove", {"removed": [_fingerprint(old)]},
+                      lambda old=old: client.http.delete(
+                          CB.boolean(), "/v1/operator/keyring", data=json.dumps({"Key": old}),
+                          headers=headers)))
     # each step is a cluster-wide query that answers 500 when one member is slow to reply;
     # install, use and remove are idempotent: ask again until `wait` runs out
     deadline = time.monotonic() + wait
-    for step in steps:
+    done = {}
+    for what, change, step in steps:
         while True:
             try:
                 step()
@@ -1217,11 +1281,16 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
             except Exception as exc:  # pylint: disable=broad-except
                 if time.monotonic() > deadline:
                     ret["result"] = False
-                    ret["changes"] = {}
+                    ret["changes"] = done  # what the steps before this one did
                     # the exception text could echo the request body: keep it out
-                    ret["comment"] = (f"keyring rotation failed ({type(exc).__name__}); "
-                                      "see the Consul log")
+                    ret["comment"] = (f"keyring rotation failed at step '{what}' "
+                                      f"({type(exc).__name__}); see the Consul log")
                     return ret
                 time.sleep(2)
+        for k, v in change.items():
+            if isinstance(v, list):
+                done.setdefault(k, []).extend(v)
+            else:
+                done[k] = v
     ret["comment"] = "Gossip keyring rotated to " + _fingerprint(key)
     return ret
