@@ -1,16 +1,30 @@
 """
 States for the apigee_mtls formula.
 
-- :py:func:`agent_certificate_managed`: this node's Consul agent certificate, signed by the
-  cluster signer through peer publish (the CA key never leaves the signer; the node's private
-  key never leaves the node).
+- :py:func:`agent_certificate_managed`: this node's Consul agent certificate and CA bundle,
+  signed by the cluster signer through peer publish (the CA key never leaves the signer;
+  the node's private key never leaves the node).
+- :py:func:`acl_bootstrapped`: the Consul ACL system bootstrapped once, its management
+  token on the signer only; tokens of nodes that left the pillar deleted.
+- :py:func:`local_token_managed`: the agent's local ``agent_master`` token, made here.
+- :py:func:`acl_token_managed`: this node's ACL token (and a secondary data center
+  server's replication token), issued by the signer, sealed to the node's key.
+- :py:func:`connect_ca_managed`: the organisation's CA as the Connect (mesh) root.
 - :py:func:`intentions_managed`: the cluster's Consul intentions (default deny + allows),
   through py-consul against the local agent; creates missing, fixes wrong, removes stale.
 - :py:func:`firewall_managed`: the formula's own iptables and ip6tables chains, compared rule
   by rule with the live ones and rebuilt only when they differ.
+- :py:func:`gossip_keyring_managed`: the gossip keyring rotated to the pillar's key.
+- :py:func:`connect_leaf_ready`: the end of a run: the local agent obtains a Connect leaf
+  certificate, or the run fails saying why.
 
-All of them fill ``changes`` before looking at ``test``, answer ``result: None`` with a
-"would" comment in test mode, and never put secrets in their return.
+What a state needs from the pillar comes as arguments, which the formula's SLS files fill
+from the plan; a state given none reads this minion's plan (``apigee_mtls.plan``) and fails
+with its one-line error on a bad pillar. Every state fills ``changes`` before looking at
+``test``, answers ``result: None`` with a "would" comment in test mode when it could check
+(and says it could not check otherwise), and never puts secrets in its return.
+
+:depends: cryptography, py-consul (intentions and keyring)
 """
 
 import datetime
@@ -200,23 +214,34 @@ def agent_certificate_managed(
     the trusted generations (``apigee_mtls:tls:ca_generation`` first, then ``ca_trust``).
 
     The certificate is (re)requested when it is missing, does not match ``private_key``,
-    has other SANs than the topology gives this node, expires within
-    ``apigee_mtls:tls:cert_days_remaining`` days, or is not issued by the signing CA
-    generation (a CA rotation). When only the bundle differs (a rotation begins or ends), the
-    bundle alone is fetched and the certificate kept. The answer is checked against this
-    node's own pillar before anything is written: a signer that does not have the trusted
-    generations yet (or an older pillar) is asked again until ``wait`` runs out, then the
-    state fails, without writing.
+    has other SANs than ``identity``, expires within ``days_remaining`` days, or is not issued
+    by the signing CA generation (a CA rotation). When only the bundle differs (a rotation
+    begins or ends), the bundle alone is fetched and the certificate kept. The answer is
+    checked against this node's own identity and generations before anything is written: a
+    signer that does not have the trusted generations yet (or an older pillar) is asked again
+    until ``wait`` runs out, then the state fails, without writing. Files are written through
+    Salt's ``file.write``, ``file.chown``, ``file.set_mode`` and ``file.rename`` (a temporary
+    file renamed over the old one).
 
-    name
-        Path of the certificate (PEM).
-    private_key
-        Path of this node's private key (created beforehand, e.g. ``x509.private_key_managed``).
-    ca_bundle
-        Path of the CA bundle to write.
-    wait
-        Seconds to keep asking while the signer's CA is not ready (first rollout, or a new CA
-        generation: every node runs at once).
+    :param str name: path of the certificate (PEM)
+    :param str private_key: path of this node's private key (created beforehand, e.g. by
+        ``x509.private_key_managed``); only its public key is sent
+    :param str ca_bundle: path of the CA bundle to write
+    :param str user: owner of both files (default ``root``)
+    :param str group: group of both files (default ``consul``)
+    :param int wait: seconds to keep asking while the signer's CA is not ready (first rollout,
+        or a new CA generation: every node runs at once); default 180
+    :param str mode: mode of both files (default ``"0644"``: public material)
+    :param str signer: minion id of the signer (default ``None``: the plan's ``signer``)
+    :param dict identity: the certificate's ``{"cn", "dns_sans", "ip_sans"}`` (default
+        ``None``: the plan's ``certificate``)
+    :param list ca_generations: the trusted ``[{"generation", "cn"}, ...]``, the signing one
+        first (default ``None``: the plan's ``ca_generations``)
+    :param int days_remaining: renew below this many days of validity (default ``None``:
+        ``apigee_mtls:tls:cert_days_remaining``)
+    :param kwargs: ignored
+    :return: a state return; ``result: False`` when the pillar is invalid, the minion is not
+        in it, the private key is missing or the signer did not sign in time
 
     .. code-block:: yaml
 
@@ -225,6 +250,12 @@ def agent_certificate_managed(
             - name: /etc/consul.d/tls/agent.pem
             - private_key: /etc/consul.d/tls/agent-key.pem
             - ca_bundle: /etc/consul.d/tls/ca.pem
+            - group: consul
+            - signer: n1
+            - identity: {"cn": "n4", "dns_sans": ["localhost", "client.dc-1.consul"],
+                         "ip_sans": ["10.77.0.14", "127.0.0.1"]}
+            - ca_generations: [{"generation": 1, "cn": "apigee_mtls cluster CA"}]
+            - days_remaining: 30
     """
     ret = _ret(name)
     if None in (signer, identity, ca_generations, days_remaining):
@@ -393,14 +424,22 @@ def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
     Ensure the cluster's Consul ACL system is bootstrapped and ``name`` holds its management
     token (0600, owned by ``user``). Run it on the signer only: the management token lives
     there and nowhere else. The bootstrap happens once (``PUT /v1/acl/bootstrap``); later runs
-    check the token with ``/v1/acl/token/self``. The token is never returned nor logged.
-
-    nodes
-        The active node ids: the formula's tokens and policies of any other node (removed or
-        retired) are deleted, so a decommissioned host's token stops working.
+    check the token with ``/v1/acl/token/self``. The token is never returned nor logged; it is
+    written by ``apigee_mtls_acl.write_secret`` (created with mode 0600, never readable by
+    others), a wrong owner or mode is fixed with ``file.chown``/``file.set_mode``.
 
     If the cluster was bootstrapped before but ``name`` is lost, the state fails and says how
-    to recover (put the token back, or Consul's bootstrap reset).
+    to recover (put the token back, or Consul's bootstrap reset). With ``test=True`` and a
+    local agent that does not answer, it says it could not check.
+
+    :param str name: path of the management token file
+    :param list nodes: the active node ids: the formula's tokens and policies of any other
+        node (removed or retired) are deleted, so a decommissioned host's token stops working
+        (default ``None``: no pruning)
+    :param str user: owner of the token file (default ``consul``)
+    :param str group: group of the token file (default ``consul``)
+    :param int wait: seconds to wait for a Consul leader (default 180)
+    :return: a state return
 
     .. code-block:: yaml
 
@@ -505,7 +544,16 @@ def local_token_managed(name, user="consul", group="consul", mode="0600"):
     """
     Ensure ``name`` holds a random token made here (a UUID): the Consul agent's local
     ``agent_master`` token, which never leaves the node and is never returned or logged.
-    An existing one is kept; only its owner and mode are corrected.
+    An existing one is kept; only its owner and mode are corrected (``file.chown``,
+    ``file.set_mode``). A new one is written by ``apigee_mtls_acl.write_secret``, which
+    creates the file with ``mode`` (a secret is never readable by others, not even between a
+    write and a chmod).
+
+    :param str name: path of the token file
+    :param str user: owner (default ``consul``)
+    :param str group: group (default ``consul``)
+    :param str mode: octal mode (default ``"0600"``)
+    :return: a state return
 
     .. code-block:: yaml
 
@@ -559,23 +607,40 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
                       mode="0600", wait=180, agent_required=True, signer=None, policy=None,
                       replication_policy=None):
     """
-    Ensure ``name`` holds this node's Consul ACL token, known to Consul and linked to the
-    policy this node's pillar gives it (write on its own services only; see the planner's
-    ``acl_node_rules``); for a server of a secondary data center, ``replication_file`` the
-    replication token too.
+    Ensure ``name`` holds this node's Consul ACL token, known to Consul and linked to
+    ``policy`` (write on its own services only; see the planner's ``acl_node_rules``); for a
+    server of a secondary data center, ``replication_file`` the replication token too.
 
-    A missing, unknown or stale token is asked from the signer (peer publish,
+    A missing, unknown or stale token is asked from ``signer`` (peer publish,
     ``apigee_mtls.issue_acl_token``), which answers sealed to this node's agent public key;
     it is opened here with ``private_key``. Neither the token nor its ciphertext is in the
-    return. Files are written ``mode`` (0600, or 0640 when the sidecars run as another user
-    of ``group``), owned by ``user``.
+    return. Token files are written by ``apigee_mtls_acl.write_secret`` (created with their
+    final mode); a wrong owner or mode is fixed with ``file.chown``/``file.set_mode``. With
+    ``test=True`` and a local agent that does not answer, an existing token is reported as
+    present but not checked.
 
-    agent_required
-        ``True`` (default): the local agent must answer, to check existing tokens. ``False``
-        for nodes whose tokens come before the agent's first start (servers of a secondary
-        data center: the planner's ``acl:tokens_before_start``): while the agent is not
-        running, missing tokens are still fetched and existing ones are kept unchecked (the
-        next run checks them).
+    :param str name: path of the agent token file
+    :param str private_key: path of this node's agent private key (opens the sealed answer)
+    :param str replication_file: path of the replication token file (servers of a secondary
+        data center; default ``None``: none)
+    :param str user: owner of the token files (default ``consul``)
+    :param str group: group of the token files (default ``consul``)
+    :param str mode: octal mode of the token files (default ``"0600"``; ``"0640"`` when the
+        sidecars run as another user of ``group``)
+    :param int wait: seconds to wait for the agent to check a token, and for the signer to
+        answer (default 180)
+    :param bool agent_required: ``True`` (default): the local agent must answer, to check
+        existing tokens. ``False`` for nodes whose tokens come before the agent's first start
+        (servers of a secondary data center: the planner's ``acl:tokens_before_start``):
+        while the agent is not running, missing tokens are still fetched and existing ones are
+        kept unchecked (the next run checks them)
+    :param str signer: minion id of the signer (default ``None``: the plan's)
+    :param str policy: name of the policy the agent token must be linked to (default
+        ``None``: the plan's ``acl:policy``)
+    :param str replication_policy: name of the replication token's policy (default ``None``:
+        the plan's)
+    :return: a state return; without ``signer`` and ``policy``, ``result: False`` on a bad
+        pillar or a minion not in it
 
     .. code-block:: yaml
 
@@ -583,6 +648,8 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
           apigee_mtls.acl_token_managed:
             - name: /etc/consul.d/acl/agent.token
             - private_key: /etc/consul.d/tls/agent-key.pem
+            - signer: n1
+            - policy: apigee-mtls-node-n4-0123456789
     """
     ret = _ret(name)
     if signer is None or policy is None or (replication_file and replication_policy is None):
@@ -719,7 +786,7 @@ def _leads(address):
         return False
 
 
-def leaf_failure_cause(problem, datacenter, primary_datacenter, servers):
+def _leaf_failure_cause(problem, datacenter, primary_datacenter, servers):
     """
     Explain why a data center's Connect CA does not issue leaf certificates, from Consul's
     error text ``problem``, and say what to do.
@@ -763,15 +830,16 @@ def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacen
     CA; the restart is reported in ``changes``.
 
     :param str name: the service whose leaf is requested (the node's egress service)
-    :param str token_file: the node's ACL token file (None without ACLs)
-    :param str datacenter: the node's data center (for messages)
-    :param str primary_datacenter: the primary data center (for messages)
-    :param list servers: the Consul servers of ``datacenter`` (for messages)
+    :param str token_file: the node's ACL token file (default ``None``: no ACLs)
+    :param str datacenter: the node's data center (for messages; default ``dc-1``)
+    :param str primary_datacenter: the primary data center (for messages; default ``dc-1``)
+    :param list servers: the Consul servers of ``datacenter`` (minion ids, for messages)
     :param bool heal_secondary_ca: restart the agent if it leads a secondary data center
-        whose CA has no intermediate
+        whose CA has no intermediate (default ``False``)
     :param str address: the node's IP (to recognise the leader, ``<address>:8300``)
-    :param int wait: seconds to wait for a leaf before failing
-    :param int heal_after: seconds of the no-intermediate error before healing
+    :param int wait: seconds to wait for a leaf before failing (default 90)
+    :param int heal_after: seconds of the no-intermediate error before healing (default 20)
+    :return: a state return
 
     .. code-block:: yaml
 
@@ -825,7 +893,7 @@ def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacen
         return ret
     ret["result"] = False
     ret["comment"] = (f"no Connect leaf certificate for {name} after {wait} s: {problem}. "
-                      + leaf_failure_cause(problem, datacenter, primary_datacenter,
+                      + _leaf_failure_cause(problem, datacenter, primary_datacenter,
                                            servers))
     return ret
 
@@ -844,6 +912,15 @@ def connect_ca_managed(name, root_cert, key_pillar, token_file, wait=120):
     SLS nor the job's arguments), through ``/v1/connect/ca/configuration`` with the
     management token in ``token_file``. Consul cross-signs the old root and re-issues every
     leaf certificate; the sidecars pick them up without a restart. Run it on the signer.
+
+    :param str name: an identifier for the state (not a path)
+    :param str root_cert: the organisation's CA certificate (PEM)
+    :param str key_pillar: pillar path of its private key (unencrypted PEM, EC or RSA)
+    :param str token_file: path of the management token file
+    :param int wait: seconds to retry while Consul's answer is lost or the new root is not
+        active yet (default 120)
+    :return: a state return; ``result: False`` when the key is missing, not the
+        certificate's, of another type, or Consul refuses the configuration
 
     .. code-block:: yaml
 
@@ -986,18 +1063,26 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
     (marked with ``Meta: {managed-by: apigee_mtls}``). Missing ones are created (allows first,
     then the default deny, so that no allowed flow is ever refused during a rollout), wrong
     actions are corrected, stale managed ones are removed. Unmanaged intentions for the same
-    pair are adopted; other unmanaged intentions are left alone.
+    pair are adopted; other unmanaged intentions are left alone. A write Consul refuses fails
+    the state with its error; ``changes`` then lists what was written before it.
 
-    intentions
-        List of ``{"source", "destination", "action"}``.
-    wait
-        Seconds to wait for a Consul leader.
+    :param str name: an identifier for the state (not a path)
+    :param list intentions: ``[{"source", "destination", "action"}, ...]`` (``action``:
+        ``allow`` or ``deny``), e.g. ``apigee_mtls.intentions``
+    :param str url: the local Consul agent's HTTP address (default
+        ``http://127.0.0.1:8500``)
+    :param int wait: seconds to wait for a Consul leader (default 120)
+    :param str token: Consul ACL token to write with (default ``None``)
+    :param str token_file: file holding that token, read here (default ``None``; wins over
+        ``token``)
+    :return: a state return
 
     .. code-block:: yaml
 
         apigee-mtls-intentions-managed:
           apigee_mtls.intentions_managed:
             - intentions: {{ salt['apigee_mtls.intentions']() | json }}
+            - token_file: /etc/consul.d/acl/management.token
     """
     ret = _ret(name)
     if token_file:
@@ -1127,15 +1212,29 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None, firewall=Non
     """
     Ensure the formula's iptables chains (nat ``APIGEE-MTLS-OUT`` jumped from OUTPUT, filter
     ``APIGEE-MTLS-IN`` jumped from INPUT) and ip6tables chains (filter ``APIGEE-MTLS-IN``
-    jumped from INPUT, ``APIGEE-MTLS-OUT`` from OUTPUT) hold exactly the rules of this
-    node's plan.
+    jumped from INPUT, ``APIGEE-MTLS-OUT`` from OUTPUT) hold exactly the rules of
+    ``firewall``.
 
-    The live chains are compared rule by rule with the plan; when they differ (or the jumps
-    are missing) ``apply_cmd`` rebuilds them from ``rules_file`` and ``rules6_file``
-    atomically (``iptables-restore``/``ip6tables-restore --noflush``: only the formula's
-    chains are flushed, no other rule is touched). On a host without IPv6 (or without
-    ``ip6tables``) the IPv6 part is skipped and the comment says so. With
-    ``firewall:ipv6`` false, IPv6 chains the formula made earlier are removed, nothing more.
+    The live chains are compared rule by rule with ``firewall``; when they differ (or the
+    jumps are missing) ``apply_cmd`` rebuilds them from ``rules_file`` and ``rules6_file``
+    (passed to it as ``APIGEE_MTLS_RULES`` and ``APIGEE_MTLS_RULES6``) atomically
+    (``iptables-restore``/``ip6tables-restore --noflush``: only the formula's chains are
+    flushed, no other rule is touched). On a host without IPv6 (or without ``ip6tables``) the
+    IPv6 part is skipped and the comment says so. Without IPv6 rules (``firewall:ipv6``
+    false), IPv6 chains the formula made earlier are removed, nothing more.
+
+    :param str name: an identifier for the state (not a path)
+    :param str rules_file: path of the ``iptables-restore`` payload (written beforehand, e.g.
+        by ``file.managed`` with the plan's ``iptables_restore``)
+    :param str apply_cmd: the command that applies the files (the formula's
+        ``apigee-mtls-firewall apply``), run without a shell
+    :param str rules6_file: path of the ``ip6tables-restore`` payload; required when
+        ``firewall`` has IPv6 rules (default ``None``: no IPv6 rules)
+    :param dict firewall: the plan's ``firewall``: ``{"nat": [rules], "filter": [rules],
+        "ip6": {"input": [rules], "output": [rules]} or None}`` in ``iptables -S`` form
+        (default ``None``: this minion's plan)
+    :return: a state return; ``result: False`` when ``apply_cmd`` fails, IPv6 rules come
+        without ``rules6_file``, or (without ``firewall``) the pillar is invalid
 
     .. code-block:: yaml
 
@@ -1144,6 +1243,7 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None, firewall=Non
             - rules_file: /etc/apigee-mtls/iptables.rules
             - rules6_file: /etc/apigee-mtls/ip6tables.rules
             - apply_cmd: /usr/local/sbin/apigee-mtls-firewall apply
+            - firewall: {{ plan.firewall | json }}
     """
     ret = _ret(name)
     if firewall is None:
@@ -1201,17 +1301,26 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
     node of every pool (LAN per data center, WAN). A new key is rotated in through
     ``/v1/operator/keyring`` the way ``consul keyring`` does: install it everywhere, make it
     primary, then remove the others, so that no node ever lacks a key its peers use. Keys
-    are shown only as fingerprints. Run it on one server (the formula uses the signer).
+    are shown only as fingerprints. Run it on one server (the formula uses the signer). A
+    rotation that fails midway reports the steps that were done in ``changes``.
+
+    :param str name: an identifier for the state (not a path)
+    :param str key: the gossip key (base64); prefer ``key_pillar``
+    :param str key_pillar: pillar path of the key, read here: the key is then not part of the
+        rendered SLS (``state.show_sls``) nor of the job's arguments; wins over ``key``
+    :param str url: the local Consul agent's HTTP address (default
+        ``http://127.0.0.1:8500``)
+    :param int wait: seconds to retry the keyring queries (default 120)
+    :param str token: Consul ACL token with ``keyring = "write"`` (default ``None``)
+    :param str token_file: file holding that token, read here (wins over ``token``)
+    :return: a state return
 
     .. code-block:: yaml
 
         apigee-mtls-keyring-managed:
           apigee_mtls.gossip_keyring_managed:
             - key_pillar: apigee_mtls:secrets:gossip_key
-
-    key_pillar
-        Pillar path of the key, read here: the key is then not part of the rendered SLS
-        (``state.show_sls``) nor of the job's arguments. ``key`` passes it directly.
+            - token_file: /etc/consul.d/acl/management.token
     """
     ret = _ret(name)
     if key_pillar:

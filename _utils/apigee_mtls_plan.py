@@ -1922,38 +1922,6 @@ def intentions(pillar):
     return result
 
 
-def signing_policies(pillar, ca_key_path, ca_cert_path):
-    """
-    The ``x509_signing_policies`` pillar content for the signer.
-
-    :param ca_key_path: path of the CA private key on the signer
-    :param ca_cert_path: path of the CA certificate on the signer
-    :return: ``{"apigee_mtls_<id>": policy}`` for every non-retired node
-    """
-    model = normalize(pillar)
-    servers = set(model["servers"])
-    policies = {}
-    for node in model["nodes"]:
-        if node["retired"]:
-            continue
-        cert = _certificate(node, node["id"] in servers)
-        sans = ["DNS:" + n for n in cert["dns_sans"]] + ["IP:" + a for a in cert["ip_sans"]]
-        policies["apigee_mtls_{}".format(node["id"])] = {
-            "minions": node["id"],
-            "signing_private_key": ca_key_path,
-            "signing_cert": ca_cert_path,
-            "CN": cert["cn"],
-            "subjectAltName": ",".join(sans),
-            "basicConstraints": "critical, CA:false",
-            "keyUsage": "critical, digitalSignature, keyEncipherment",
-            "extendedKeyUsage": "serverAuth, clientAuth",
-            "subjectKeyIdentifier": "hash",
-            "authorityKeyIdentifier": "keyid:always",
-            "days_valid": model["tls"]["cert_days_valid"],
-        }
-    return policies
-
-
 def port_report(pillar):
     """
     Port assignments of every node, like the product's port report.
