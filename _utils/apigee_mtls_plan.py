@@ -235,8 +235,12 @@ CA_COMMON_NAME = "apigee_mtls cluster CA"
 
 _TOP_KEYS = (
     "datacenters", "nodes", "cassandra_internode", "port_ranges", "components",
-    "flows", "secrets", "tls", "consul", "firewall", "proxy", "acl", "connect_ca",
+    "flows", "secrets", "tls", "consul", "firewall", "proxy", "acl", "connect_ca", "lookup",
 )
+#: OS parameters ``apigee_mtls:lookup`` may override (formula/apigee_mtls/parameters/):
+#: map.jinja merges the lookup over them, this list only catches typos
+LOOKUP_KEYS = ("nologin_shell", "pkgs", "systemd_unit_dir", "firewall_script", "state_dir",
+               "firewall_unit_after", "systemd_start_limit_in_service")
 
 #: Consul ACL defaults: on, default deny (the formula bootstraps them).
 ACL_DEFAULTS = {"enabled": True, "down_policy": "extend-cache"}
@@ -1154,6 +1158,8 @@ def normalize(pillar):
               "{!r}".format(tls["signer"], signer_dc, dcs[0]))
     consul = _norm_consul(pillar.get("consul"))
     firewall = _norm_firewall(pillar.get("firewall"), catalog, ranges)
+    # OS parameters: used by map.jinja only (not the planner); a mapping of known names
+    _check_keys(_mapping(pillar.get("lookup"), ("lookup",)), LOOKUP_KEYS, ("lookup",))
     proxy = _norm_proxy(pillar.get("proxy"), consul)
     model = {
         "datacenters": dcs,

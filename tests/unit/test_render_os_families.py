@@ -459,9 +459,24 @@ def _bad_gossip_key(pillar):
     pillar["secrets"]["gossip_key"] = "not-base64!"
 
 
+#: an apigee_mtls:lookup overriding OS parameters (a site's own packages and paths)
+LOOKUP = {"pkgs": ["iptables", "site-netcat"], "firewall_script": "/opt/site/apigee-fw",
+          "systemd_start_limit_in_service": True}
+
+
+def _lookup(pillar):
+    pillar["lookup"] = LOOKUP
+
+
 #: name -> (grains, pillar mutation)
 VARIANTS = {
     "bad-pillar": (OSES["debian12"], _bad_gossip_key),
+    "lookup-debian12": (OSES["debian12"], _lookup),
+    "lookup-oracle7": (OSES["oracle7"], _lookup),
+    "suse": ({"os": "SUSE", "os_family": "Suse", "osmajorrelease": 15, "osrelease": "15.5",
+              "osfinger": "SLES-15"}, None),
+    "windows": ({"os": "Windows", "os_family": "Windows", "osmajorrelease": 2022,
+                 "osrelease": "2022Server", "osfinger": "Windows-2022Server"}, None),
 }
 
 
@@ -498,3 +513,35 @@ def test_bad_pillar_stops_rendering_with_one_error_naming_the_key(variants):
     errors = _render_errors(variants["bad-pillar"])
     assert len(errors) == 1, errors
     assert errors[0].count("apigee_mtls: invalid pillar: apigee_mtls:secrets:gossip_key:") == 1
+
+
+@pytest.mark.parametrize("os_name", ["debian12", "oracle7"])
+def test_lookup_overrides_the_os_parameters(renders, variants, os_name):
+    """apigee_mtls:lookup merges last (template-formula's order): over defaults, os_family
+    and osmajorrelease; what it does not name keeps the OS's value."""
+    res = variants["lookup-" + os_name]
+    assert res["rc"] == 0 and isinstance(res["out"], dict), res["stdout"][:500]
+    states = res["out"]
+    fun, args = _args(states["apigee-mtls-install-pkgs-installed"])
+    assert args["pkgs"] == LOOKUP["pkgs"]
+    _, args = _args(states["apigee-mtls-firewall-script-managed"])
+    assert args["name"] == "/opt/site/apigee-fw"
+    _, args = _args(states["apigee-mtls-firewall-chains-managed"])
+    assert args["apply_cmd"] == "/opt/site/apigee-fw apply"
+    _, args = _args(states["apigee-mtls-mesh-proxy-unit-managed"])
+    assert args["context"]["start_limit_in_service"] is True
+    # not overridden: the family's own
+    want = EXPECTED[OSES[os_name]["os_family"]]
+    users = [_args(st)[1] for st in states.values() if _args(st)[0] == "user.present"]
+    assert users and all(u["shell"] == want["shell"] for u in users)
+    # without a lookup, the family's packages (the same render, other pillar)
+    plain = _states(renders, os_name, SIGNER, "apigee_mtls")
+    assert _args(plain["apigee-mtls-install-pkgs-installed"])[1]["pkgs"] == want["pkgs"]
+
+
+@pytest.mark.parametrize("name,family", [("suse", "Suse"), ("windows", "Windows")])
+def test_an_unsupported_os_family_stops_rendering_naming_it(variants, name, family):
+    errors = _render_errors(variants[name])
+    assert len(errors) == 1, errors
+    assert f"apigee_mtls: unsupported OS family {family} (grain os_family of n1)" in errors[0]
+    assert "Debian and RedHat only" in errors[0]
