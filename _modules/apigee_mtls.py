@@ -38,7 +38,7 @@ import socket
 from salt.exceptions import CommandExecutionError
 
 try:
-    import consul
+    import consul  # noqa: F401  (only whether it imports: verify needs it)
 
     HAS_CONSUL = True
 except ImportError:  # pragma: no cover
@@ -650,7 +650,8 @@ def _live_chain(cmd, table, chain, parent):
     )
     live = None
     if res["retcode"] == 0:
-        live = [_uid_to_name(l) for l in res["stdout"].splitlines() if l.startswith("-A ")]
+        live = [_uid_to_name(rule) for rule in res["stdout"].splitlines()
+                if rule.startswith("-A ")]
     jump = __salt__["cmd.run_all"](
         [cmd, "-w", "-t", table, "-C", parent, "-j", chain], python_shell=False,
         ignore_retcode=True,

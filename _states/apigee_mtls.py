@@ -1122,7 +1122,9 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
     for pair, have in by_pair.items():
         if pair not in want and (have.get("Meta") or {}).get("managed-by") == MANAGED_BY:
             delete.append(pair)
-    fmt = lambda pairs: sorted(f"{s} -> {d} ({want.get((s, d), 'remove')})" for s, d in pairs)
+    def fmt(pairs):
+        return sorted(f"{s} -> {d} ({want.get((s, d), 'remove')})" for s, d in pairs)
+
     for key, pairs in (("created", create), ("updated", update), ("removed", delete)):
         if pairs:
             ret["changes"][key] = fmt(pairs)

@@ -1847,7 +1847,8 @@ def plan(pillar, node_id, proxy_uid=None, lockdown=True):
         ``upstreams``, ``proxies``, ``firewall``, ``certificate``, ``signer``,
         ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`).
         ``firewall`` is ``{"nat": [...], "filter": [...], "ip6": {"input": [...],
-        "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).  A retired node gets empty ``services``,
+        "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).
+        A retired node gets empty ``services``,
         ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
         ``consul_config``, ``encrypt_config``, ``certificate`` and
         ``signing_policy``.

@@ -8,7 +8,6 @@ parsing CA cert: no PEM-encoded data found" until a leader change, or max_query_
 The formula starts a secondary's servers with their tokens (so the first request is granted),
 ends every run by obtaining the node's leaf, and lets the secondary's leader restart itself
 when its CA has no intermediate."""
-import json
 import time
 
 import pytest

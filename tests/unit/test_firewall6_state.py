@@ -137,7 +137,8 @@ def test_host_without_ipv6_is_skipped_with_a_comment_not_a_failure(wire):
     assert "IPv6 firewall skipped: IPv6 disabled" in ret["comment"]
     rerun = _managed()
     assert rerun["result"] is True and rerun["changes"] == {}
-    assert rerun["comment"] == "Firewall chains match the plan; IPv6 firewall skipped: IPv6 disabled"
+    assert rerun["comment"] == ("Firewall chains match the plan; "
+                                "IPv6 firewall skipped: IPv6 disabled")
     status = MODULE.firewall_status(net.plan)
     assert not any(MODULE.chain_drifted(st) for st in status.values())
     assert MODULE._ipv6_word(status) == "skipped: IPv6 disabled"
