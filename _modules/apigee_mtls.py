@@ -1,16 +1,31 @@
 """
 Execution module for the apigee_mtls formula.
 
-Thin wrappers around the pure planner (``_utils/apigee_mtls_plan.py``): they read the
-``apigee_mtls`` pillar and this minion's id, and hand back plain data. The only functions that
-touch the system are :py:func:`sign_agent_certificate` (runs on the signer, through peer
-publish) and :py:func:`gossip_keygen` (randomness).
+Mostly thin wrappers around the pure planner (``_utils/apigee_mtls_plan.py``) that read the
+``apigee_mtls`` pillar and this minion's id and hand back plain data:
 
-Sync it to the minions before use (``state.apply`` does not sync custom modules)::
+- the pillar: :py:func:`validate`, :py:func:`plan`, :py:func:`intentions`,
+  :py:func:`ports` (alias ``report``), :py:func:`rollout_stage`,
+  :py:func:`management_token_file`, :py:func:`gossip_keygen`;
+- the signer, answering other minions through peer publish:
+  :py:func:`sign_agent_certificate`, :py:func:`issue_acl_token`, and its CA files
+  (:py:func:`ca_files`, :py:func:`ca_ready`);
+- the node, read only: :py:func:`firewall_status`, :py:func:`chain_drifted`,
+  :py:func:`ipv6_skip_reason`, :py:func:`verify` (Consul, the chains, the mesh end to end).
+
+Errors: bad input, a bad pillar included, raises ``CommandExecutionError`` with one line
+(``apigee_mtls: invalid pillar: <key>: <what is wrong>``): the CLI exits non-zero, and a
+template calling the function stops rendering with that line. The two peer-published
+functions answer ``{"error": ...}`` dicts instead, which the requesting states parse.
+:py:func:`verify` returns its verdict and sets a non-zero exit code when a check fails.
+
+Sync it to the minions before use (``state.apply`` does not sync custom modules):
+
+.. code-block:: bash
 
     salt '*' saltutil.sync_all
 
-:depends: cryptography (through Salt's ``x509_v2``)
+:depends: cryptography (through Salt's ``x509_v2``), py-consul (:py:func:`verify`)
 """
 
 import concurrent.futures
@@ -23,7 +38,7 @@ import socket
 from salt.exceptions import CommandExecutionError
 
 try:
-    import consul
+    import consul  # noqa: F401  (only whether it imports: verify needs it)
 
     HAS_CONSUL = True
 except ImportError:  # pragma: no cover
@@ -60,15 +75,45 @@ def _pillar():
 
 
 def _error(exc):
+    """The answer of a peer-published function (``sign_agent_certificate``,
+    ``issue_acl_token``) to a bad pillar: the requesting state parses it."""
     return {"error": str(exc), "key": getattr(exc, "key", None)}
+
+
+def _invalid(exc):
+    """The one-line error of a bad pillar (a ``PillarError`` from the planner): the CLI
+    exits non-zero with it, and a template calling the function stops rendering with it."""
+    return CommandExecutionError(f"apigee_mtls: invalid pillar: {exc}")
+
+
+def _model(data=None):
+    """The planner's normalized model of ``data`` (default: this minion's pillar).
+
+    :raises CommandExecutionError: the pillar is invalid
+    """
+    try:
+        return __utils__["apigee_mtls_plan.normalize"](_pillar() if data is None else data)
+    except ValueError as exc:
+        raise _invalid(exc) from exc
+
+
+def _check_bool(name, value, allow_none=False):
+    if (value is None and allow_none) or isinstance(value, bool):
+        return
+    raise CommandExecutionError(f"{name}: expected True or False, got {value!r}")
 
 
 def validate(pillar=None):
     """
-    Validate the ``apigee_mtls`` pillar (or the given dict) and return the normalized model,
-    or ``{"error": "<key>: <what is wrong>", "key": "<key>"}``.
+    Validate the ``apigee_mtls`` pillar (or the given value) and return the normalized model
+    (every default filled in, ports allocated), secrets masked as ``<hidden>``. Use it to check
+    a pillar edit before applying it.
 
-    Secrets are masked in the returned model.
+    :param dict pillar: the value of the ``apigee_mtls`` pillar key to check instead of this
+        minion's pillar (default ``None``: this minion's)
+    :return: the normalized model (dict)
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
 
     CLI Example:
 
@@ -76,12 +121,7 @@ def validate(pillar=None):
 
         salt '*' apigee_mtls.validate
     """
-    data = _pillar() if pillar is None else pillar
-    try:
-        model = __utils__["apigee_mtls_plan.normalize"](data)
-    except ValueError as exc:
-        return _error(exc)
-    return _mask(model)
+    return _mask(_model(pillar))
 
 
 def _mask(obj):
@@ -110,46 +150,68 @@ def rollout_stage():
       the components are still accepted;
     - ``full``: everything, the meshed ports locked down to the sidecars.
 
+    Takes no parameters.
+
+    :return: one of ``agents``, ``mesh``, ``redirect``, ``full`` (str)
+    :raises CommandExecutionError: ``apigee_mtls_rollout:stage`` is another value
+
     CLI Example:
 
     .. code-block:: bash
 
-        salt-call apigee_mtls.rollout_stage
+        salt-call apigee_mtls.rollout_stage pillar='{"apigee_mtls_rollout": {"stage": "mesh"}}'
     """
     stage = __salt__["pillar.get"]("apigee_mtls_rollout:stage", None, unmask=True) or "full"
     if stage not in ROLLOUT_STAGES:
-        raise ValueError(f"apigee_mtls_rollout:stage: {stage!r} is not one of "
-                         f"{', '.join(ROLLOUT_STAGES)}")
+        raise CommandExecutionError(f"apigee_mtls_rollout:stage: {stage!r} is not one of "
+                                    f"{', '.join(ROLLOUT_STAGES)}")
     return stage
 
 
 def plan(node_id=None, pillar=None, secrets=False, lockdown=None):
     """
-    The full plan for one node (default: this minion): Consul agent config, services,
-    sidecars, upstreams, firewall chains, certificate identity. On a bad pillar returns
-    ``{"error": ...}``; on a minion that is not in ``apigee_mtls:nodes`` returns
-    ``{"member": False}``.
+    The full plan for one node: Consul agent config, services, sidecars, upstreams, firewall
+    chains (and their ``iptables-restore`` payloads), certificate identity, ACL policy, plus the
+    settings the SLS files need (``tls``, ``consul``, ``datacenters``, ``proxy``,
+    ``firewall_settings``).
 
-    Secrets (the gossip key under ``encrypt_config``) are hidden unless ``secrets=True``,
-    which only the formula's own templates pass: a job return lands in the job cache.
+    :param str node_id: the minion id to plan for (default ``None``: this minion)
+    :param dict pillar: the value of the ``apigee_mtls`` pillar key to plan from (default
+        ``None``: this minion's pillar)
+    :param bool secrets: ``True`` keeps the gossip key in ``encrypt_config`` (only the formula's
+        own templates pass it: a job return lands in the job cache); default ``False``: hidden
+    :param bool lockdown: ``True`` locks the meshed ports down to the sidecars, ``False`` gives
+        the redirect stage's chains; default ``None``: ``True`` unless
+        :py:func:`rollout_stage` says otherwise
+    :return: the plan (dict, ``member: True``), or ``{"member": False, "node_id": ...}`` for a
+        minion that is not in ``apigee_mtls:nodes``
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
+    :raises CommandExecutionError: ``node_id``, ``secrets`` or ``lockdown`` has the wrong type,
+        or ``apigee_mtls_rollout:stage`` is unknown
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-call apigee_mtls.plan --out=json
+        salt n1 apigee_mtls.plan node_id=n4 lockdown=False
     """
+    _check_bool("secrets", secrets)
+    _check_bool("lockdown", lockdown, allow_none=True)
+    if node_id is not None and not isinstance(node_id, str):
+        raise CommandExecutionError(f"node_id: expected a minion id, got {node_id!r}")
     data = _pillar() if pillar is None else pillar
     node_id = node_id or __opts__["id"]
+    model = _model(data)
+    if node_id not in {n["id"] for n in model["nodes"]}:
+        return {"member": False, "node_id": node_id}
+    if lockdown is None:
+        lockdown = rollout_stage() == "full"
     try:
-        model = __utils__["apigee_mtls_plan.normalize"](data)
-        if node_id not in {n["id"] for n in model["nodes"]}:
-            return {"member": False, "node_id": node_id}
-        if lockdown is None:
-            lockdown = rollout_stage() == "full"
         result = __utils__["apigee_mtls_plan.plan"](data, node_id, lockdown=lockdown)
     except ValueError as exc:
-        return _error(exc)
+        raise _invalid(exc) from exc
     result["lockdown"] = lockdown
     result["member"] = True
     if not secrets and result.get("encrypt_config"):
@@ -170,7 +232,14 @@ def plan(node_id=None, pillar=None, secrets=False, lockdown=None):
 
 def intentions(pillar=None):
     """
-    The intentions the cluster should have (default deny first, then one allow per flow).
+    The intentions the cluster should have: ``* -> *`` deny first, then one allow
+    ``egress-<A> -> <service on B>`` per upstream, in a stable order.
+
+    :param dict pillar: the value of the ``apigee_mtls`` pillar key (default ``None``: this
+        minion's pillar)
+    :return: ``[{"source", "destination", "action"}, ...]``
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
 
     CLI Example:
 
@@ -182,25 +251,33 @@ def intentions(pillar=None):
     try:
         return __utils__["apigee_mtls_plan.intentions"](data)
     except ValueError as exc:
-        return _error(exc)
+        raise _invalid(exc) from exc
 
 
 def ports(pillar=None):
     """
     The port report: per node, the egress port, every ingress listener (service, component
-    port, proxy port) and the upstreams, like the vendor's port report.
+    port, proxy port) and the upstreams, like the vendor's port report. ``report`` is the same
+    function.
+
+    :param dict pillar: the value of the ``apigee_mtls`` pillar key (default ``None``: this
+        minion's pillar)
+    :return: ``{node id: {"ip", "datacenter", "retired", "egress", "ingress", "upstreams"}}``
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-call apigee_mtls.ports
+        salt-call apigee_mtls.report
     """
     data = _pillar() if pillar is None else pillar
     try:
         return __utils__["apigee_mtls_plan.port_report"](data)
     except ValueError as exc:
-        return _error(exc)
+        raise _invalid(exc) from exc
 
 
 report = ports
@@ -210,7 +287,9 @@ def gossip_keygen():
     """
     Generate a new gossip encryption key (32 random bytes, base64), for the operator to put
     in pillar as ``apigee_mtls:secrets:gossip_key``. The formula never generates or replaces
-    the key by itself.
+    the key by itself. Takes no parameters and raises nothing.
+
+    :return: the key (str)
 
     CLI Example:
 
@@ -229,10 +308,15 @@ def _ca_file(generation, kind, ca_dir=None):
 
 def ca_files(ca_dir=None):
     """
-    The CA generations that have a certificate or key on this minion (the signer), ascending:
-    ``[{"generation": N, "cert": path, "key": path}, ...]`` (paths whether or not both exist).
-    The formula removes those the pillar no longer trusts (``tls:ca_generation``,
-    ``tls:ca_trust``).
+    The CA generations that have a certificate or key on this minion (the signer), ascending
+    (paths given whether or not both files exist). The formula removes those the pillar no
+    longer trusts (``tls:ca_generation``, ``tls:ca_trust``).
+
+    :param str ca_dir: absolute path of the CA directory (default ``None``:
+        ``/etc/apigee-mtls/ca``); a directory that does not exist yet holds no generation
+    :return: ``[{"generation": N, "cert": path, "key": path}, ...]``
+    :raises CommandExecutionError: ``ca_dir`` is not an absolute path, or exists but cannot
+        be listed (not a directory, no permission)
 
     CLI Example:
 
@@ -240,10 +324,14 @@ def ca_files(ca_dir=None):
 
         salt n1 apigee_mtls.ca_files
     """
+    if ca_dir is not None and not (isinstance(ca_dir, str) and os.path.isabs(ca_dir)):
+        raise CommandExecutionError(f"ca_dir: expected an absolute path, got {ca_dir!r}")
     try:
         names = os.listdir(ca_dir or CA_DIR)
-    except OSError:
-        return []
+    except FileNotFoundError:
+        return []  # the signer's first run: no CA yet
+    except OSError as exc:
+        raise CommandExecutionError(f"ca_dir: cannot list {ca_dir or CA_DIR}: {exc}") from exc
     gens = {__utils__["apigee_mtls_plan.ca_file_generation"](n) for n in names}
     return [{"generation": g, "cert": _ca_file(g, "cert", ca_dir),
              "key": _ca_file(g, "key", ca_dir)} for g in sorted(x for x in gens if x)]
@@ -256,22 +344,32 @@ def _missing_generations(generations):
 
 def ca_ready(generations=None):
     """
-    True when this minion holds the key and certificate of every CA generation the pillar
+    Whether this minion holds the key and certificate of every CA generation the pillar
     trusts (``tls:ca_generation`` and ``tls:ca_trust``; generation 1 is ``ca.pem`` and
-    ``ca-key.pem``), or of the given list of generations.
+    ``ca-key.pem``), or of the given generations.
+
+    :param list generations: CA generations (integers from 1) to look for (default ``None``:
+        those the pillar trusts)
+    :return: bool
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
+    :raises CommandExecutionError: ``generations`` is not a list of integers from 1
 
     CLI Example:
 
     .. code-block:: bash
 
         salt n1 apigee_mtls.ca_ready
+        salt n1 apigee_mtls.ca_ready '[1, 2]'
     """
     if generations is None:
-        try:
-            model = __utils__["apigee_mtls_plan.normalize"](_pillar())
-        except ValueError:
-            return False
+        model = _model()
         generations = [model["tls"]["ca_generation"]] + model["tls"]["ca_trust"]
+    if not isinstance(generations, (list, tuple)) or not all(
+            isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in generations):
+        raise CommandExecutionError(
+            f"generations: expected a list of CA generations (integers from 1), got "
+            f"{generations!r}")
     return not _missing_generations(generations)
 
 
@@ -320,15 +418,20 @@ def sign_agent_certificate(public_key=None, bundle_only=False, **kwargs):
     The signing CA generation and the trusted ones come from this minion's pillar too
     (``tls:ca_generation``, ``tls:ca_trust``), never from the request.
 
-    public_key
-        PEM public key of the requester (its private key stays on the requester).
-    bundle_only
-        True: sign nothing, only return the CA bundle (a node that must trust a new CA
-        generation while its certificate stays valid).
+    It answers other minions' states, which parse the answer: refusals and a bad pillar are
+    therefore answered as ``{"error": ...}`` dicts, not raised.
 
-    Returns ``{"certificate": PEM, "ca_bundle": PEM, "generation": N, "generations": [...]}``
-    (no ``certificate`` with ``bundle_only``), or ``{"error": ...}`` (with ``"retry": True``
-    while a trusted CA generation does not exist yet on the signer).
+    :param str public_key: PEM public key of the requester (its private key stays on the
+        requester); not needed with ``bundle_only``
+    :param bool bundle_only: ``True``: sign nothing, only return the CA bundle (a node that must
+        trust a new CA generation while its certificate stays valid); default ``False``
+    :param kwargs: Salt's job arguments; ``__pub_id`` (the requesting minion, set by the
+        master) is the only one read
+    :return: ``{"certificate": PEM, "ca_bundle": PEM, "generation": N, "generations": [...]}``
+        (no ``certificate`` with ``bundle_only``), or ``{"error": ...}`` (with ``"retry": True``
+        while a trusted CA generation does not exist yet on the signer; with ``"key"`` for a bad
+        pillar)
+    :raises CommandExecutionError: Salt's x509 module failed to sign
 
     CLI Example (signing for the signer itself):
 
@@ -422,9 +525,21 @@ def _ensure_token(mgmt, kind, policy, rules, description):
 
 
 def management_token_file():
-    """Path of the management token on the signer (``<config_dir>/acl/management.token``)."""
-    model = validate()
-    return model["consul"]["config_dir"] + "/acl/management.token"
+    """
+    Path of the Consul ACL management token on the signer
+    (``<consul:config_dir>/acl/management.token``). Takes no parameters.
+
+    :return: the path (str)
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt n1 apigee_mtls.management_token_file
+    """
+    return _model()["consul"]["config_dir"] + "/acl/management.token"
 
 
 def issue_acl_token(public_key=None, **kwargs):
@@ -437,10 +552,16 @@ def issue_acl_token(public_key=None, **kwargs):
     (``__pub_id``, set by the master), and the token's policy comes from the signer's own
     pillar: write on that node's own services and sidecars only. The tokens are returned
     sealed to ``public_key`` (the requester's agent key; see ``apigee_mtls_acl.seal``): the
-    master's job cache only ever holds ciphertext.
+    master's job cache only ever holds ciphertext. Refusals and a bad pillar are answered as
+    ``{"error": ...}`` dicts, which the requesting state parses.
 
-    Returns ``{"policy": name, "agent": sealed[, "replication": sealed]}`` (a replication
-    token for the servers of secondary data centers), or ``{"error": ..., "retry": bool}``.
+    :param str public_key: PEM public key (EC) of the requester's Consul agent key, the token
+        is sealed to it
+    :param kwargs: Salt's job arguments; ``__pub_id`` (the requesting minion, set by the
+        master) is the only one read
+    :return: ``{"policy": name, "agent": sealed[, "replication_policy": name, "replication":
+        sealed]}`` (a replication token for the servers of secondary data centers), or
+        ``{"error": ..., "retry": bool}``
 
     CLI Example (the signer's own token, sealed to its own agent key):
 
@@ -498,7 +619,10 @@ def ipv6_skip_reason():
     """
     Why this host's IPv6 firewall is skipped, or ``None`` when it is managed: ``"IPv6
     disabled"`` (no ``/proc/net/if_inet6``, or ``net.ipv6.conf.all.disable_ipv6`` is 1) or
-    ``"no ip6tables binary"``. The firewall script decides the same way.
+    ``"no ip6tables binary"``. The firewall script decides the same way. Takes no parameters
+    and raises nothing.
+
+    :return: str or None
 
     CLI Example:
 
@@ -526,7 +650,8 @@ def _live_chain(cmd, table, chain, parent):
     )
     live = None
     if res["retcode"] == 0:
-        live = [_uid_to_name(l) for l in res["stdout"].splitlines() if l.startswith("-A ")]
+        live = [_uid_to_name(rule) for rule in res["stdout"].splitlines()
+                if rule.startswith("-A ")]
     jump = __salt__["cmd.run_all"](
         [cmd, "-w", "-t", table, "-C", parent, "-j", chain], python_shell=False,
         ignore_retcode=True,
@@ -556,12 +681,22 @@ def chain_drifted(status):
     rule, or a missing jump; with no plan (``want`` None: ``firewall:ipv6`` false), any chain
     or jump of the formula left over. A skipped entry (host without IPv6) never drifts.
 
-    CLI Example (through :py:func:`verify`):
+    :param dict status: one value of :py:func:`firewall_status` (``want``, ``live``, ``jump``,
+        optionally ``skipped``)
+    :return: bool
+    :raises CommandExecutionError: ``status`` is not such an entry
+
+    CLI Example (:py:func:`verify` reports the drifted chains of a node):
 
     .. code-block:: bash
 
+        salt-call apigee_mtls.chain_drifted '{"want": [], "live": null, "jump": false}'
         salt n1 apigee_mtls.verify
     """
+    if not isinstance(status, dict) or not {"want", "live", "jump"} <= set(status):
+        raise CommandExecutionError(
+            "status: expected one entry of apigee_mtls.firewall_status (a mapping with "
+            f"want, live and jump), got {status!r}")
     if status.get("skipped"):
         return False
     if status["want"] is None:
@@ -571,11 +706,18 @@ def chain_drifted(status):
 
 def firewall_status(node_plan=None):
     """
-    The formula's iptables and ip6tables chains on this node, live and planned:
-    ``{key: {"table", "parent", "want": [rules] or None, "live": [rules] or None, "jump":
-    bool}}``. IPv4 keys are the chain names; IPv6 keys are ``ip6:<chain>``, with ``family:
-    ipv6``, ``want`` None when ``firewall:ipv6`` is false, and ``skipped: <why>`` on a host
-    without IPv6 (see :py:func:`ipv6_skip_reason`).
+    The formula's iptables and ip6tables chains on this node, live and planned. IPv4 keys are
+    the chain names; IPv6 keys are ``ip6:<chain>``, with ``family: ipv6``, ``want`` None when
+    ``firewall:ipv6`` is false, and ``skipped: <why>`` on a host without IPv6 (see
+    :py:func:`ipv6_skip_reason`).
+
+    :param dict node_plan: a plan (:py:func:`plan`) or at least ``{"firewall": ...}`` to
+        compare with (default ``None``: this minion's plan)
+    :return: ``{key: {"table", "parent", "want": [rules] or None, "live": [rules] or None,
+        "jump": bool}}``
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
+    :raises CommandExecutionError: ``node_plan`` is not a mapping
 
     CLI Example:
 
@@ -583,6 +725,9 @@ def firewall_status(node_plan=None):
 
         salt n1 apigee_mtls.firewall_status
     """
+    if node_plan is not None and not isinstance(node_plan, dict):
+        raise CommandExecutionError(
+            f"node_plan: expected a plan (apigee_mtls.plan), got {node_plan!r}")
     node_plan = node_plan or plan()
     out = {}
     for table, (chain, parent) in CHAINS.items():
@@ -624,30 +769,46 @@ def _ipv6_word(fw):
 
 def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
     """
-    Check this node's part of the mesh and return a structured verdict
-    ``{"ok": bool, "checks": {name: {"ok": bool, ...}}}``; on failure the salt command exits
-    non-zero. Checks: Consul membership of every node of this data center, a leader, every
-    planned service and sidecar registered with passing checks, a Connect leaf certificate
-    issued by the data center's CA, the firewall chains (IPv4,
-    and IPv6 unless the host has none: ``checks.firewall.ipv6`` says "skipped: IPv6
-    disabled" then) equal to the plan, and an end-to-end probe of every egress upstream (the
-    connection must survive the mesh: mTLS handshake and intention check at the destination).
+    Check this node's part of the mesh and return a structured verdict; on a failed check the
+    salt command exits non-zero (the verdict is a report: a failed check is not an exception).
+    Checks: Consul membership of every node of this data center, a leader, every planned
+    service and sidecar registered with passing checks, a Connect leaf certificate issued by
+    the data center's CA, the firewall chains (IPv4, and IPv6 unless the host has none:
+    ``checks.firewall.ipv6`` says "skipped: IPv6 disabled" then) equal to the plan, and an
+    end-to-end probe of every egress upstream (the connection must survive the mesh: mTLS
+    handshake and intention check at the destination).
 
-    firewall
-        False skips the firewall check (a staged rollout before its redirect stage).
-    lockdown
-        False compares the chains with the redirect stage's (meshed ports not yet locked).
+    :param float probe_timeout: seconds each upstream probe waits for the mesh to close the
+        connection (default 1.5)
+    :param int http_port: the local Consul agent's HTTP port (default 8500)
+    :param bool firewall: ``False`` skips the firewall check (a staged rollout before its
+        redirect stage); default ``True``
+    :param bool lockdown: ``False`` compares the chains with the redirect stage's (meshed ports
+        not yet locked); default ``True``
+    :return: ``{"ok": bool, "checks": {name: {"ok": bool, ...}}}``; ``{"ok": True, "member":
+        False}`` on a minion outside the pillar; ``{"ok": False, "error": ...}`` when py-consul
+        is missing or the local agent does not answer
+    :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
+        <key>: <what is wrong>``, one line)
+    :raises CommandExecutionError: an argument has the wrong type or range
 
     CLI Example:
 
     .. code-block:: bash
 
         salt '*' apigee_mtls.verify
+        salt n1 apigee_mtls.verify firewall=False probe_timeout=3
     """
+    if isinstance(probe_timeout, bool) or not isinstance(probe_timeout, (int, float)) or \
+            probe_timeout <= 0:
+        raise CommandExecutionError(
+            f"probe_timeout: expected a positive number of seconds, got {probe_timeout!r}")
+    if isinstance(http_port, bool) or not isinstance(http_port, int) or \
+            not 1 <= http_port <= 65535:
+        raise CommandExecutionError(f"http_port: expected a TCP port, got {http_port!r}")
+    _check_bool("firewall", firewall)
+    _check_bool("lockdown", lockdown)
     node_plan = plan(lockdown=lockdown)
-    if node_plan.get("error"):
-        __context__["retcode"] = 1
-        return {"ok": False, "error": node_plan["error"]}
     if not node_plan.get("member"):
         return {"ok": True, "member": False}
     if not HAS_CONSUL:
@@ -670,7 +831,7 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
     except Exception as exc:  # pylint: disable=broad-except
         __context__["retcode"] = 1
         return {"ok": False, "error": f"local Consul agent not answering: {exc}"}
-    model = validate()
+    model = _model()
     dc = node_plan["datacenter"]
     expected = {n["id"] for n in model["nodes"] if n["datacenter"] == dc and not n["retired"]}
     # serf status 1 alive; 2 "leaving" is how some peers keep seeing a server that restarted

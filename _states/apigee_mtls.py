@@ -1,16 +1,30 @@
 """
 States for the apigee_mtls formula.
 
-- :py:func:`agent_certificate_managed`: this node's Consul agent certificate, signed by the
-  cluster signer through peer publish (the CA key never leaves the signer; the node's private
-  key never leaves the node).
+- :py:func:`agent_certificate_managed`: this node's Consul agent certificate and CA bundle,
+  signed by the cluster signer through peer publish (the CA key never leaves the signer;
+  the node's private key never leaves the node).
+- :py:func:`acl_bootstrapped`: the Consul ACL system bootstrapped once, its management
+  token on the signer only; tokens of nodes that left the pillar deleted.
+- :py:func:`local_token_managed`: the agent's local ``agent_master`` token, made here.
+- :py:func:`acl_token_managed`: this node's ACL token (and a secondary data center
+  server's replication token), issued by the signer, sealed to the node's key.
+- :py:func:`connect_ca_managed`: the organisation's CA as the Connect (mesh) root.
 - :py:func:`intentions_managed`: the cluster's Consul intentions (default deny + allows),
   through py-consul against the local agent; creates missing, fixes wrong, removes stale.
 - :py:func:`firewall_managed`: the formula's own iptables and ip6tables chains, compared rule
   by rule with the live ones and rebuilt only when they differ.
+- :py:func:`gossip_keyring_managed`: the gossip keyring rotated to the pillar's key.
+- :py:func:`connect_leaf_ready`: the end of a run: the local agent obtains a Connect leaf
+  certificate, or the run fails saying why.
 
-All of them fill ``changes`` before looking at ``test``, answer ``result: None`` with a
-"would" comment in test mode, and never put secrets in their return.
+What a state needs from the pillar comes as arguments, which the formula's SLS files fill
+from the plan; a state given none reads this minion's plan (``apigee_mtls.plan``) and fails
+with its one-line error on a bad pillar. Every state fills ``changes`` before looking at
+``test``, answers ``result: None`` with a "would" comment in test mode when it could check
+(and says it could not check otherwise), and never puts secrets in its return.
+
+:depends: cryptography, py-consul (intentions and keyring)
 """
 
 import datetime
@@ -55,6 +69,22 @@ def __virtual__():
 
 def _ret(name):
     return {"name": name, "result": True, "changes": {}, "comment": ""}
+
+
+def _member_plan(ret):
+    """This minion's plan (``apigee_mtls.plan``), or None with ``ret`` set to a failure: a
+    bad pillar (the execution module's one-line error) or a minion not in the pillar."""
+    try:
+        plan = __salt__["apigee_mtls.plan"]()
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return None
+    if not plan.get("member"):
+        ret["result"] = False
+        ret["comment"] = "this minion is not in apigee_mtls:nodes"
+        return None
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,12 +177,16 @@ def _read(path):
 
 
 def _write(path, text, mode, user, group):
+    """Write ``text`` (ended by a newline) to ``path``, owned by ``user``:``group`` with
+    ``mode``, through Salt's file functions: a temporary file next to ``path`` gets the
+    contents, owner and mode, then replaces ``path`` (Consul never reads a half-written
+    certificate)."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    text = text if text.endswith("\n") else text + "\n"
+    __salt__["file.write"](tmp, text[:-1])  # file.write ends each argument with a newline
     __salt__["file.chown"](tmp, user, group)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    __salt__["file.set_mode"](tmp, mode)
+    __salt__["file.rename"](tmp, path)
 
 
 def _ask_signer(signer, pub, bundle_only):
@@ -171,7 +205,8 @@ def _gens(generations):
 
 
 def agent_certificate_managed(
-    name, private_key, ca_bundle, user="root", group="consul", wait=180, **kwargs
+    name, private_key, ca_bundle, user="root", group="consul", wait=180, mode="0644",
+    signer=None, identity=None, ca_generations=None, days_remaining=None, **kwargs
 ):
     """
     Ensure ``name`` holds a valid Consul agent certificate for this node, issued by the
@@ -179,23 +214,34 @@ def agent_certificate_managed(
     the trusted generations (``apigee_mtls:tls:ca_generation`` first, then ``ca_trust``).
 
     The certificate is (re)requested when it is missing, does not match ``private_key``,
-    has other SANs than the topology gives this node, expires within
-    ``apigee_mtls:tls:cert_days_remaining`` days, or is not issued by the signing CA
-    generation (a CA rotation). When only the bundle differs (a rotation begins or ends), the
-    bundle alone is fetched and the certificate kept. The answer is checked against this
-    node's own pillar before anything is written: a signer that does not have the trusted
-    generations yet (or an older pillar) is asked again until ``wait`` runs out, then the
-    state fails, without writing.
+    has other SANs than ``identity``, expires within ``days_remaining`` days, or is not issued
+    by the signing CA generation (a CA rotation). When only the bundle differs (a rotation
+    begins or ends), the bundle alone is fetched and the certificate kept. The answer is
+    checked against this node's own identity and generations before anything is written: a
+    signer that does not have the trusted generations yet (or an older pillar) is asked again
+    until ``wait`` runs out, then the state fails, without writing. Files are written through
+    Salt's ``file.write``, ``file.chown``, ``file.set_mode`` and ``file.rename`` (a temporary
+    file renamed over the old one).
 
-    name
-        Path of the certificate (PEM).
-    private_key
-        Path of this node's private key (created beforehand, e.g. ``x509.private_key_managed``).
-    ca_bundle
-        Path of the CA bundle to write.
-    wait
-        Seconds to keep asking while the signer's CA is not ready (first rollout, or a new CA
-        generation: every node runs at once).
+    :param str name: path of the certificate (PEM)
+    :param str private_key: path of this node's private key (created beforehand, e.g. by
+        ``x509.private_key_managed``); only its public key is sent
+    :param str ca_bundle: path of the CA bundle to write
+    :param str user: owner of both files (default ``root``)
+    :param str group: group of both files (default ``consul``)
+    :param int wait: seconds to keep asking while the signer's CA is not ready (first rollout,
+        or a new CA generation: every node runs at once); default 180
+    :param str mode: mode of both files (default ``"0644"``: public material)
+    :param str signer: minion id of the signer (default ``None``: the plan's ``signer``)
+    :param dict identity: the certificate's ``{"cn", "dns_sans", "ip_sans"}`` (default
+        ``None``: the plan's ``certificate``)
+    :param list ca_generations: the trusted ``[{"generation", "cn"}, ...]``, the signing one
+        first (default ``None``: the plan's ``ca_generations``)
+    :param int days_remaining: renew below this many days of validity (default ``None``:
+        ``apigee_mtls:tls:cert_days_remaining``)
+    :param kwargs: ignored
+    :return: a state return; ``result: False`` when the pillar is invalid, the minion is not
+        in it, the private key is missing or the signer did not sign in time
 
     .. code-block:: yaml
 
@@ -204,15 +250,24 @@ def agent_certificate_managed(
             - name: /etc/consul.d/tls/agent.pem
             - private_key: /etc/consul.d/tls/agent-key.pem
             - ca_bundle: /etc/consul.d/tls/ca.pem
+            - group: consul
+            - signer: n1
+            - identity: {"cn": "n4", "dns_sans": ["localhost", "client.dc-1.consul"],
+                         "ip_sans": ["10.77.0.14", "127.0.0.1"]}
+            - ca_generations: [{"generation": 1, "cn": "apigee_mtls cluster CA"}]
+            - days_remaining: 30
     """
     ret = _ret(name)
-    plan = __salt__["apigee_mtls.plan"]()
-    if plan.get("error") or not plan.get("member"):
-        ret["result"] = False
-        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
-        return ret
-    ident, cas, signer = plan["certificate"], plan["ca_generations"], plan["signer"]
-    days_remaining = plan["tls"]["cert_days_remaining"]
+    if None in (signer, identity, ca_generations, days_remaining):
+        plan = _member_plan(ret)
+        if plan is None:
+            return ret
+        signer = signer or plan["signer"]
+        identity = identity or plan["certificate"]
+        ca_generations = ca_generations or plan["ca_generations"]
+        if days_remaining is None:
+            days_remaining = plan["tls"]["cert_days_remaining"]
+    ident, cas = identity, ca_generations
     key_pem, cert_pem, bundle_pem = _read(private_key), _read(name), _read(ca_bundle)
     problems = _cert_problems(cert_pem, key_pem, bundle_pem, ident, days_remaining, cas)
     if not problems["certificate"] and not problems["ca_bundle"]:
@@ -271,12 +326,12 @@ def agent_certificate_managed(
             return ret
         time.sleep(3)
     if answer["ca_bundle"].encode() != bundle_pem:
-        _write(ca_bundle, answer["ca_bundle"], 0o644, user, group)
+        _write(ca_bundle, answer["ca_bundle"], mode, user, group)
         ret["changes"].setdefault("ca_bundle", {
             "reason": ["the signer's CA certificates changed"],
             "generations": [g["generation"] for g in cas]})
     if need_cert:
-        _write(name, answer["certificate"], 0o644, user, group)
+        _write(name, answer["certificate"], mode, user, group)
         cert = cx509.load_pem_x509_certificate(answer["certificate"].encode())
         ret["changes"]["certificate"].update(
             {"serial": format(cert.serial_number, "x"), "not_after": str(cert.not_valid_after_utc)}
@@ -306,6 +361,15 @@ def _ids(user, group):
         if __opts__["test"]:
             return None, None
         raise CommandExecutionError(f"user {user} or group {group} does not exist")
+
+
+def _fix_owner_mode(path, user, group, mode):
+    """Give an existing file its owner and mode (``mode`` an int) through Salt's file
+    functions. Secret files are *created* by ``apigee_mtls_acl.write_secret`` instead, with
+    plain ``os`` calls: it opens them with their final mode, so the secret is never readable
+    by others, not even between a write and a chmod."""
+    __salt__["file.chown"](path, user, group)
+    __salt__["file.set_mode"](path, format(mode, "04o"))
 
 
 def _file_problems(path, uid, gid, mode):
@@ -360,14 +424,22 @@ def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
     Ensure the cluster's Consul ACL system is bootstrapped and ``name`` holds its management
     token (0600, owned by ``user``). Run it on the signer only: the management token lives
     there and nowhere else. The bootstrap happens once (``PUT /v1/acl/bootstrap``); later runs
-    check the token with ``/v1/acl/token/self``. The token is never returned nor logged.
-
-    nodes
-        The active node ids: the formula's tokens and policies of any other node (removed or
-        retired) are deleted, so a decommissioned host's token stops working.
+    check the token with ``/v1/acl/token/self``. The token is never returned nor logged; it is
+    written by ``apigee_mtls_acl.write_secret`` (created with mode 0600, never readable by
+    others), a wrong owner or mode is fixed with ``file.chown``/``file.set_mode``.
 
     If the cluster was bootstrapped before but ``name`` is lost, the state fails and says how
-    to recover (put the token back, or Consul's bootstrap reset).
+    to recover (put the token back, or Consul's bootstrap reset). With ``test=True`` and a
+    local agent that does not answer, it says it could not check.
+
+    :param str name: path of the management token file
+    :param list nodes: the active node ids: the formula's tokens and policies of any other
+        node (removed or retired) are deleted, so a decommissioned host's token stops working
+        (default ``None``: no pruning)
+    :param str user: owner of the token file (default ``consul``)
+    :param str group: group of the token file (default ``consul``)
+    :param int wait: seconds to wait for a Consul leader (default 180)
+    :return: a state return
 
     .. code-block:: yaml
 
@@ -384,11 +456,14 @@ def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
         problem = _retrying(lambda: _token_problem(token), 0 if __opts__["test"] else wait,
                             "management token check")
     except Exception as exc:  # pylint: disable=broad-except
+        ret["comment"] = f"cannot check the management token in {name}: {exc}"
         if not __opts__["test"]:
             ret["result"] = False
-            ret["comment"] = f"cannot check the management token: {exc}"
-            return ret
-        problem = f"cannot check it yet ({exc})"
+        else:
+            # Consul not answering: neither "valid" nor "would bootstrap" can be said
+            ret["comment"] = ("Could not check the management token in "
+                              f"{name} (Consul: {exc}): the real run checks it")
+        return ret
     if problem:
         ret["changes"]["management_token"] = {"reason": problem, "file": name}
     fix = _file_problems(name, uid, gid, 0o600) if not problem else []
@@ -428,9 +503,8 @@ def acl_bootstrapped(name, nodes=None, user="consul", group="consul", wait=180):
         _acl("write_secret")(name, token, uid, gid)
         ret["comment"] = f"ACL system bootstrapped; management token in {name}"
     else:
-        for _ in fix:
-            os.chown(name, uid, gid)
-            os.chmod(name, 0o600)
+        if fix:
+            _fix_owner_mode(name, user, group, 0o600)
         ret["comment"] = "ACL system bootstrapped; management token valid"
     if nodes is not None:
         try:
@@ -470,7 +544,16 @@ def local_token_managed(name, user="consul", group="consul", mode="0600"):
     """
     Ensure ``name`` holds a random token made here (a UUID): the Consul agent's local
     ``agent_master`` token, which never leaves the node and is never returned or logged.
-    An existing one is kept; only its owner and mode are corrected.
+    An existing one is kept; only its owner and mode are corrected (``file.chown``,
+    ``file.set_mode``). A new one is written by ``apigee_mtls_acl.write_secret``, which
+    creates the file with ``mode`` (a secret is never readable by others, not even between a
+    write and a chmod).
+
+    :param str name: path of the token file
+    :param str user: owner (default ``consul``)
+    :param str group: group (default ``consul``)
+    :param str mode: octal mode (default ``"0600"``)
+    :return: a state return
 
     .. code-block:: yaml
 
@@ -498,8 +581,7 @@ def local_token_managed(name, user="consul", group="consul", mode="0600"):
         _acl("write_secret")(name, str(uuid.uuid4()), uid, gid, mode)
         ret["comment"] = f"Local token created in {name}"
     else:
-        os.chown(name, uid, gid)
-        os.chmod(name, mode)
+        _fix_owner_mode(name, user, group, mode)
         ret["comment"] = f"Fixed {name}'s owner and mode"
     return ret
 
@@ -522,25 +604,43 @@ def _agent_answers():
 
 
 def acl_token_managed(name, private_key, replication_file=None, user="consul", group="consul",
-                      mode="0600", wait=180, agent_required=True):
+                      mode="0600", wait=180, agent_required=True, signer=None, policy=None,
+                      replication_policy=None):
     """
-    Ensure ``name`` holds this node's Consul ACL token, known to Consul and linked to the
-    policy this node's pillar gives it (write on its own services only; see the planner's
-    ``acl_node_rules``); for a server of a secondary data center, ``replication_file`` the
-    replication token too.
+    Ensure ``name`` holds this node's Consul ACL token, known to Consul and linked to
+    ``policy`` (write on its own services only; see the planner's ``acl_node_rules``); for a
+    server of a secondary data center, ``replication_file`` the replication token too.
 
-    A missing, unknown or stale token is asked from the signer (peer publish,
+    A missing, unknown or stale token is asked from ``signer`` (peer publish,
     ``apigee_mtls.issue_acl_token``), which answers sealed to this node's agent public key;
     it is opened here with ``private_key``. Neither the token nor its ciphertext is in the
-    return. Files are written ``mode`` (0600, or 0640 when the sidecars run as another user
-    of ``group``), owned by ``user``.
+    return. Token files are written by ``apigee_mtls_acl.write_secret`` (created with their
+    final mode); a wrong owner or mode is fixed with ``file.chown``/``file.set_mode``. With
+    ``test=True`` and a local agent that does not answer, an existing token is reported as
+    present but not checked.
 
-    agent_required
-        ``True`` (default): the local agent must answer, to check existing tokens. ``False``
-        for nodes whose tokens come before the agent's first start (servers of a secondary
-        data center: the planner's ``acl:tokens_before_start``): while the agent is not
-        running, missing tokens are still fetched and existing ones are kept unchecked (the
-        next run checks them).
+    :param str name: path of the agent token file
+    :param str private_key: path of this node's agent private key (opens the sealed answer)
+    :param str replication_file: path of the replication token file (servers of a secondary
+        data center; default ``None``: none)
+    :param str user: owner of the token files (default ``consul``)
+    :param str group: group of the token files (default ``consul``)
+    :param str mode: octal mode of the token files (default ``"0600"``; ``"0640"`` when the
+        sidecars run as another user of ``group``)
+    :param int wait: seconds to wait for the agent to check a token, and for the signer to
+        answer (default 180)
+    :param bool agent_required: ``True`` (default): the local agent must answer, to check
+        existing tokens. ``False`` for nodes whose tokens come before the agent's first start
+        (servers of a secondary data center: the planner's ``acl:tokens_before_start``):
+        while the agent is not running, missing tokens are still fetched and existing ones are
+        kept unchecked (the next run checks them)
+    :param str signer: minion id of the signer (default ``None``: the plan's)
+    :param str policy: name of the policy the agent token must be linked to (default
+        ``None``: the plan's ``acl:policy``)
+    :param str replication_policy: name of the replication token's policy (default ``None``:
+        the plan's)
+    :return: a state return; without ``signer`` and ``policy``, ``result: False`` on a bad
+        pillar or a minion not in it
 
     .. code-block:: yaml
 
@@ -548,23 +648,28 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
           apigee_mtls.acl_token_managed:
             - name: /etc/consul.d/acl/agent.token
             - private_key: /etc/consul.d/tls/agent-key.pem
+            - signer: n1
+            - policy: apigee-mtls-node-n4-0123456789
     """
     ret = _ret(name)
-    plan = __salt__["apigee_mtls.plan"]()
-    if plan.get("error") or not plan.get("member"):
-        ret["result"] = False
-        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
-        return ret
-    acl = plan["acl"]
-    if not acl.get("enabled"):
-        ret["comment"] = "ACLs are disabled (apigee_mtls:acl:enabled)"
-        return ret
+    if signer is None or policy is None or (replication_file and replication_policy is None):
+        plan = _member_plan(ret)
+        if plan is None:
+            return ret
+        if not plan["acl"].get("enabled"):
+            ret["comment"] = "ACLs are disabled (apigee_mtls:acl:enabled)"
+            return ret
+        signer = signer or plan["signer"]
+        policy = policy or plan["acl"]["policy"]
+        replication_policy = replication_policy or plan["acl"]["replication_policy"]
+    acl = {"policy": policy, "replication_policy": replication_policy}
     uid, gid = _ids(user, group)
     mode = int(str(mode), 8)
     files = {"agent": (name, [acl["policy"]])}
     if replication_file:
         files["replication"] = (replication_file, [acl["replication_policy"]])
     problems = {}
+    unchecked = {}
     offline = not agent_required and not _agent_answers()
     for kind, (path, policies) in files.items():
         token = _acl("read_token")(path)
@@ -581,14 +686,23 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
                 ret["result"] = False
                 ret["comment"] = f"cannot check the {kind} token: {exc}"
                 return ret
-            why = None  # the agent is not up yet: nothing to say before the real run
+            # the agent is not up yet (test=True on a stopped node): the real run checks
+            unchecked[kind] = str(exc)
+            continue
         if why:
             problems[kind] = why
     fix = [p for path, _ in files.values() for p in _file_problems(path, uid, gid, mode)]
     if not problems and not fix:
-        ret["comment"] = (f"ACL token present (policy {acl['policy']}); the agent is not "
-                          "running: checked once it runs" if offline else
-                          f"ACL token valid (policy {acl['policy']})")
+        if unchecked:
+            ret["comment"] = (f"ACL token present (policy {acl['policy']}); could not check "
+                              "it with Consul ("
+                              + "; ".join(f"{k}: {v}" for k, v in sorted(unchecked.items()))
+                              + "): the real run checks it")
+        elif offline:
+            ret["comment"] = (f"ACL token present (policy {acl['policy']}); the agent is not "
+                              "running: checked once it runs")
+        else:
+            ret["comment"] = f"ACL token valid (policy {acl['policy']})"
         return ret
     if problems:
         ret["changes"]["tokens"] = {k: {"reason": v, "policy": files[k][1][0]}
@@ -597,7 +711,7 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
         ret["changes"]["files"] = fix
     if __opts__["test"]:
         ret["result"] = None
-        ret["comment"] = (f"Would ask {plan['signer']} for this node's ACL token"
+        ret["comment"] = (f"Would ask {signer} for this node's ACL token"
                           if problems else "Would fix the token files' owner and mode")
         return ret
     if problems:
@@ -610,7 +724,7 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
         pub = __salt__["x509.get_public_key"](private_key)
         deadline = time.monotonic() + wait
         while True:
-            answer = _ask_for_token(plan["signer"], pub)
+            answer = _ask_for_token(signer, pub)
             if isinstance(answer, dict) and answer.get("agent") and \
                     answer.get("policy") == acl["policy"] and \
                     (not replication_file or answer.get("replication")):
@@ -626,7 +740,7 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             if not retry or time.monotonic() > deadline:
                 ret["result"] = False
                 ret["changes"] = {}
-                ret["comment"] = f"signer {plan['signer']} issued no token: {last or 'no answer'}"
+                ret["comment"] = f"signer {signer} issued no token: {last or 'no answer'}"
                 return ret
             time.sleep(3)
         os.makedirs(os.path.dirname(name), exist_ok=True)
@@ -639,11 +753,10 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             ret["changes"] = {}
             ret["comment"] = f"the signer's answer does not open with {private_key}: {exc}"
             return ret
-        ret["comment"] = f"ACL token issued by {plan['signer']} (policy {acl['policy']})"
+        ret["comment"] = f"ACL token issued by {signer} (policy {acl['policy']})"
     else:
         for path, _ in files.values():
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
+            _fix_owner_mode(path, user, group, mode)
         ret["comment"] = "Token files' owner and mode fixed"
     return ret
 
@@ -767,7 +880,7 @@ def _leads(address):
         return False
 
 
-def leaf_failure_cause(problem, datacenter, primary_datacenter, servers):
+def _leaf_failure_cause(problem, datacenter, primary_datacenter, servers):
     """
     Explain why a data center's Connect CA does not issue leaf certificates, from Consul's
     error text ``problem``, and say what to do.
@@ -811,15 +924,16 @@ def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacen
     CA; the restart is reported in ``changes``.
 
     :param str name: the service whose leaf is requested (the node's egress service)
-    :param str token_file: the node's ACL token file (None without ACLs)
-    :param str datacenter: the node's data center (for messages)
-    :param str primary_datacenter: the primary data center (for messages)
-    :param list servers: the Consul servers of ``datacenter`` (for messages)
+    :param str token_file: the node's ACL token file (default ``None``: no ACLs)
+    :param str datacenter: the node's data center (for messages; default ``dc-1``)
+    :param str primary_datacenter: the primary data center (for messages; default ``dc-1``)
+    :param list servers: the Consul servers of ``datacenter`` (minion ids, for messages)
     :param bool heal_secondary_ca: restart the agent if it leads a secondary data center
-        whose CA has no intermediate
+        whose CA has no intermediate (default ``False``)
     :param str address: the node's IP (to recognise the leader, ``<address>:8300``)
-    :param int wait: seconds to wait for a leaf before failing
-    :param int heal_after: seconds of the no-intermediate error before healing
+    :param int wait: seconds to wait for a leaf before failing (default 90)
+    :param int heal_after: seconds of the no-intermediate error before healing (default 20)
+    :return: a state return
 
     .. code-block:: yaml
 
@@ -873,7 +987,7 @@ def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacen
         return ret
     ret["result"] = False
     ret["comment"] = (f"no Connect leaf certificate for {name} after {wait} s: {problem}. "
-                      + leaf_failure_cause(problem, datacenter, primary_datacenter,
+                      + _leaf_failure_cause(problem, datacenter, primary_datacenter,
                                            servers))
     return ret
 
@@ -892,6 +1006,15 @@ def connect_ca_managed(name, root_cert, key_pillar, token_file, wait=120):
     SLS nor the job's arguments), through ``/v1/connect/ca/configuration`` with the
     management token in ``token_file``. Consul cross-signs the old root and re-issues every
     leaf certificate; the sidecars pick them up without a restart. Run it on the signer.
+
+    :param str name: an identifier for the state (not a path)
+    :param str root_cert: the organisation's CA certificate (PEM)
+    :param str key_pillar: pillar path of its private key (unencrypted PEM, EC or RSA)
+    :param str token_file: path of the management token file
+    :param int wait: seconds to retry while Consul's answer is lost or the new root is not
+        active yet (default 120)
+    :return: a state return; ``result: False`` when the key is missing, not the
+        certificate's, of another type, or Consul refuses the configuration
 
     .. code-block:: yaml
 
@@ -1034,18 +1157,26 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
     (marked with ``Meta: {managed-by: apigee_mtls}``). Missing ones are created (allows first,
     then the default deny, so that no allowed flow is ever refused during a rollout), wrong
     actions are corrected, stale managed ones are removed. Unmanaged intentions for the same
-    pair are adopted; other unmanaged intentions are left alone.
+    pair are adopted; other unmanaged intentions are left alone. A write Consul refuses fails
+    the state with its error; ``changes`` then lists what was written before it.
 
-    intentions
-        List of ``{"source", "destination", "action"}``.
-    wait
-        Seconds to wait for a Consul leader.
+    :param str name: an identifier for the state (not a path)
+    :param list intentions: ``[{"source", "destination", "action"}, ...]`` (``action``:
+        ``allow`` or ``deny``), e.g. ``apigee_mtls.intentions``
+    :param str url: the local Consul agent's HTTP address (default
+        ``http://127.0.0.1:8500``)
+    :param int wait: seconds to wait for a Consul leader (default 120)
+    :param str token: Consul ACL token to write with (default ``None``)
+    :param str token_file: file holding that token, read here (default ``None``; wins over
+        ``token``)
+    :return: a state return
 
     .. code-block:: yaml
 
         apigee-mtls-intentions-managed:
           apigee_mtls.intentions_managed:
             - intentions: {{ salt['apigee_mtls.intentions']() | json }}
+            - token_file: /etc/consul.d/acl/management.token
     """
     ret = _ret(name)
     if token_file:
@@ -1085,7 +1216,9 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
     for pair, have in by_pair.items():
         if pair not in want and (have.get("Meta") or {}).get("managed-by") == MANAGED_BY:
             delete.append(pair)
-    fmt = lambda pairs: sorted(f"{s} -> {d} ({want.get((s, d), 'remove')})" for s, d in pairs)
+    def fmt(pairs):
+        return sorted(f"{s} -> {d} ({want.get((s, d), 'remove')})" for s, d in pairs)
+
     for key, pairs in (("created", create), ("updated", update), ("removed", delete)):
         if pairs:
             ret["changes"][key] = fmt(pairs)
@@ -1112,19 +1245,37 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
             }
         )
 
-    # allows before denies: a new default deny must never precede the allows it guards
-    for pair in sorted(create + update, key=lambda p: (want[p] == "deny", p)):
-        if pair in by_pair:
+    def write(pair):
+        if pair in delete:
+            client.http.delete(
+                CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}", headers=headers
+            )
+        elif pair in by_pair:
             client.http.put(
                 CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}",
                 data=body(pair), headers=headers,
             )
         else:
             client.http.post(CB.json(), "/v1/connect/intentions", data=body(pair), headers=headers)
-    for pair in delete:
-        client.http.delete(
-            CB.boolean(), f"/v1/connect/intentions/{by_pair[pair]['ID']}", headers=headers
-        )
+
+    # allows before denies: a new default deny must never precede the allows it guards
+    done = []
+    for pair in sorted(create + update, key=lambda p: (want[p] == "deny", p)) + delete:
+        try:
+            write(pair)
+        except Exception as exc:  # pylint: disable=broad-except
+            # report what was written, and what failed: the next run does the rest
+            ret["result"] = False
+            ret["changes"] = {}
+            for key, pairs in (("created", create), ("updated", update), ("removed", delete)):
+                written = [p for p in pairs if p in done]
+                if written:
+                    ret["changes"][key] = fmt(written)
+            ret["comment"] = (f"Writing intention {pair[0]} -> {pair[1]} failed: {exc}; "
+                              f"{len(done)} of {len(create) + len(update) + len(delete)} "
+                              "written")
+            return ret
+        done.append(pair)
     ret["comment"] = (
         f"Created {len(create)}, updated {len(update)}, removed {len(delete)} intentions"
     )
@@ -1153,19 +1304,33 @@ def _chain_change(key, status):
     return change
 
 
-def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
+def firewall_managed(name, rules_file, apply_cmd, rules6_file=None, firewall=None):
     """
     Ensure the formula's iptables chains (nat ``APIGEE-MTLS-OUT`` jumped from OUTPUT, filter
     ``APIGEE-MTLS-IN`` jumped from INPUT) and ip6tables chains (filter ``APIGEE-MTLS-IN``
-    jumped from INPUT, ``APIGEE-MTLS-OUT`` from OUTPUT) hold exactly the rules of this
-    node's plan.
+    jumped from INPUT, ``APIGEE-MTLS-OUT`` from OUTPUT) hold exactly the rules of
+    ``firewall``.
 
-    The live chains are compared rule by rule with the plan; when they differ (or the jumps
-    are missing) ``apply_cmd`` rebuilds them from ``rules_file`` and ``rules6_file``
-    atomically (``iptables-restore``/``ip6tables-restore --noflush``: only the formula's
-    chains are flushed, no other rule is touched). On a host without IPv6 (or without
-    ``ip6tables``) the IPv6 part is skipped and the comment says so. With
-    ``firewall:ipv6`` false, IPv6 chains the formula made earlier are removed, nothing more.
+    The live chains are compared rule by rule with ``firewall``; when they differ (or the
+    jumps are missing) ``apply_cmd`` rebuilds them from ``rules_file`` and ``rules6_file``
+    (passed to it as ``APIGEE_MTLS_RULES`` and ``APIGEE_MTLS_RULES6``) atomically
+    (``iptables-restore``/``ip6tables-restore --noflush``: only the formula's chains are
+    flushed, no other rule is touched). On a host without IPv6 (or without ``ip6tables``) the
+    IPv6 part is skipped and the comment says so. Without IPv6 rules (``firewall:ipv6``
+    false), IPv6 chains the formula made earlier are removed, nothing more.
+
+    :param str name: an identifier for the state (not a path)
+    :param str rules_file: path of the ``iptables-restore`` payload (written beforehand, e.g.
+        by ``file.managed`` with the plan's ``iptables_restore``)
+    :param str apply_cmd: the command that applies the files (the formula's
+        ``apigee-mtls-firewall apply``), run without a shell
+    :param str rules6_file: path of the ``ip6tables-restore`` payload; required when
+        ``firewall`` has IPv6 rules (default ``None``: no IPv6 rules)
+    :param dict firewall: the plan's ``firewall``: ``{"nat": [rules], "filter": [rules],
+        "ip6": {"input": [rules], "output": [rules]} or None}`` in ``iptables -S`` form
+        (default ``None``: this minion's plan)
+    :return: a state return; ``result: False`` when ``apply_cmd`` fails, IPv6 rules come
+        without ``rules6_file``, or (without ``firewall``) the pillar is invalid
 
     .. code-block:: yaml
 
@@ -1174,15 +1339,20 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
             - rules_file: /etc/apigee-mtls/iptables.rules
             - rules6_file: /etc/apigee-mtls/ip6tables.rules
             - apply_cmd: /usr/local/sbin/apigee-mtls-firewall apply
+            - firewall: {{ plan.firewall | json }}
     """
     ret = _ret(name)
-    plan = __salt__["apigee_mtls.plan"]()
-    if plan.get("error") or not plan.get("member"):
+    if firewall is None:
+        plan = _member_plan(ret)
+        if plan is None:
+            return ret
+        firewall = plan["firewall"]
+    if firewall.get("ip6") is not None and not rules6_file:
         ret["result"] = False
-        ret["comment"] = plan.get("error") or "this minion is not in apigee_mtls:nodes"
+        ret["comment"] = "rules6_file is required: the firewall has IPv6 rules"
         return ret
     skipped = set()
-    for key, status in __salt__["apigee_mtls.firewall_status"](plan).items():
+    for key, status in __salt__["apigee_mtls.firewall_status"]({"firewall": firewall}).items():
         if status.get("skipped"):
             skipped.add(status["skipped"])
             continue
@@ -1197,13 +1367,16 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None):
         ret["result"] = None
         ret["comment"] = "Would rebuild the apigee_mtls firewall chains" + note
         return ret
-    out = __salt__["cmd.run_all"](apply_cmd, python_shell=False)
+    # the firewall script reads its rules files from these variables (an empty RULES6: no
+    # IPv6 rules, the formula's own IPv6 chains are removed)
+    env = {"APIGEE_MTLS_RULES": rules_file, "APIGEE_MTLS_RULES6": rules6_file or ""}
+    out = __salt__["cmd.run_all"](apply_cmd, python_shell=False, env=env)
     if out["retcode"] != 0:
         ret["result"] = False
         ret["comment"] = f"{apply_cmd} failed: {out['stderr'] or out['stdout']}"
         return ret
-    files = rules_file + (f" and {rules6_file}" if rules6_file and plan.get(
-        "ip6tables_restore") is not None and not skipped else "")
+    files = rules_file + (f" and {rules6_file}" if firewall.get("ip6") is not None
+                          and not skipped else "")
     ret["comment"] = "Rebuilt the apigee_mtls firewall chains from " + files + note
     return ret
 
@@ -1224,17 +1397,26 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
     node of every pool (LAN per data center, WAN). A new key is rotated in through
     ``/v1/operator/keyring`` the way ``consul keyring`` does: install it everywhere, make it
     primary, then remove the others, so that no node ever lacks a key its peers use. Keys
-    are shown only as fingerprints. Run it on one server (the formula uses the signer).
+    are shown only as fingerprints. Run it on one server (the formula uses the signer). A
+    rotation that fails midway reports the steps that were done in ``changes``.
+
+    :param str name: an identifier for the state (not a path)
+    :param str key: the gossip key (base64); prefer ``key_pillar``
+    :param str key_pillar: pillar path of the key, read here: the key is then not part of the
+        rendered SLS (``state.show_sls``) nor of the job's arguments; wins over ``key``
+    :param str url: the local Consul agent's HTTP address (default
+        ``http://127.0.0.1:8500``)
+    :param int wait: seconds to retry the keyring queries (default 120)
+    :param str token: Consul ACL token with ``keyring = "write"`` (default ``None``)
+    :param str token_file: file holding that token, read here (wins over ``token``)
+    :return: a state return
 
     .. code-block:: yaml
 
         apigee-mtls-keyring-managed:
           apigee_mtls.gossip_keyring_managed:
             - key_pillar: apigee_mtls:secrets:gossip_key
-
-    key_pillar
-        Pillar path of the key, read here: the key is then not part of the rendered SLS
-        (``state.show_sls``) nor of the job's arguments. ``key`` passes it directly.
+            - token_file: /etc/consul.d/acl/management.token
     """
     ret = _ret(name)
     if key_pillar:
@@ -1280,20 +1462,23 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
         ret["comment"] = "Would rotate the gossip keyring to " + _fingerprint(key)
         return ret
     body = json.dumps({"Key": key})
+    # (what the step does, the change it makes, the call)
     steps = []
     if not complete:
-        steps.append(lambda: client.http.post(CB.boolean(), "/v1/operator/keyring", data=body,
-                                              headers=headers))
-    steps.append(lambda: client.http.put(CB.boolean(), "/v1/operator/keyring", data=body,
-                                         headers=headers))
+        steps.append(("install", {"installed": _fingerprint(key)}, lambda: client.http.post(
+            CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)))
+    steps.append(("use", {"primary": _fingerprint(key)}, lambda: client.http.put(
+        CB.boolean(), "/v1/operator/keyring", data=body, headers=headers)))
     for old in others:
-        steps.append(lambda old=old: client.http.delete(
-            CB.boolean(), "/v1/operator/keyring", data=json.dumps({"Key": old}),
-            headers=headers))
+        steps.append(("remove", {"removed": [_fingerprint(old)]},
+                      lambda old=old: client.http.delete(
+                          CB.boolean(), "/v1/operator/keyring", data=json.dumps({"Key": old}),
+                          headers=headers)))
     # each step is a cluster-wide query that answers 500 when one member is slow to reply;
     # install, use and remove are idempotent: ask again until `wait` runs out
     deadline = time.monotonic() + wait
-    for step in steps:
+    done = {}
+    for what, change, step in steps:
         while True:
             try:
                 step()
@@ -1301,11 +1486,16 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
             except Exception as exc:  # pylint: disable=broad-except
                 if time.monotonic() > deadline:
                     ret["result"] = False
-                    ret["changes"] = {}
+                    ret["changes"] = done  # what the steps before this one did
                     # the exception text could echo the request body: keep it out
-                    ret["comment"] = (f"keyring rotation failed ({type(exc).__name__}); "
-                                      "see the Consul log")
+                    ret["comment"] = (f"keyring rotation failed at step '{what}' "
+                                      f"({type(exc).__name__}); see the Consul log")
                     return ret
                 time.sleep(2)
+        for k, v in change.items():
+            if isinstance(v, list):
+                done.setdefault(k, []).extend(v)
+            else:
+                done[k] = v
     ret["comment"] = "Gossip keyring rotated to " + _fingerprint(key)
     return ret

@@ -235,8 +235,12 @@ CA_COMMON_NAME = "apigee_mtls cluster CA"
 
 _TOP_KEYS = (
     "datacenters", "nodes", "cassandra_internode", "port_ranges", "components",
-    "flows", "secrets", "tls", "consul", "firewall", "proxy", "acl", "connect_ca",
+    "flows", "secrets", "tls", "consul", "firewall", "proxy", "acl", "connect_ca", "lookup",
 )
+#: OS parameters ``apigee_mtls:lookup`` may override (formula/apigee_mtls/parameters/):
+#: map.jinja merges the lookup over them, this list only catches typos
+LOOKUP_KEYS = ("nologin_shell", "pkgs", "systemd_unit_dir", "firewall_script", "state_dir",
+               "firewall_unit_after", "systemd_start_limit_in_service")
 
 #: Consul ACL defaults: on, default deny (the formula bootstraps them).
 ACL_DEFAULTS = {"enabled": True, "down_policy": "extend-cache"}
@@ -1148,6 +1152,8 @@ def normalize(pillar):
               "{!r}".format(tls["signer"], signer_dc, dcs[0]))
     consul = _norm_consul(pillar.get("consul"))
     firewall = _norm_firewall(pillar.get("firewall"), catalog, ranges)
+    # OS parameters: used by map.jinja only (not the planner); a mapping of known names
+    _check_keys(_mapping(pillar.get("lookup"), ("lookup",)), LOOKUP_KEYS, ("lookup",))
     proxy = _norm_proxy(pillar.get("proxy"), consul)
     model = {
         "datacenters": dcs,
@@ -1882,7 +1888,8 @@ def plan(pillar, node_id, proxy_uid=None, lockdown=True):
         ``upstreams``, ``proxies``, ``firewall``, ``certificate``, ``signer``,
         ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`).
         ``firewall`` is ``{"nat": [...], "filter": [...], "ip6": {"input": [...],
-        "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).  A retired node gets empty ``services``,
+        "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).
+        A retired node gets empty ``services``,
         ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
         ``consul_config``, ``encrypt_config``, ``certificate`` and
         ``signing_policy``.
@@ -1961,38 +1968,6 @@ def intentions(pillar):
         for name in index.upstream_names(node):
             result.append({"source": source, "destination": name, "action": "allow"})
     return result
-
-
-def signing_policies(pillar, ca_key_path, ca_cert_path):
-    """
-    The ``x509_signing_policies`` pillar content for the signer.
-
-    :param ca_key_path: path of the CA private key on the signer
-    :param ca_cert_path: path of the CA certificate on the signer
-    :return: ``{"apigee_mtls_<id>": policy}`` for every non-retired node
-    """
-    model = normalize(pillar)
-    servers = set(model["servers"])
-    policies = {}
-    for node in model["nodes"]:
-        if node["retired"]:
-            continue
-        cert = _certificate(node, node["id"] in servers)
-        sans = ["DNS:" + n for n in cert["dns_sans"]] + ["IP:" + a for a in cert["ip_sans"]]
-        policies["apigee_mtls_{}".format(node["id"])] = {
-            "minions": node["id"],
-            "signing_private_key": ca_key_path,
-            "signing_cert": ca_cert_path,
-            "CN": cert["cn"],
-            "subjectAltName": ",".join(sans),
-            "basicConstraints": "critical, CA:false",
-            "keyUsage": "critical, digitalSignature, keyEncipherment",
-            "extendedKeyUsage": "serverAuth, clientAuth",
-            "subjectKeyIdentifier": "hash",
-            "authorityKeyIdentifier": "keyid:always",
-            "days_valid": model["tls"]["cert_days_valid"],
-        }
-    return policies
 
 
 def port_report(pillar):

@@ -147,7 +147,9 @@ def table(headers, rows, aligns=None):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(headers)]
     aligns = aligns or ["<"] + [">"] * (len(headers) - 1)
-    line = lambda cells: "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, aligns, widths))
+    def line(cells):
+        return "  ".join(f"{str(c):{a}{w}}" for c, a, w in zip(cells, aligns, widths))
+
     out = [line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
     return "\n".join(out)
@@ -435,7 +437,7 @@ def lab_running():
     text = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
         return False, text or f"labctl status exited {proc.returncode}"
-    down = [l.split()[0] for l in text.splitlines() if re.search(r"\sdown\s", l)]
+    down = [row.split()[0] for row in text.splitlines() if re.search(r"\sdown\s", row)]
     if down:
         return False, f"nodes down: {', '.join(down)}\n{text}"
     return True, text
@@ -782,7 +784,8 @@ def section_dataplane(args):
 
 def summary_of(name, out):
     if name == "throughput":
-        return f"{out['mb_per_s']:.1f} MB/s ({out['sent_bytes'] / 1e6:.0f} MB in {out['elapsed_s']:.2f}s)"
+        return (f"{out['mb_per_s']:.1f} MB/s ({out['sent_bytes'] / 1e6:.0f} MB in "
+                f"{out['elapsed_s']:.2f}s)")
     if name == "parallel":
         return f"{out['rps']:.0f} rt/s, p50 {out['p50_us']:.0f}us p99 {out['p99_us']:.0f}us"
     extra = f", {out['errors']} errors" if out.get("errors") else ""

@@ -40,6 +40,19 @@ def load_salt_module(kind, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def salt_file_functions(chowned):
+    """Salt's own ``file.write``, ``file.set_mode`` and ``file.rename`` (they need no loader),
+    and a ``file.chown`` that records ``(path, user, group)`` in ``chowned`` (tests do not
+    run as the users they name)."""
+    import salt.modules.file as salt_file  # pylint: disable=import-outside-toplevel
+
+    return {"file.write": salt_file.write, "file.set_mode": salt_file.set_mode,
+            "file.rename": salt_file.rename,
+            "file.chown": lambda path, user, group: chowned.append((path, user, group))}
+
+
 _CACHE = {}
 
 

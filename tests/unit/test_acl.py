@@ -50,7 +50,8 @@ def test_node_rules_grant_write_on_own_services_only():
     # the catalog is readable (upstream discovery), intentions only of its own services
     assert 'service_prefix "" { policy = "read" intentions = "deny" }' in rules
     assert 'node "n4" { policy = "write" }' in rules and 'agent "n4" { policy = "write" }' in rules
-    for power in ("key_prefix", "keyring", "operator", "acl ", "node_prefix \"\" { policy = \"write"):
+    for power in ("key_prefix", "keyring", "operator", "acl ",
+                  "node_prefix \"\" { policy = \"write"):
         assert power not in rules
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import apigee_mtls_plan as amp  # registered by conftest.py
-from conftest import load_salt_module, load_topology
+from conftest import load_salt_module, load_topology, salt_file_functions
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 NODE = "n4"
@@ -229,7 +229,7 @@ class Signer:
 @pytest.fixture
 def node(tmp_path, agent_key, monkeypatch):
     """The state module with a fake Salt around it, for node n4, and its TLS directory."""
-    env = {"tls": None, "signer": None, "test": False}
+    env = {"tls": None, "signer": None, "test": False, "chowned": [], "args": {}}
     key_path = tmp_path / "agent-key.pem"
     key_path.write_bytes(_pem(agent_key))
     pub = agent_key.public_key().public_bytes(
@@ -244,8 +244,8 @@ def node(tmp_path, agent_key, monkeypatch):
     monkeypatch.setattr(STATES, "__salt__", {
         "apigee_mtls.plan": lambda: _plan(env["tls"]),
         "x509.get_public_key": lambda path: pub,
-        "file.chown": lambda path, user, group: None,
         "publish.publish": publish,
+        **salt_file_functions(env["chowned"]),
     }, raising=False)
     monkeypatch.setattr(STATES, "__opts__", {"id": NODE, "test": False}, raising=False)
     monkeypatch.setattr(STATES.time, "sleep", lambda seconds: None)
@@ -255,12 +255,13 @@ def node(tmp_path, agent_key, monkeypatch):
         STATES.__opts__["test"] = test
         return STATES.agent_certificate_managed(
             str(tmp_path / "agent.pem"), str(key_path), str(tmp_path / "ca.pem"),
-            group="root", wait=wait)
+            group="root", wait=wait, **env["args"])
 
     def files():
         return {name: (tmp_path / name).read_bytes() if (tmp_path / name).exists() else None
                 for name in ("agent.pem", "ca.pem")}
 
+    apply.env = env
     return apply, files
 
 
@@ -367,3 +368,46 @@ def test_bundle_that_does_not_vouch_for_the_certificate_brings_a_new_one(node, c
         files()["agent.pem"], (tmp_path / "agent-key.pem").read_bytes(), files()["ca.pem"],
         _plan(STEP1)["certificate"], 30, _plan(STEP1)["ca_generations"]) == {
             "certificate": [], "ca_bundle": []}
+
+
+def test_files_get_the_owner_and_mode_of_the_arguments(node, cas, tmp_path):
+    apply, files = node
+    apply.env["args"] = {"mode": "0640", "user": "consul"}
+    ret = apply(None, Signer(cas))
+    assert ret["result"] is True and set(ret["changes"]) == {"certificate", "ca_bundle"}
+    for name in ("agent.pem", "ca.pem"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640
+        assert not (tmp_path / (name + ".tmp")).exists()
+    assert sorted(apply.env["chowned"]) == [
+        (str(tmp_path / "agent.pem.tmp"), "consul", "root"),
+        (str(tmp_path / "ca.pem.tmp"), "consul", "root")]
+    # written exactly as the signer sent them: the next run has nothing to do
+    assert files()["ca.pem"] == cas[1].pem
+    assert apply(None, Signer(cas))["changes"] == {}
+
+
+def test_arguments_replace_the_pillar(node, cas):
+    """The SLS passes the plan's identity, CA generations and signer; a state given them
+    does not read the pillar (here: a plan that would fail)."""
+    apply, files = node
+    plan = _plan()
+    STATES.__salt__["apigee_mtls.plan"] = lambda: pytest.fail("read the pillar")
+    apply.env["args"] = {"signer": "n1", "identity": plan["certificate"],
+                         "ca_generations": plan["ca_generations"],
+                         "days_remaining": plan["tls"]["cert_days_remaining"]}
+    ret = apply(None, Signer(cas))
+    assert ret["result"] is True and "certificate" in ret["changes"]
+    assert _issuer(files()["agent.pem"]) == amp.ca_common_name(1)
+
+
+def test_a_bad_pillar_fails_the_state_with_the_module_error(node, cas):
+    apply, files = node
+
+    def bad_plan():
+        raise STATES.CommandExecutionError("apigee_mtls: invalid pillar: apigee_mtls:nodes: x")
+
+    STATES.__salt__["apigee_mtls.plan"] = bad_plan
+    ret = apply(None, Signer(cas))
+    assert (ret["result"], ret["changes"]) == (False, {})
+    assert ret["comment"] == "apigee_mtls: invalid pillar: apigee_mtls:nodes: x"
+    assert files() == {"agent.pem": None, "ca.pem": None}

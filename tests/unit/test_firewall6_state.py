@@ -20,11 +20,12 @@ class FakeNetfilter:
 
     def __init__(self, plan, ipv6=True):
         self.plan, self.ipv6 = plan, ipv6
-        self.chains, self.jumps, self.applied = {}, set(), 0
+        self.chains, self.jumps, self.applied, self.env = {}, set(), 0, None
 
-    def run_all(self, cmd, python_shell=False, ignore_retcode=False):
+    def run_all(self, cmd, python_shell=False, ignore_retcode=False, env=None):
         if cmd == APPLY:
             self.applied += 1
+            self.env = env
             self.apply()
             return {"retcode": 0, "stdout": "", "stderr": ""}
         binary, _, _, table, op, *rest = cmd
@@ -136,7 +137,8 @@ def test_host_without_ipv6_is_skipped_with_a_comment_not_a_failure(wire):
     assert "IPv6 firewall skipped: IPv6 disabled" in ret["comment"]
     rerun = _managed()
     assert rerun["result"] is True and rerun["changes"] == {}
-    assert rerun["comment"] == "Firewall chains match the plan; IPv6 firewall skipped: IPv6 disabled"
+    assert rerun["comment"] == ("Firewall chains match the plan; "
+                                "IPv6 firewall skipped: IPv6 disabled")
     status = MODULE.firewall_status(net.plan)
     assert not any(MODULE.chain_drifted(st) for st in status.values())
     assert MODULE._ipv6_word(status) == "skipped: IPv6 disabled"
@@ -157,3 +159,34 @@ def test_ipv6_false_removes_only_the_formulas_leftovers(wire):
     assert not [k for k in net.chains if k[0] == "ip6tables"]
     assert _managed()["changes"] == {}
     assert not any(MODULE.chain_drifted(st) for st in MODULE.firewall_status(net.plan).values())
+
+
+def test_the_script_applies_the_states_rules_files(wire):
+    """The script reads the files the state names (APIGEE_MTLS_RULES/RULES6), not its own
+    defaults; no IPv6 rules file (firewall:ipv6 false) is an empty RULES6."""
+    net = wire()
+    STATES.firewall_managed("fw", "/srv/r4", APPLY, "/srv/r6")
+    assert net.env == {"APIGEE_MTLS_RULES": "/srv/r4", "APIGEE_MTLS_RULES6": "/srv/r6"}
+    pillar = load_topology("5-node")
+    pillar["firewall"] = {"ipv6": False}
+    net.plan.update(amp.plan(pillar, NODE))
+    net.chains.clear()
+    ret = STATES.firewall_managed("fw", "/srv/r4", APPLY)
+    assert ret["result"] is True and ret["comment"].endswith("from /srv/r4")
+    assert net.env == {"APIGEE_MTLS_RULES": "/srv/r4", "APIGEE_MTLS_RULES6": ""}
+
+
+def test_ipv6_rules_without_a_rules6_file_fail(wire):
+    net = wire()
+    ret = STATES.firewall_managed("fw", "/srv/r4", APPLY)
+    assert ret["result"] is False and "rules6_file" in ret["comment"]
+    assert net.applied == 0
+
+
+def test_the_firewall_argument_replaces_the_pillar(wire):
+    net = wire()
+    STATES.__salt__["apigee_mtls.plan"] = lambda: pytest.fail("read the pillar")
+    ret = STATES.firewall_managed("fw", "/srv/r4", APPLY, "/srv/r6", firewall=net.plan["firewall"])
+    assert ret["result"] is True and net.applied == 1
+    assert STATES.firewall_managed("fw", "/srv/r4", APPLY, "/srv/r6",
+                                   firewall=net.plan["firewall"])["changes"] == {}

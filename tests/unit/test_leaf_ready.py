@@ -40,12 +40,12 @@ def test_leaf_check_names_the_data_center_and_heals_only_on_secondary_servers():
 
 
 def test_cause_of_a_secondary_without_intermediate_says_what_to_apply():
-    text = STATES.leaf_failure_cause(BROKEN, "dc-2", "dc-1", ["n7", "n8", "n9"])
+    text = STATES._leaf_failure_cause(BROKEN, "dc-2", "dc-1", ["n7", "n8", "n9"])
     assert "no intermediate certificate signed by the primary data center dc-1" in text
     assert "Apply apigee_mtls on dc-2's Consul servers (n7, n8, n9)" in text
     # the same error in the primary is not that cause
-    assert "intermediate" not in STATES.leaf_failure_cause(BROKEN, "dc-1", "dc-1", ["n1"])
-    assert "ACL token" in STATES.leaf_failure_cause("HTTP 403: ACL not found", "dc-2", "dc-1",
+    assert "intermediate" not in STATES._leaf_failure_cause(BROKEN, "dc-1", "dc-1", ["n1"])
+    assert "ACL token" in STATES._leaf_failure_cause("HTTP 403: ACL not found", "dc-2", "dc-1",
                                                     ["n7"])
 
 

@@ -29,6 +29,28 @@ def test_pillar_example_documents_every_key(amp):
     text = open(EXAMPLE, encoding="utf-8").read()
     keys = set(amp._TOP_KEYS) | set(amp._NODE_KEYS) | set(amp._TLS_KEYS) | set(amp._CONSUL_KEYS)
     keys |= set(amp._INSTALL_KEYS) | set(amp._FIREWALL_KEYS)
-    keys |= {"user", "ports", "peer_ports", "target"}
+    keys |= {"user", "ports", "peer_ports", "target"} | set(amp.LOOKUP_KEYS)
     missing = [k for k in sorted(keys) if not re.search(rf"(^|\s|#\s*){re.escape(k)}:", text, re.M)]
     assert not missing, f"pillar.example does not document: {missing}"
+
+
+def test_lookup_keys_are_the_os_parameters(amp):
+    """The validator's list of overridable OS parameters is the formula's parameters."""
+    with open(os.path.join(REPO, "formula/apigee_mtls/parameters/defaults.yaml"),
+              encoding="utf-8") as fh:
+        assert set(amp.LOOKUP_KEYS) == set(yaml.safe_load(fh))
+
+
+def test_lookup_must_be_a_mapping_of_known_parameters(amp):
+    data = _example()
+    data["secrets"]["gossip_key"] = amp.gossip_keygen()
+    data["lookup"] = {"pkgs": ["iptables"]}
+    amp.normalize(data)
+    data["lookup"] = ["pkgs"]
+    with pytest.raises(ValueError) as err:
+        amp.normalize(data)
+    assert err.value.key == "apigee_mtls:lookup"
+    data["lookup"] = {"pkg": ["iptables"]}
+    with pytest.raises(ValueError) as err:
+        amp.normalize(data)
+    assert err.value.key == "apigee_mtls:lookup:pkg" and "did you mean 'pkgs'" in str(err.value)

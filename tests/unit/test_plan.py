@@ -455,7 +455,6 @@ def test_retired_node_gets_nothing_and_is_reached_by_nobody(topo5):
         other = amp.plan(topo5, node_id)
         assert all(u["node"] != "n5" for u in other["upstreams"])
         assert not any("10.77.0.15" in r for r in other["firewall"]["filter"])
-    assert "apigee_mtls_n5" not in amp.signing_policies(topo5, "/k", "/c")
     assert not any(i["source"] == "egress-10-77-0-15" for i in amp.intentions(topo5))
 
 
@@ -1117,29 +1116,6 @@ def test_underscore_id_is_not_a_dns_san():
     assert "node_1" not in cert["dns_sans"]
 
 
-def test_signing_policies(topo5):
-    node_by_id(topo5, "n5")["retired"] = True
-    topo5["tls"] = {"cert_days_valid": 90, "cert_days_remaining": 10}
-    policies = amp.signing_policies(topo5, "/etc/pki/ca.key", "/etc/pki/ca.crt")
-    assert sorted(policies) == ["apigee_mtls_n1", "apigee_mtls_n2", "apigee_mtls_n3",
-                                "apigee_mtls_n4"]
-    assert policies["apigee_mtls_n4"] == {
-        "minions": "n4",
-        "signing_private_key": "/etc/pki/ca.key",
-        "signing_cert": "/etc/pki/ca.crt",
-        "CN": "n4",
-        "subjectAltName": ("DNS:localhost,DNS:client.dc-1.consul,DNS:cli.dc-1.consul,"
-                           "DNS:n4,IP:10.77.0.14,IP:127.0.0.1,IP:::1"),
-        "basicConstraints": "critical, CA:false",
-        "keyUsage": "critical, digitalSignature, keyEncipherment",
-        "extendedKeyUsage": "serverAuth, clientAuth",
-        "subjectKeyIdentifier": "hash",
-        "authorityKeyIdentifier": "keyid:always",
-        "days_valid": 90,
-    }
-    assert "DNS:server.dc-1.consul" in policies["apigee_mtls_n2"]["subjectAltName"]
-
-
 # ---------------------------------------------------------------------------
 # Port report
 # ---------------------------------------------------------------------------
@@ -1168,8 +1144,6 @@ def test_same_input_same_output(any_topology):
         second = amp.plan(again, node["id"])
         assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
     assert amp.port_report(any_topology) == amp.port_report(again)
-    assert amp.signing_policies(any_topology, "k", "c") == \
-        amp.signing_policies(again, "k", "c")
 
 
 def test_plan_is_json_serializable(topo12):

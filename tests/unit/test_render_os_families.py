@@ -76,8 +76,9 @@ def _salt_call(config_dir, *args, cachedir=None, minion_id=None):
             "cmd": " ".join(cmd + list(args))}
 
 
-def _write_tree(base, tls=None):
-    """Pillar and the custom-module file root, shared by every OS's minion config."""
+def _write_tree(base, tls=None, mutate=None):
+    """Pillar and the custom-module file root, shared by every OS's minion config;
+    ``mutate(pillar)`` edits the apigee_mtls pillar first."""
     extmods_root = base / "extmods-root"
     extmods_root.mkdir()
     for kind in ("_modules", "_states", "_utils"):
@@ -88,6 +89,8 @@ def _write_tree(base, tls=None):
     pillar = load_topology(TOPOLOGY)
     if tls is not None:
         pillar["tls"] = tls
+    if mutate is not None:
+        mutate(pillar)
     (pillar_root / "apigee_mtls.sls").write_text(yaml.safe_dump({"apigee_mtls": pillar}))
     return extmods_root, pillar_root
 
@@ -447,3 +450,98 @@ def test_encrypt_json_template_renders_the_plan_and_keeps_the_key_out_of_the_sls
     text = env.from_string((FORMULA / "apigee_mtls/files/encrypt.json.jinja").read_text())
     assert json.loads(text.render(salt=stub)) == plan["encrypt_config"]
     assert json.loads(text.render(salt=stub))["encrypt"] == key
+
+
+# ---------------------------------------------------------------------------------------------
+# variants: one pillar or grain change each, rendered for the signer
+
+def _bad_gossip_key(pillar):
+    pillar["secrets"]["gossip_key"] = "not-base64!"
+
+
+#: an apigee_mtls:lookup overriding OS parameters (a site's own packages and paths)
+LOOKUP = {"pkgs": ["iptables", "site-netcat"], "firewall_script": "/opt/site/apigee-fw",
+          "systemd_start_limit_in_service": True}
+
+
+def _lookup(pillar):
+    pillar["lookup"] = LOOKUP
+
+
+#: name -> (grains, pillar mutation)
+VARIANTS = {
+    "bad-pillar": (OSES["debian12"], _bad_gossip_key),
+    "lookup-debian12": (OSES["debian12"], _lookup),
+    "lookup-oracle7": (OSES["oracle7"], _lookup),
+    "suse": ({"os": "SUSE", "os_family": "Suse", "osmajorrelease": 15, "osrelease": "15.5",
+              "osfinger": "SLES-15"}, None),
+    "windows": ({"os": "Windows", "os_family": "Windows", "osmajorrelease": 2022,
+                 "osrelease": "2022Server", "osfinger": "Windows-2022Server"}, None),
+}
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """``{name: salt-call result}``: ``state.show_sls apigee_mtls`` on the signer for each
+    of VARIANTS (one minion config each, sharing one extension-module sync)."""
+    base = tmp_path_factory.mktemp("variants")
+    extmods = base / "extmods"
+    dirs = {}
+    for name, (grains, mutate) in VARIANTS.items():
+        (base / name).mkdir()
+        extmods_root, pillar_root = _write_tree(base / name, mutate=mutate)
+        dirs[name] = _write_minion_config(base / name, "minion", grains, extmods_root,
+                                          pillar_root, extmods=extmods)
+    sync = _salt_call(next(iter(dirs.values())), "saltutil.sync_all")
+    assert sync["rc"] == 0, sync
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = {name: pool.submit(_salt_call, d, "state.show_sls", "apigee_mtls")
+                for name, d in dirs.items()}
+        return {name: fut.result() for name, fut in jobs.items()}
+
+
+def _render_errors(res):
+    """The render errors of a show_sls that must fail (a list of messages)."""
+    assert res["rc"] != 0 and isinstance(res["out"], list), (
+        f"{res['cmd']} rendered:\n{res['stdout'][:500]}")
+    return res["out"]
+
+
+def test_bad_pillar_stops_rendering_with_one_error_naming_the_key(variants):
+    """What tests/lab/test_30_bad_pillar.py asserts on every node of the lab, here masterless:
+    the execution module's CommandExecutionError becomes one render error."""
+    errors = _render_errors(variants["bad-pillar"])
+    assert len(errors) == 1, errors
+    assert errors[0].count("apigee_mtls: invalid pillar: apigee_mtls:secrets:gossip_key:") == 1
+
+
+@pytest.mark.parametrize("os_name", ["debian12", "oracle7"])
+def test_lookup_overrides_the_os_parameters(renders, variants, os_name):
+    """apigee_mtls:lookup merges last (template-formula's order): over defaults, os_family
+    and osmajorrelease; what it does not name keeps the OS's value."""
+    res = variants["lookup-" + os_name]
+    assert res["rc"] == 0 and isinstance(res["out"], dict), res["stdout"][:500]
+    states = res["out"]
+    fun, args = _args(states["apigee-mtls-install-pkgs-installed"])
+    assert args["pkgs"] == LOOKUP["pkgs"]
+    _, args = _args(states["apigee-mtls-firewall-script-managed"])
+    assert args["name"] == "/opt/site/apigee-fw"
+    _, args = _args(states["apigee-mtls-firewall-chains-managed"])
+    assert args["apply_cmd"] == "/opt/site/apigee-fw apply"
+    _, args = _args(states["apigee-mtls-mesh-proxy-unit-managed"])
+    assert args["context"]["start_limit_in_service"] is True
+    # not overridden: the family's own
+    want = EXPECTED[OSES[os_name]["os_family"]]
+    users = [_args(st)[1] for st in states.values() if _args(st)[0] == "user.present"]
+    assert users and all(u["shell"] == want["shell"] for u in users)
+    # without a lookup, the family's packages (the same render, other pillar)
+    plain = _states(renders, os_name, SIGNER, "apigee_mtls")
+    assert _args(plain["apigee-mtls-install-pkgs-installed"])[1]["pkgs"] == want["pkgs"]
+
+
+@pytest.mark.parametrize("name,family", [("suse", "Suse"), ("windows", "Windows")])
+def test_an_unsupported_os_family_stops_rendering_naming_it(variants, name, family):
+    errors = _render_errors(variants[name])
+    assert len(errors) == 1, errors
+    assert f"apigee_mtls: unsupported OS family {family} (grain os_family of n1)" in errors[0]
+    assert "Debian and RedHat only" in errors[0]

@@ -63,8 +63,11 @@ apigee-mtls-acl-agent-token-managed:
   apigee_mtls.acl_token_managed:
     - name: {{ a.agent_token_file }}
     - private_key: {{ c.tls_dir }}/agent-key.pem
+    - signer: {{ plan.signer }}
+    - policy: {{ a.policy }}
 {%- if a.replication_token_file %}
     - replication_file: {{ a.replication_token_file }}
+    - replication_policy: {{ a.replication_policy }}
 {%- endif %}
     - user: {{ c.user }}
     - group: {{ c.group }}

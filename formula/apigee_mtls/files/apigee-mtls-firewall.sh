@@ -11,7 +11,8 @@
 # ip6tables skips the IPv6 part of apply; that is never an error.
 set -eu
 RULES=${APIGEE_MTLS_RULES:-/etc/apigee-mtls/iptables.rules}
-RULES6=${APIGEE_MTLS_RULES6:-/etc/apigee-mtls/ip6tables.rules}
+# set but empty: no IPv6 rules (the state passes its arguments here)
+RULES6=${APIGEE_MTLS_RULES6-/etc/apigee-mtls/ip6tables.rules}
 IPT="iptables -w"
 IP6T="ip6tables -w"
 
@@ -45,7 +46,7 @@ apply6() {
     echo "apigee-mtls-firewall: IPv6 skipped (disabled on this host or no ip6tables)" >&2
     return 0
   fi
-  if [ ! -e "$RULES6" ]; then
+  if [ -z "$RULES6" ] || [ ! -e "$RULES6" ]; then
     remove6
     return 0
   fi

@@ -68,6 +68,7 @@ apigee-mtls-firewall-chains-managed:
     - rules_file: {{ params.state_dir }}/iptables.rules
     - rules6_file: {{ params.state_dir }}/ip6tables.rules
     - apply_cmd: {{ params.firewall_script }} apply
+    - firewall: {{ plan.firewall | json }}
     - require:
       - file: apigee-mtls-firewall-rules-managed
       - file: apigee-mtls-firewall-rules6-managed

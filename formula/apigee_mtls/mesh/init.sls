@@ -119,7 +119,9 @@ apigee-mtls-mesh-leaf-certificate-ready:
 {%- endfor %}
 
 {#- systemd lists template instances as running, and as enabled only through the wants links #}
-{%- set wants = salt["file.find"](params.systemd_unit_dir ~ "/multi-user.target.wants", name="apigee-mtls-proxy@*.service", type="l") if salt["file.directory_exists"](params.systemd_unit_dir ~ "/multi-user.target.wants") else [] %}
+{%- set wants_dir = params.systemd_unit_dir ~ "/multi-user.target.wants" %}
+{%- set wants = salt["file.find"](wants_dir, name="apigee-mtls-proxy@*.service", type="l")
+                if salt["file.directory_exists"](wants_dir) else [] %}
 {%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
 {%- for unit in known | map("replace", ".service", "") | unique | sort %}
 {%-   set svc = unit %}

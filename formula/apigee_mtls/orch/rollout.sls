@@ -50,7 +50,7 @@ apigee-mtls-orch-{{ name }}-applied:
     - sls: apigee_mtls
     - failhard: True
 {%-   if stage %}
-    - pillar: {{ {"apigee_mtls_rollout": {"stage": stage}} | json }}
+    - pillar: {{ {"apigee_mtls_rollout": {"stage": stage} } | json }}
 {%-   endif %}
 {%-   if previous %}
     - require:

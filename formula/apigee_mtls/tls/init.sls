@@ -31,6 +31,11 @@ apigee-mtls-tls-agent-cert-managed:
     - ca_bundle: {{ c.tls_dir }}/ca.pem
     - user: root
     - group: {{ c.group }}
+    - mode: "0644"
+    - signer: {{ plan.signer }}
+    - identity: {{ plan.certificate | json }}
+    - ca_generations: {{ plan.ca_generations | json }}
+    - days_remaining: {{ plan.tls.cert_days_remaining }}
     - require:
       - x509: apigee-mtls-tls-agent-key-managed
 {%- if plan.signer == grains.id %}
