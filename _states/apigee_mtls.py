@@ -7,6 +7,8 @@ States for the apigee_mtls formula.
 - :py:func:`acl_bootstrapped`: the Consul ACL system bootstrapped once, its management
   token on the signer only; tokens of nodes that left the pillar deleted.
 - :py:func:`local_token_managed`: the agent's local ``agent_master`` token, made here.
+- :py:func:`agent_config_managed`: the agent's ``consul.json``; a running agent is reloaded
+  when Consul can reload every changed key, restarted otherwise.
 - :py:func:`acl_token_managed`: this node's ACL token (and a secondary data center
   server's replication token), issued by the signer, sealed to the node's key.
 - :py:func:`connect_ca_managed`: the organisation's CA as the Connect (mesh) root.
