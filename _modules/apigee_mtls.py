@@ -390,6 +390,13 @@ def _signer_request(kwargs, what):
     active node of the signer's own pillar."""
     requester = kwargs.get("__pub_id") or __opts__["id"]
     data = _pillar()
+    view = kwargs.get("view")
+    if view and view != __utils__["apigee_mtls_plan.pillar_fingerprint"](data):
+        # the requester's state run compiled the pillar as edited; this minion's copy is the
+        # one it loaded: ask the master for a fresh one
+        log.info("apigee_mtls: %s sees another pillar: answering %s from a fresh one",
+                 requester, what)
+        data = (__salt__["pillar.items"](unmask=True) or {}).get(PILLAR_KEY)
     try:
         model = __utils__["apigee_mtls_plan.normalize"](data)
     except ValueError as exc:

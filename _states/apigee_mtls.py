@@ -191,11 +191,19 @@ def _write(path, text, mode, user, group):
     __salt__["file.rename"](tmp, path)
 
 
+def _view():
+    """The fingerprint of this run's ``apigee_mtls`` pillar, sent to the signer: a signer whose
+    minion still holds an older pillar answers from a fresh one."""
+    pillar = __salt__["pillar.get"]("apigee_mtls", None, unmask=True)
+    return __utils__["apigee_mtls_plan.pillar_fingerprint"](pillar)
+
+
 def _ask_signer(signer, pub, bundle_only):
     """The signer's answer (a dict), or what came back instead."""
     if signer == __opts__["id"]:
-        return __salt__["apigee_mtls.sign_agent_certificate"](pub, bundle_only=bundle_only)
-    arg = [pub, "bundle_only=True"] if bundle_only else [pub]
+        return __salt__["apigee_mtls.sign_agent_certificate"](pub, bundle_only=bundle_only,
+                                                               view=_view())
+    arg = [pub, f"view={_view()}"] + (["bundle_only=True"] if bundle_only else [])
     res = __salt__["publish.publish"](
         signer, "apigee_mtls.sign_agent_certificate", arg=arg, timeout=60
     )
@@ -590,9 +598,9 @@ def local_token_managed(name, user="consul", group="consul", mode="0600"):
 
 def _ask_for_token(signer, pub):
     if signer == __opts__["id"]:
-        return __salt__["apigee_mtls.issue_acl_token"](pub)
-    res = __salt__["publish.publish"](signer, "apigee_mtls.issue_acl_token", arg=[pub],
-                                      timeout=60)
+        return __salt__["apigee_mtls.issue_acl_token"](pub, view=_view())
+    res = __salt__["publish.publish"](signer, "apigee_mtls.issue_acl_token",
+                                      arg=[pub, f"view={_view()}"], timeout=60)
     return res.get(signer) if isinstance(res, dict) else res
 
 

@@ -78,6 +78,7 @@ import copy
 import difflib
 import hashlib
 import ipaddress
+import json
 import re
 import secrets as _secrets
 import uuid
@@ -1454,6 +1455,22 @@ AGENT_START_ONLY_KEYS = frozenset({
     "retry_join", "retry_join_wan", "retry_interval", "retry_interval_wan", "start_join",
     "start_join_wan", "bootstrap_expect",
 })
+
+
+def pillar_fingerprint(pillar):
+    """
+    A short digest of the ``apigee_mtls`` pillar without its ``secrets`` (which differ by
+    design: the organisation CA key is in the signer's pillar only). A node sends it with its
+    requests to the signer; a signer whose in-memory pillar gives another digest compiles a
+    fresh one before answering (a state run sees the pillar as edited, the signer's minion
+    keeps the one it loaded).
+
+    :param pillar: the ``apigee_mtls`` pillar value (dict, or None)
+    :return: 16 hex digits (str)
+    """
+    data = {k: v for k, v in (pillar or {}).items() if k != "secrets"}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def agent_config_action(old, new):

@@ -3,7 +3,7 @@ new certificates everywhere, agents reloaded (not restarted), served at once, fl
 import copy
 import json
 
-from conftest import state_summary
+from conftest import labctl, state_summary
 
 SERIAL_CODE = """
 import json
@@ -43,7 +43,7 @@ def test_certificates_renew_by_threshold_without_restart(applied):
     # every current certificate (365 days) now has fewer days left than the threshold
     pillar["tls"] = dict(pillar.get("tls") or {}, cert_days_valid=400, cert_days_remaining=380)
     try:
-        lab.set_pillar(pillar)
+        labctl.write_pillar(pillar)  # README: edit the pillar, apply (no refresh)
         preview = state_summary(lab.apply("*", "apigee_mtls", "test=True"))
         for node in lab.nodes:
             assert "apigee-mtls-tls-agent-cert-managed" in preview[node]["changed"], node
@@ -65,7 +65,7 @@ def test_certificates_renew_by_threshold_without_restart(applied):
         assert all(not s["changed"] for s in rerun.values()), rerun
         lab.wait_mesh_ready()
     finally:
-        lab.set_pillar(lab.pillar)
+        labctl.write_pillar(lab.pillar)  # README: edit the pillar, apply (no refresh)
     # back to the default thresholds: the 400-day certificates are fine, nothing changes
     back = state_summary(lab.apply())
     assert all(not s["changed"] and not s["failed"] for s in back.values()), back

@@ -18,7 +18,7 @@ restore ``lab.pillar``, do not jump back to the old CA unstaged.
 """
 import copy
 
-from conftest import planner, state_summary
+from conftest import labctl, planner, state_summary
 
 TLS_DIR = "/etc/consul.d/tls"
 CA_DIR = "/etc/apigee-mtls/ca"
@@ -119,7 +119,7 @@ def _step(lab, pillar, gens, cert_by, signer_preview=None):
     ``signer_preview``: a state the signer's preview must list."""
     signer = lab.model["tls"]["signer"]
     before, ca_before = _tls(lab), _ca_files(lab, signer)
-    lab.set_pillar(pillar)
+    labctl.write_pillar(pillar)  # README: edit the pillar, apply (no refresh)
     preview = state_summary(lab.apply("*", "apigee_mtls", "test=True"))
     for node in lab.nodes:
         assert "apigee-mtls-tls-agent-cert-managed" in preview[node]["changed"], node

@@ -5,7 +5,7 @@ import json
 import threading
 import time
 
-from conftest import MGMT_TOKEN, planner, state_summary
+from conftest import MGMT_TOKEN, labctl, planner, state_summary
 
 MEMBERS_CODE = ("import json, urllib.request; print(json.dumps({m['Name']: m['Status'] for m in "
                 "json.load(urllib.request.urlopen('http://127.0.0.1:8500/v1/agent/members'))}))")
@@ -48,7 +48,7 @@ def test_gossip_key_rotation_by_pillar(applied):
     stop, seen = threading.Event(), []
     watcher = threading.Thread(target=_watch_members, args=(lab, "n4", stop, seen))
     try:
-        lab.set_pillar(pillar)
+        labctl.write_pillar(pillar)  # README: edit the pillar, apply (no refresh)
         preview = state_summary(lab.apply("*", "apigee_mtls", "test=True"))
         assert "apigee-mtls-keyring-managed" in preview[signer]["changed"]
         watcher.start()
@@ -72,7 +72,7 @@ def test_gossip_key_rotation_by_pillar(applied):
         lab.wait_mesh_ready()
     finally:
         stop.set()
-        lab.set_pillar(lab.pillar)
+        labctl.write_pillar(lab.pillar)  # README: edit the pillar, apply (no refresh)
     # and back to the original key, the same way
     back = state_summary(lab.apply())
     assert all(not s["failed"] for s in back.values()), {n: s["failed"] for n, s in back.items() if s["failed"]}

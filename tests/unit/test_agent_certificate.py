@@ -229,7 +229,7 @@ class Signer:
 @pytest.fixture
 def node(tmp_path, agent_key, monkeypatch):
     """The state module with a fake Salt around it, for node n4, and its TLS directory."""
-    env = {"tls": None, "signer": None, "test": False, "chowned": [], "args": {}}
+    env = {"tls": None, "signer": None, "test": False, "chowned": [], "args": {}, "views": []}
     key_path = tmp_path / "agent-key.pem"
     key_path.write_bytes(_pem(agent_key))
     pub = agent_key.public_key().public_bytes(
@@ -238,6 +238,9 @@ def node(tmp_path, agent_key, monkeypatch):
     def publish(tgt, fun, arg=(), timeout=5):
         assert (tgt, fun) == ("n1", "apigee_mtls.sign_agent_certificate")
         kwargs = dict(a.split("=", 1) for a in arg[1:])
+        # the node's view of the pillar goes with every request (the signer refreshes its
+        # own pillar when it differs)
+        env["views"].append(kwargs.pop("view"))
         assert kwargs in ({}, {"bundle_only": "True"})
         return {tgt: env["signer"](arg[0], bundle_only=bool(kwargs))}
 
@@ -245,8 +248,11 @@ def node(tmp_path, agent_key, monkeypatch):
         "apigee_mtls.plan": lambda: _plan(env["tls"]),
         "x509.get_public_key": lambda path: pub,
         "publish.publish": publish,
+        "pillar.get": lambda key, default=None, unmask=False: {"tls": env["tls"]},
         **salt_file_functions(env["chowned"]),
     }, raising=False)
+    monkeypatch.setattr(STATES, "__utils__", {
+        "apigee_mtls_plan.pillar_fingerprint": amp.pillar_fingerprint}, raising=False)
     monkeypatch.setattr(STATES, "__opts__", {"id": NODE, "test": False}, raising=False)
     monkeypatch.setattr(STATES.time, "sleep", lambda seconds: None)
 

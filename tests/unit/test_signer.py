@@ -17,6 +17,7 @@ QUIET = logging.getLogger("apigee_mtls_module.test")
 QUIET.propagate = False
 QUIET.addHandler(logging.NullHandler())
 PUB = "-----BEGIN PUBLIC KEY-----\nrequester\n-----END PUBLIC KEY-----\n"
+FRESH = {}  # "pillar": what the master compiles fresh (pillar.items)
 
 
 @pytest.fixture
@@ -34,11 +35,15 @@ def signer(tmp_path, monkeypatch):
     monkeypatch.setattr(MODULE, "log", QUIET)
     monkeypatch.setattr(MODULE, "__utils__", {
         "apigee_mtls_plan." + name: getattr(amp, name)
-        for name in ("normalize", "plan", "ca_file_names", "ca_file_generation")},
+        for name in ("normalize", "plan", "ca_file_names", "ca_file_generation",
+                     "pillar_fingerprint")},
         raising=False)
     monkeypatch.setattr(MODULE, "__salt__", {
         "pillar.get": lambda key, default=None, unmask=False: pillar,
+        # the master's fresh pillar (pillar.items compiles it): set by a test as "fresh"
+        "pillar.items": lambda unmask=False: {"apigee_mtls": FRESH.get("pillar")},
         "x509.create_certificate": create_certificate}, raising=False)
+    FRESH.clear()
     monkeypatch.setattr(MODULE, "__opts__", {"id": "n1"}, raising=False)
 
     def set_tls(tls):
@@ -139,3 +144,33 @@ def test_ca_files_lists_generations_on_disk(signer, tmp_path):
     assert MODULE.ca_files() == [
         {"generation": g, "cert": str(tmp_path / amp.ca_file_names(g)["cert"]),
          "key": str(tmp_path / amp.ca_file_names(g)["key"])} for g in (1, 2, 10)]
+
+
+def test_signer_with_an_older_pillar_answers_from_a_fresh_one(signer):
+    """CA rotation step 1 as README says it: the pillar is edited and
+    `salt '*' state.apply apigee_mtls` runs. The requesting node's run sees the edit; the
+    signer's minion still holds the pillar it loaded. The node's view differs: the signer
+    asks the master for a fresh pillar and answers from it (generation 2 trusted)."""
+    set_tls, make_ca, _ = signer
+    make_ca(1)
+    make_ca(2)
+    edited = load_topology("5-node")
+    edited["tls"] = {"ca_trust": [2]}
+    FRESH["pillar"] = edited
+    view = amp.pillar_fingerprint(edited)
+    answer = MODULE.sign_agent_certificate(PUB, __pub_id="n4", view=view)
+    assert answer["generations"] == [1, 2] and answer["ca_bundle"] == "CA 1\nCA 2\n"
+    # the same view as the signer's own: no fresh pillar is compiled (it would be the old one)
+    FRESH.clear()
+    same = amp.pillar_fingerprint(load_topology("5-node"))
+    answer = MODULE.sign_agent_certificate(PUB, __pub_id="n4", view=same)
+    assert answer["generations"] == [1]
+
+
+def test_fingerprint_ignores_secrets_only():
+    base = load_topology("5-node")
+    other = load_topology("5-node")
+    other["secrets"] = {"gossip_key": "x", "connect_ca_key": "y"}
+    assert amp.pillar_fingerprint(base) == amp.pillar_fingerprint(other)
+    other["tls"] = {"ca_trust": [2]}
+    assert amp.pillar_fingerprint(base) != amp.pillar_fingerprint(other)
