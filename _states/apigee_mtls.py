@@ -868,6 +868,7 @@ def agent_config_managed(name, config, user="root", group="consul", mode="0640",
 # ---------------------------------------------------------------------------------------------
 # Connect leaf certificates (the end of a state run: can this node's sidecars get one?)
 NO_INTERMEDIATE = "no PEM-encoded data found"
+NOT_JOINED = "No known Consul servers"
 
 
 def _leaf_problem(service, token):
@@ -919,7 +920,7 @@ def _leaf_failure_cause(problem, datacenter, primary_datacenter, servers):
 
 def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacenter="dc-1",
                        servers=(), heal_secondary_ca=False, address=None, wait=90,
-                       heal_after=20):
+                       heal_after=20, join_wait=20):
     """
     Ensure the local Consul agent can obtain a Connect leaf certificate for service ``name``
     (what every sidecar needs to serve mTLS), so that a state run which leaves this node's
@@ -943,6 +944,9 @@ def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacen
     :param str address: the node's IP (to recognise the leader, ``<address>:8300``)
     :param int wait: seconds to wait for a leaf before failing (default 90)
     :param int heal_after: seconds of the no-intermediate error before healing (default 20)
+    :param int join_wait: seconds after which an agent that has not joined its cluster ("No
+        known Consul servers": a node just added, whose peers have not applied yet) is left
+        to the next run with a comment instead of failing (default 20)
     :return: a state return
 
     .. code-block:: yaml
@@ -980,6 +984,14 @@ def connect_leaf_ready(name, token_file=None, datacenter="dc-1", primary_datacen
     start = time.monotonic()
     healed = False
     while problem is not None and time.monotonic() - start < wait:
+        if NOT_JOINED in problem and time.monotonic() - start >= join_wait:
+            # a node just added to the pillar: its peers' firewalls admit it when they apply
+            # (README, "add a node"); nothing of the running mesh is broken
+            ret["comment"] = (f"no Connect leaf certificate for {name} yet: this agent has not "
+                              f"joined the cluster ({problem}). A node just added is admitted "
+                              "when its peers apply apigee_mtls (README: add a node); the "
+                              "next run and apigee_mtls.verify check its leaf")
+            return ret
         if (heal_secondary_ca and not healed and NO_INTERMEDIATE in problem
                 and time.monotonic() - start >= heal_after and _leads(address)):
             log.warning("apigee_mtls: %s's Connect CA has no intermediate: restarting "

@@ -229,14 +229,15 @@ class Traffic:
         """Start the clients; wait ``settle`` seconds so every target has been used."""
         with open(os.path.abspath(__file__), encoding="utf-8") as fh:
             code = fh.read()
+        # a unit name of its own per run: the previous run's unit may still be unloading
+        self.unit = f"{UNIT}-{int(time.time() * 1000)}"
         for node in self.nodes:
             cfg = dict(self.cfg, targets=self.targets[node])
-            self.lab.run(node, f"systemctl stop {UNIT} 2>/dev/null; systemctl reset-failed "
-                               f"{UNIT} 2>/dev/null; rm -rf {NODE_DIR} && mkdir -p {NODE_DIR}")
+            self.lab.run(node, f"rm -rf {NODE_DIR} && mkdir -p {NODE_DIR}")
             self.lab.run(node, ["sh", "-c", f"cat > {NODE_DIR}/traffic.py"], input=code)
             self.lab.run(node, ["sh", "-c", f"cat > {NODE_DIR}/config.json"],
                          input=json.dumps(cfg))
-            self.lab.run(node, ["systemd-run", "--quiet", f"--unit={UNIT}", "--collect",
+            self.lab.run(node, ["systemd-run", "--quiet", f"--unit={self.unit}", "--collect",
                                 "python3", f"{NODE_DIR}/traffic.py", f"{NODE_DIR}/config.json"])
         time.sleep(settle)
 

@@ -168,3 +168,12 @@ def test_test_mode_on_a_node_without_consul_says_so(run):
     ret = run(Agent([BROKEN], running=False), test=True)
     assert ret["result"] is True and ret["changes"] == {}
     assert "checked by the real run" in ret["comment"]
+
+
+def test_an_agent_not_joined_yet_is_left_to_the_next_run(run):
+    """A node just added (README: add a node): its peers' firewalls admit it when they apply;
+    its own first run must not fail on that, nor wait the whole ``wait``."""
+    agent = Agent(["HTTP 500: rpc error: No known Consul servers"])
+    ret = run(agent, heal_secondary_ca=False)
+    assert ret["result"] is True and ret["changes"] == {}
+    assert "has not joined the cluster" in ret["comment"] and 20 <= ret["seconds"] < 30
