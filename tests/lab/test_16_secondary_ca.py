@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import labctl, state_summary
+from conftest import labctl, planner, state_summary
 
 LEAF = """
 import json, urllib.request, urllib.error
@@ -61,8 +61,13 @@ def secondary(applied):
     return applied, primary, dc, servers, clients
 
 
+def _service(lab, node):
+    """The service whose leaf the formula's check asks for (the planner's leaf_check)."""
+    return planner.plan(lab.pillar, node)["leaf_check"]["service"]
+
+
 def _leaf(lab, node):
-    service = lab.salt(node, "apigee_mtls.plan")[node]["leaf_check"]["service"]
+    service = _service(lab, node)
     return lab.py(node, LEAF.format(service=service), token=None,
                   python="/opt/salt/bin/python3")
 
@@ -120,7 +125,7 @@ def test_secondary_leaves_chain_to_the_organisation_ca(secondary):
     with open(org_file, encoding="utf-8") as fh:
         org = fh.read()
     for node in (servers[0], clients[0]):
-        service = lab.salt(node, "apigee_mtls.plan")[node]["leaf_check"]["service"]
+        service = _service(lab, node)
         out = lab.py(node, CHAIN.format(service=service, org=org),
                      python="/opt/salt/bin/python3", token=None)
         assert out["root_is_org"], (node, out)
@@ -184,7 +189,7 @@ def test_secondary_without_intermediate_fails_the_run_and_the_next_apply_heals_i
     assert not {n: s["failed"] for n, s in summary.items() if s["failed"]}
     healed = [n for n in servers
               if ret[n]["apigee_mtls_|-apigee-mtls-mesh-leaf-certificate-ready_|-"
-                        f"{lab.salt(n, 'apigee_mtls.plan')[n]['leaf_check']['service']}"
+                        f"{_service(lab, n)}"
                         "_|-connect_leaf_ready"]["changes"].get("consul")]
     assert len(healed) == 1, f"leaders restarted: {healed}"
     lab.wait_mesh_ready(timeout=180)
