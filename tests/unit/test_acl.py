@@ -50,9 +50,26 @@ def test_node_rules_grant_write_on_own_services_only():
     # the catalog is readable (upstream discovery), intentions only of its own services
     assert 'service_prefix "" { policy = "read" intentions = "deny" }' in rules
     assert 'node "n4" { policy = "write" }' in rules and 'agent "n4" { policy = "write" }' in rules
-    for power in ("key_prefix", "keyring", "operator", "acl ",
-                  "node_prefix \"\" { policy = \"write"):
+    # a client reads the servers' binary records (it restarts onto a new binary after them)
+    assert 'key_prefix "apigee_mtls/binary/" { policy = "read" }' in rules
+    for power in ('key_prefix "" ', 'policy = "write" }\nkey', "keyring", "operator", "acl ",
+                  "session", "node_prefix \"\" { policy = \"write"):
         assert power not in rules
+    assert rules.count("key_prefix") == 1
+
+
+def test_server_rules_add_only_what_restart_coordination_needs():
+    """A server may hold a session on its own node, write the formula's KV prefix (the
+    restart lock and binary records) and read raft/autopilot health; nothing more."""
+    pillar = load_topology("5-node")
+    client = amp.plan(pillar, "n4")["acl"]["rules"]
+    server = amp.plan(pillar, "n2")["acl"]["rules"]
+    extra = set(server.splitlines()) - set(client.splitlines())
+    extra = {line for line in extra if not line.startswith(("service ", "node \"", "agent \""))}
+    assert extra == {'session "n2" { policy = "write" }',
+                     'key_prefix "apigee_mtls/" { policy = "write" }',
+                     'operator = "read"'}, extra
+    assert "session_prefix" not in server and "keyring" not in server
 
 
 def test_policy_name_follows_the_rules():

@@ -933,9 +933,9 @@ def test_ingress_services(topo5):
             "address": "10.77.0.11", "port": 10002,
             "checks": [
                 {"name": "Connect Sidecar Listening", "tcp": "10.77.0.11:10002",
-                 "interval": "5s"},
+                 "interval": "5s", "status": "passing"},
                 {"name": "Connect Sidecar Aliasing zk-2888-10-77-0-11",
-                 "alias_service": "zk-2888-10-77-0-11"}],
+                 "alias_service": "zk-2888-10-77-0-11", "status": "passing"}],
             "proxy": {"local_service_address": "10.77.0.11", "local_service_port": 2888}}},
     }
     # the listening check dials the public listener (node IP), not local_service_address

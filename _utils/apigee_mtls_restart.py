@@ -1,0 +1,191 @@
+"""
+Rules for restarting Consul agents without an outage (pure functions, no Salt, no Consul).
+
+A change Consul cannot reload (ports, addresses, ``server``, the binary) restarts the agent.
+Two things keep that invisible to Apigee:
+
+- **Servers restart one at a time, the leader last.** Every server that needs a restart takes
+  a Consul lock (a KV key acquired with a session, :data:`LOCK_KEY`) and holds it until it is
+  back as a healthy voter. Before its restart the cluster must be able to lose it: autopilot
+  healthy, failure tolerance at least 1, every raft server a voter. A server that needs a
+  restart also holds a ``pending`` key; the leader waits while another server's pending key
+  exists, so that it restarts last and the cluster elects at most once.
+- **New inbound connections are held, not refused.** While an agent restarts, its sidecars
+  cannot authorize a new inbound connection (Consul 1.8's built-in proxy asks the local agent
+  for every one). For that time the node drops the SYNs to its sidecars' ports
+  (:func:`hold_rules`); the callers' TCP retransmits them after 1 s, by when the agent answers.
+
+The serf failure detector does not notice a restart this short: ``leave_on_terminate`` is
+false, so a restarted agent does not leave the cluster and its services stay in the catalog.
+"""
+
+import hashlib
+
+#: KV prefix of the formula's coordination keys (per data center: Consul's KV is not
+#: replicated across data centers, and so neither are these locks)
+KV_PREFIX = "apigee_mtls/"
+#: the key whose holder restarts (one server of the data center at a time)
+LOCK_KEY = KV_PREFIX + "restart/lock"
+#: a server that needs a restart holds ``<PENDING_PREFIX><node>`` until it is done
+PENDING_PREFIX = KV_PREFIX + "restart/pending/"
+#: each server records the sha256 of the Consul binary it runs and the fingerprint of its
+#: running state (:func:`agent_state`): clients restart onto a new binary once the servers of
+#: their data center run it; the leader restarts once the others run what it will
+BINARY_PREFIX = KV_PREFIX + "binary/"
+#: the comment that marks the hold rules in INPUT
+HOLD_COMMENT = "apigee-mtls-hold"
+MULTIPORT_MAX = 15
+
+
+def kv_keys():
+    """The coordination keys (a function: Salt's ``__utils__`` holds functions only):
+    ``{"lock": ..., "pending": <prefix>, "binary": <prefix>}``."""
+    return {"lock": LOCK_KEY, "pending": PENDING_PREFIX, "binary": BINARY_PREFIX}
+
+
+def hold_rules(ports):
+    """
+    The iptables rules (filter table, inserted first in INPUT) that drop new TCP connections
+    (SYN) to ``ports`` while the local agent restarts. A dropped SYN is sent again by the
+    caller's TCP stack after 1 s (then 2 s more), so callers wait instead of failing.
+
+    :param ports: the node's sidecar public ports (ints)
+    :return: rule specifications without the chain, e.g. ``-p tcp -m tcp --syn -m multiport
+        --dports 10300,10301 -m comment --comment apigee-mtls-hold -j DROP`` (list of str);
+        empty when there is no port
+
+    .. code-block:: python
+
+        >>> hold_rules([10300])[0].split(" -m comment")[0]
+        '-p tcp -m tcp --syn -m multiport --dports 10300'
+    """
+    ports = sorted(set(int(p) for p in ports))
+    chunks = [ports[i:i + MULTIPORT_MAX] for i in range(0, len(ports), MULTIPORT_MAX)]
+    return ["-p tcp -m tcp --syn -m multiport --dports {} -m comment --comment {} -j "
+            "DROP".format(",".join(str(p) for p in chunk), HOLD_COMMENT) for chunk in chunks]
+
+
+def sidecar_ports(services):
+    """The public ports of the sidecars among a plan's ``services`` (sorted ints)."""
+    return sorted({s["connect"]["sidecar_service"]["port"] for s in services
+                   if (s.get("connect") or {}).get("sidecar_service")})
+
+
+def cluster_can_lose_a_server(autopilot, raft):
+    """
+    Whether the data center's Consul servers can lose one of them for a restart without
+    losing their quorum.
+
+    :param dict autopilot: ``GET /v1/operator/autopilot/health``
+    :param dict raft: ``GET /v1/operator/raft/configuration``
+    :return: None when it can, else the reason (str)
+
+    .. code-block:: python
+
+        >>> cluster_can_lose_a_server({"Healthy": True, "FailureTolerance": 1, "Servers": []},
+        ...                           {"Servers": [{"Node": "n1", "Voter": True}]})
+    """
+    servers = raft.get("Servers") or []
+    if len(servers) <= 1:
+        return None  # a single server: there is no quorum to keep
+    non_voters = sorted(s.get("Node", "?") for s in servers if not s.get("Voter"))
+    if non_voters:
+        return "raft servers not voting: " + ", ".join(non_voters)
+    unhealthy = sorted(s.get("Name", "?") for s in autopilot.get("Servers") or []
+                       if not s.get("Healthy"))
+    if not autopilot.get("Healthy") or unhealthy:
+        return "autopilot reports unhealthy servers: " + (", ".join(unhealthy) or "(cluster)")
+    if int(autopilot.get("FailureTolerance") or 0) < 1:
+        return "failure tolerance is {}".format(autopilot.get("FailureTolerance"))
+    return None
+
+
+def raft_member_ready(raft_stats, max_contact=1.0):
+    """
+    Whether a restarted server is back in raft: it leads, or it follows and heard from the
+    leader less than ``max_contact`` seconds ago. Autopilot alone cannot tell: a server back
+    within a second or two may never have been seen unhealthy.
+
+    :param dict raft_stats: ``Stats.raft`` of ``GET /v1/agent/self`` (values are strings:
+        ``state``, ``last_contact`` such as ``"23.7ms"``, ``"1.2s"`` or ``"never"``)
+    :param float max_contact: seconds
+    :return: bool
+
+    .. code-block:: python
+
+        >>> raft_member_ready({"state": "Follower", "last_contact": "23.707065ms"})
+        True
+    """
+    state = (raft_stats or {}).get("state")
+    if state == "Leader":
+        return True
+    if state != "Follower":
+        return False
+    contact = str(raft_stats.get("last_contact", "never"))
+    for unit, scale in (("ms", 0.001), ("µs", 1e-6), ("us", 1e-6), ("ns", 1e-9), ("s", 1.0)):
+        if contact.endswith(unit):
+            try:
+                return float(contact[:-len(unit)]) * scale < max_contact
+            except ValueError:
+                return False
+    return contact == "0"
+
+
+def leader_waits(node, leader, pending, states, want):
+    """
+    Whether server ``node`` must wait before taking the restart lock: the leader restarts
+    last, after every other server that holds a pending key and every other server whose
+    recorded agent state (binary, configuration, unit) is not yet the one the leader is about
+    to run. Servers apply at slightly different times: without the second rule, a leader
+    that reaches its restart first would restart before followers that need one too, and the
+    cluster would elect twice. The caller bounds the wait (``leader_wait``).
+
+    :param str node: this server (Consul node name)
+    :param str leader: the data center's leader (node name), or None when unknown
+    :param pending: node names holding a pending key (this one may be among them)
+    :param dict states: other server -> its recorded agent state fingerprint (or None)
+    :param str want: the fingerprint of the state this server restarts into
+    :return: bool
+
+    .. code-block:: python
+
+        >>> leader_waits("n1", "n1", ["n1", "n2"], {}, "x")
+        True
+        >>> leader_waits("n1", "n1", ["n1"], {"n2": "x", "n3": "old"}, "x")
+        True
+    """
+    if node != leader:
+        return False
+    return (any(p != node for p in pending)
+            or any(fp != want for other, fp in states.items() if other != node))
+
+
+def agent_state(binary_sha, config_bytes, unit_bytes):
+    """A fingerprint of what an agent runs: its binary's sha256, its ``consul.json`` and its
+    systemd unit (sha256 hex of the three)."""
+    digest = hashlib.sha256(binary_sha.encode())
+    for part in (config_bytes or b"", unit_bytes or b""):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()
+
+
+def clients_wait_for(binary_sha, server_shas):
+    """
+    The servers a client waits for before it restarts onto the binary ``binary_sha``: those
+    that recorded another binary. Servers that recorded nothing (a cluster made before the
+    record existed) are not waited for.
+
+    :param str binary_sha: sha256 (hex) of the client's new binary
+    :param dict server_shas: server node name -> recorded sha256 (or None)
+    :return: the names of the servers still on another binary (sorted list)
+    """
+    return sorted(n for n, sha in server_shas.items() if sha and sha != binary_sha)
+
+
+def sha256_file(path):
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

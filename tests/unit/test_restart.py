@@ -1,0 +1,149 @@
+"""The rules for restarting Consul agents without an outage (_utils/apigee_mtls_restart.py)
+and the agent_current state's decisions, with Salt's dunders stubbed."""
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+
+import pytest
+
+from conftest import PLANNER as amp, load_salt_module
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("apigee_mtls_restart",
+                                               ROOT / "_utils" / "apigee_mtls_restart.py")
+rs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rs)
+STATES = load_salt_module("_states", "apigee_mtls_states_restart")
+
+HEALTHY = {"Healthy": True, "FailureTolerance": 1,
+           "Servers": [{"Name": n, "Healthy": True} for n in ("n1", "n2", "n3")]}
+RAFT = {"Servers": [{"Node": n, "Voter": True} for n in ("n1", "n2", "n3")]}
+
+
+def test_hold_rules_drop_only_new_connections_to_the_given_ports():
+    rules = rs.hold_rules(range(10000, 10020))
+    assert len(rules) == 2 and all("--syn" in r and r.endswith("-j DROP") for r in rules)
+    assert "--dports 10000,10001" in rules[0] and "--dports 10015," in rules[1]
+    assert all("--comment apigee-mtls-hold" in r for r in rules)
+    assert rs.hold_rules([]) == []
+
+
+def test_a_cluster_loses_a_server_only_when_it_tolerates_it():
+    assert rs.cluster_can_lose_a_server(HEALTHY, RAFT) is None
+    assert "failure tolerance" in rs.cluster_can_lose_a_server(
+        dict(HEALTHY, FailureTolerance=0), RAFT)
+    sick = dict(HEALTHY, Healthy=False, Servers=[{"Name": "n2", "Healthy": False}])
+    assert "n2" in rs.cluster_can_lose_a_server(sick, RAFT)
+    learner = {"Servers": RAFT["Servers"][:2] + [{"Node": "n3", "Voter": False}]}
+    assert "not voting: n3" in rs.cluster_can_lose_a_server(HEALTHY, learner)
+    # a single server has no quorum to keep
+    assert rs.cluster_can_lose_a_server({}, {"Servers": [{"Node": "n1"}]}) is None
+
+
+def test_the_leader_restarts_last():
+    assert not rs.leader_waits("n2", "n1", ["n1", "n2"], {}, "x")  # a follower never waits
+    assert rs.leader_waits("n1", "n1", ["n1", "n3"], {}, "x")       # another is pending
+    assert rs.leader_waits("n1", "n1", ["n1"], {"n2": "x", "n3": "old"}, "x")  # n3 not yet
+    assert not rs.leader_waits("n1", "n1", ["n1"], {"n2": "x", "n3": "x"}, "x")
+
+
+def test_a_restarted_server_is_back_when_it_hears_from_its_leader():
+    assert rs.raft_member_ready({"state": "Leader"})
+    assert rs.raft_member_ready({"state": "Follower", "last_contact": "23.7ms"})
+    assert not rs.raft_member_ready({"state": "Follower", "last_contact": "never"})
+    assert not rs.raft_member_ready({"state": "Follower", "last_contact": "2.5s"})
+    assert not rs.raft_member_ready({"state": "Candidate"})
+
+
+def test_clients_wait_for_servers_on_another_binary_only():
+    assert rs.clients_wait_for("new", {"n1": "new", "n2": "old", "n3": None}) == ["n2"]
+
+
+def test_servers_compare_the_shared_part_of_their_configuration(topo5):
+    one = amp.plan(topo5, "n1")
+    two = amp.plan(topo5, "n2")
+    role = [amp.agent_config_role(p["consul_config"], p["node"]["id"], p["node"]["ip"])
+            for p in (one, two)]
+    assert role[0] == role[1] and "n1" not in role[0] and "10.77.0.11" not in role[0]
+    assert rs.agent_state("b", role[0].encode(), b"u") == rs.agent_state("b", role[1].encode(),
+                                                                         b"u")
+    assert rs.agent_state("b", b"x", b"u") != rs.agent_state("c", b"x", b"u")
+
+
+def test_plan_says_how_each_agent_restarts(topo5):
+    server, client = amp.plan(topo5, "n1")["restart"], amp.plan(topo5, "n4")["restart"]
+    assert server["server"] and not client["server"]
+    assert server["servers"] == client["servers"] == ["n1", "n2", "n3"]
+    plan4 = amp.plan(topo5, "n4")
+    sidecars = {s["connect"]["sidecar_service"]["port"] for s in plan4["services"]}
+    upstreams = {u["proxy_port"] for u in plan4["upstreams"]}
+    assert set(client["hold_ports"]) == sidecars | upstreams
+    assert client["authorize_services"] == sorted(s["name"] for s in plan4["services"])
+
+
+class _Node:
+    """An agent as agent_current sees it: a running binary, an installed one, a unit."""
+
+    def __init__(self, tmp_path, running=b"consul-1", installed=b"consul-1"):
+        self.dir = tmp_path
+        (tmp_path / "proc").mkdir()
+        (tmp_path / "proc" / "exe").write_bytes(running)
+        self.bin = tmp_path / "consul"
+        self.bin.write_bytes(installed)
+        self.unit = tmp_path / "consul.service"
+        self.unit.write_text("[Unit]\n")
+        os.utime(self.unit, (1, 1))  # older than the agent
+        self.marker = tmp_path / "run" / "restart-needed"
+        self.restarts = []
+
+
+@pytest.fixture
+def current(monkeypatch):
+    def _run(node, test=False, restart=None, binary_hash=None):
+        sha = rs.sha256_file
+
+        def sha_of(path):
+            return sha(str(node.dir / "proc" / "exe") if path.startswith("/proc/") else path)
+
+        utils = {"apigee_mtls_restart." + k: getattr(rs, k) for k in dir(rs)
+                 if callable(getattr(rs, k))}
+        utils["apigee_mtls_restart.sha256_file"] = sha_of
+        monkeypatch.setattr(STATES, "__utils__", utils, raising=False)
+        monkeypatch.setattr(STATES, "__opts__", {"test": test}, raising=False)
+        monkeypatch.setattr(STATES, "__salt__", {
+            "cmd.run_stdout": lambda cmd, **kw: "42" if "MainPID" in cmd else "1000000",
+        }, raising=False)
+        monkeypatch.setattr(STATES, "_restart_agent",
+                            lambda name, r, unit, timings: node.restarts.append(name))
+        return STATES.agent_current("consul", str(node.bin), str(node.unit), restart=restart,
+                                    restart_marker=str(node.marker), binary_hash=binary_hash)
+    return _run
+
+
+def test_agent_running_the_installed_binary_is_left_alone(tmp_path, current):
+    node = _Node(tmp_path)
+    ret = current(node)
+    assert ret["result"] is True and ret["changes"] == {} and node.restarts == []
+
+
+def test_a_new_binary_restarts_the_agent_and_test_mode_previews_it(tmp_path, current):
+    node = _Node(tmp_path, installed=b"consul-1")
+    new = hashlib.sha256(b"consul-2").hexdigest()
+    preview = current(node, test=True, binary_hash="sha256=" + new)  # file not replaced yet
+    assert preview["result"] is None and "Would restart consul (binary" in preview["comment"]
+    assert preview["changes"]["restarted"]["because"] == ["binary"] and node.restarts == []
+    node.bin.write_bytes(b"consul-2")
+    ret = current(node)
+    assert ret["result"] is True and node.restarts == ["consul"]
+
+
+def test_a_marked_configuration_change_restarts_once(tmp_path, current):
+    node = _Node(tmp_path)
+    node.marker.parent.mkdir()
+    node.marker.write_text(json.dumps(["addresses"]))
+    ret = current(node)
+    assert ret["changes"]["restarted"]["because"] == ["configuration"]
+    assert node.restarts == ["consul"] and not node.marker.exists()
+    assert current(node)["changes"] == {}
