@@ -9,6 +9,9 @@ States for the apigee_mtls formula.
 - :py:func:`local_token_managed`: the agent's local ``agent_master`` token, made here.
 - :py:func:`agent_config_managed`: the agent's ``consul.json``; a running agent is reloaded
   when Consul can reload every changed key, restarted otherwise.
+- :py:func:`agent_current`: the running agent runs the installed binary and unit, else it
+  restarts (servers one at a time under a Consul lock, the leader last; new connections to
+  its sidecars held meanwhile).
 - :py:func:`acl_token_managed`: this node's ACL token (and a secondary data center
   server's replication token), issued by the signer, sealed to the node's key.
 - :py:func:`connect_ca_managed`: the organisation's CA as the Connect (mesh) root.
@@ -774,7 +777,10 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
 # ---------------------------------------------------------------------------------------------
 # The agent's configuration: reload what Consul reloads, restart only for the rest
 _ACTION_TEXT = {"start": "reads it when it starts", "next_start": "reads it at its next start",
-                "reload": "reloaded", "restart": "restarted", "none": "is not touched"}
+                "reload": "reloaded", "none": "is not touched",
+                "restart": "restarts next (apigee_mtls.agent_current, without an outage)"}
+#: where agent_config_managed leaves the keys that need the agent restarted
+RESTART_MARKER = "/run/apigee-mtls/consul-restart-needed"
 _WOULD = {"start": "would read it when it starts", "next_start": "would read it at its next "
           "start", "reload": "would reload", "restart": "would restart", "none": "unchanged"}
 
@@ -793,8 +799,255 @@ def _consul_reload(bin_path, token_file, attempts=15, interval=2):
     return (res["stderr"] or res["stdout"]).strip()
 
 
+def _rs(name):
+    return __utils__["apigee_mtls_restart." + name]
+
+
+def _main_pid(service):
+    pid = __salt__["cmd.run_stdout"](["systemctl", "show", "-p", "MainPID", "--value", service],
+                                     python_shell=False, ignore_retcode=True).strip()
+    return int(pid) if pid.isdigit() and int(pid) > 0 else None
+
+
+def _hold(rules, on):
+    """Insert (``on``) or delete the SYN-hold rules first in INPUT (Salt's iptables module).
+    Inserting also arms a transient timer that deletes them after 120 s, should this run
+    die before it does."""
+    for rule in rules:
+        present = __salt__["iptables.check"](table="filter", chain="INPUT", rule=rule) is True
+        if on and not present:
+            __salt__["iptables.insert"](table="filter", chain="INPUT", position=1, rule=rule)
+            __salt__["cmd.run_all"](
+                ["systemd-run", "--collect", "--on-active=120",
+                 "--unit=apigee-mtls-hold-expire-{}".format(int(time.time() * 1000)),
+                 "/bin/sh", "-c", "iptables -w -D INPUT {} 2>/dev/null; exit 0".format(rule)],
+                python_shell=False, ignore_retcode=True)
+        elif not on:
+            while __salt__["iptables.check"](table="filter", chain="INPUT", rule=rule) is True:
+                __salt__["iptables.delete"](table="filter", chain="INPUT", rule=rule)
+
+
+def _agent_answers_authorize(services, token, wait):
+    """Wait until the local agent answers a Connect authorize for each of ``services`` (what
+    each new inbound connection of their sidecars needs; the first answer also fills the
+    agent's intention and token caches); True when it did within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    for service in services:
+        body = {"Target": service, "ClientCertURI":
+                "spiffe://00000000-0000-0000-0000-000000000000.consul/ns/default/dc/x/svc/probe",
+                "ClientCertSerial": "00"}
+        while True:
+            try:
+                _acl("api")("POST", "/v1/agent/connect/authorize", token, body=body, timeout=3)
+                break
+            except Exception:  # pylint: disable=broad-except
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+    return True
+
+
+def _agent_record(key, token):
+    """A server's record (``{"sha256": <binary>, "state": <fingerprint>}``) or {}."""
+    try:
+        return _acl("api")("GET", "/v1/kv/{}?raw".format(key), token, timeout=5) or {}
+    except Exception:  # pylint: disable=broad-except
+        return {}
+
+
+def _wanted_state(binary_sha, restart, unit_file):
+    """The fingerprint of the agent state the files on disk describe, comparable between the
+    servers of a data center (their own names and addresses left out)."""
+    try:
+        config = json.loads(_read(restart.get("config_file") or "") or b"{}")
+    except ValueError:
+        config = {}
+    role = __utils__["apigee_mtls_plan.agent_config_role"](config, restart.get("node"),
+                                                           restart.get("address"))
+    return _rs("agent_state")(binary_sha, role.encode(), _read(unit_file or "") or b"")
+
+
+class _RestartLock:
+    """The data center's restart lock for Consul servers (see ``apigee_mtls_restart``): a
+    session of this node's, a pending key, then the lock key, acquired when the cluster can
+    lose this server and this node is not a leader with other servers still to restart."""
+
+    def __init__(self, restart, token):
+        self.node, self.token, self.session = restart.get("node"), token, None
+        self.servers = restart.get("servers") or []
+        self.leader_wait = restart.get("leader_wait", 120)
+        self.api = _acl("api")
+
+    def _kv(self, key, verb):
+        return self.api("PUT", "/v1/kv/{}?{}={}".format(key, verb, self.session), self.token,
+                        body=self.node, timeout=5)
+
+    def _renew(self):
+        self.api("PUT", "/v1/session/renew/" + self.session, self.token, timeout=5)
+
+    def _leader(self):
+        addr = self.api("GET", "/v1/status/leader", timeout=5) or ""
+        host = addr.rsplit(":", 1)[0]
+        for member in self.api("GET", "/v1/catalog/nodes", self.token, timeout=5) or []:
+            if member.get("Address") == host:
+                return member.get("Node")
+        return None
+
+    def _pending(self):
+        prefix = _rs("kv_keys")()["pending"]
+        try:
+            keys = self.api("GET", "/v1/kv/{}?keys".format(prefix), self.token, timeout=5)
+        except Exception as exc:  # pylint: disable=broad-except
+            if getattr(exc, "status", None) == 404:
+                return []
+            raise
+        return [k[len(prefix):] for k in keys or []]
+
+    def health_problem(self):
+        """None when the data center's servers can lose one, else why not."""
+        return _rs("cluster_can_lose_a_server")(
+            self.api("GET", "/v1/operator/autopilot/health", self.token, timeout=5) or {},
+            self.api("GET", "/v1/operator/raft/configuration", self.token, timeout=5) or {})
+
+    def acquire(self, wait, want):
+        """Take the lock; returns None, or why it could not within ``wait`` seconds.
+        ``want``: the fingerprint of the state this server restarts into."""
+        start = time.monotonic()
+        deadline = start + wait
+        why = "not tried"
+        while time.monotonic() < deadline:
+            try:
+                if self.session is None:
+                    self.session = self.api("PUT", "/v1/session/create", self.token, body={
+                        "Name": "apigee-mtls restart " + self.node, "Node": self.node,
+                        "TTL": "60s", "Behavior": "delete", "LockDelay": "0s",
+                        "Checks": [], "NodeChecks": []}, timeout=5)["ID"]
+                    self._kv(_rs("kv_keys")()["pending"] + self.node, "acquire")
+                else:
+                    self._renew()
+                states = {}
+                if time.monotonic() - start < self.leader_wait:
+                    states = {n: _agent_record(_rs("kv_keys")()["binary"] + n, self.token)
+                              .get("state") for n in self.servers if n != self.node}
+                if _rs("leader_waits")(self.node, self._leader(), self._pending(), states,
+                                       want):
+                    why = "this server leads the data center: it restarts after the others"
+                elif self._kv(_rs("kv_keys")()["lock"], "acquire") is True:
+                    why = self.health_problem()
+                    if why is None:
+                        return None
+                    self._kv(_rs("kv_keys")()["lock"], "release")
+                else:
+                    why = "another server is restarting"
+            except Exception as exc:  # pylint: disable=broad-except
+                why = str(exc)
+            time.sleep(1 + (hash(self.node) % 10) / 10.0)
+        return why
+
+    def wait_healthy(self, wait):
+        """After the restart: wait until the cluster can lose a server again (this one is
+        back as a healthy voter); returns None or the last reason."""
+        deadline = time.monotonic() + wait
+        why = "not checked"
+        while time.monotonic() < deadline:
+            try:
+                self._renew()
+                stats = (self.api("GET", "/v1/agent/self", self.token, timeout=5) or {}).get(
+                    "Stats", {}).get("raft", {})
+                if not _rs("raft_member_ready")(stats):
+                    why = "this server is not back in raft yet ({})".format(
+                        stats.get("state", "no raft state"))
+                else:
+                    why = self.health_problem()
+                if why is None:
+                    return None
+            except Exception as exc:  # pylint: disable=broad-except
+                why = str(exc)
+            time.sleep(1)
+        return why
+
+    def release(self):
+        if self.session is None:
+            return
+        try:
+            self._kv(_rs("kv_keys")()["lock"], "release")
+            self.api("PUT", "/v1/session/destroy/" + self.session, self.token, timeout=5)
+        except Exception as exc:  # pylint: disable=broad-except
+            log.warning("apigee_mtls: restart lock not released (%s); its session expires", exc)
+        self.session = None
+
+
+def _record_agent(restart, token, service, unit_file):
+    """A server records the sha256 of the binary its agent runs (``/proc/<pid>/exe``: the
+    running image, even when the file was replaced since) and the fingerprint of its state
+    (binary, consul.json, unit), once the agent runs what the files say."""
+    pid = _main_pid(service)
+    if pid is None:
+        return
+    sha = _rs("sha256_file")("/proc/{}/exe".format(pid))
+    record = {"sha256": sha, "state": _wanted_state(sha, restart, unit_file)}
+    key = _rs("kv_keys")()["binary"] + restart.get("node")
+    if _agent_record(key, token) != record:
+        _acl("api")("PUT", "/v1/kv/" + key, token, body=record, timeout=5)
+
+
+def _servers_on_other_binary(servers, sha, token):
+    shas = {server: _agent_record(_rs("kv_keys")()["binary"] + server, token).get("sha256")
+            for server in servers}
+    return _rs("clients_wait_for")(sha, shas)
+
+
+def _restart_agent(service, restart, unit_file=None, timings=None):
+    """Restart the local agent as ``restart`` (the states' ``restart`` argument) says:
+    a server under the data center's lock after a health check, new connections to and from
+    this node's sidecars held while the agent is down. Returns None, or why it failed."""
+    restart = restart or {}
+    timings = {} if timings is None else timings
+    token = _acl("read_token")(restart["token_file"]) if restart.get("token_file") else None
+    lock = _RestartLock(restart, token) if restart.get("server") else None
+    wait = restart.get("wait", 600)
+    rules = _rs("hold_rules")(restart.get("hold_ports") or [])
+    try:
+        if lock is not None:
+            bin_path = restart.get("bin_path")
+            want = _wanted_state(_rs("sha256_file")(bin_path) if bin_path else "", restart,
+                                 unit_file)
+            began = time.monotonic()
+            why = lock.acquire(wait, want)
+            timings["lock_wait"] = round(time.monotonic() - began, 2)
+            if why is not None:
+                return "the restart lock was not free within {} s: {}".format(wait, why)
+        _hold(rules, True)
+        held = time.monotonic()
+        try:
+            # connections accepted just before the hold may still be asking the agent (an
+            # authorize, a resolve): let them finish before it stops
+            time.sleep(restart.get("drain", 0.2))
+            if not __salt__["service.restart"](service):
+                return "systemctl restart {} failed".format(service)
+            timings["restart"] = round(time.monotonic() - held, 2)
+            if not _agent_answers_authorize(restart.get("authorize_services") or [], token,
+                                            60):
+                return "the restarted agent does not authorize connections after 60 s"
+        finally:
+            _hold(rules, False)
+            timings["held"] = round(time.monotonic() - held, 2)
+        if lock is not None:
+            began = time.monotonic()
+            why = lock.wait_healthy(120)
+            timings["healthy_after"] = round(time.monotonic() - began, 2)
+            if why is not None:
+                return "the servers are not healthy 120 s after this restart: " + why
+            _record_agent(restart, token, service, unit_file)
+        return None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def agent_config_managed(name, config, user="root", group="consul", mode="0640",
-                         bin_path="/usr/local/bin/consul", token_file=None, service="consul"):
+                         bin_path="/usr/local/bin/consul", token_file=None, service="consul",
+                         restart_marker=RESTART_MARKER):
     """
     Ensure the Consul agent's configuration file ``name`` holds ``config``, and that the
     running agent uses it with as little disruption as Consul allows: a change of keys that
@@ -813,6 +1066,10 @@ def agent_config_managed(name, config, user="root", group="consul", mode="0640",
     :param str token_file: a token file allowed to reload the agent (its local master
         token), with ACLs
     :param str service: the agent's systemd unit
+    :param str restart_marker: a change that needs a restart is written here (the keys), for
+        :py:func:`agent_current` to restart the agent without an outage later in the run
+        (servers one at a time, after this node's token is current); a file, so that a run
+        that stops in between leaves it for the next one
     :raises: nothing; a failed write, reload or restart is ``result: False``
 
     .. code-block:: yaml
@@ -856,12 +1113,125 @@ def agent_config_managed(name, config, user="root", group="consul", mode="0640",
             ret["comment"] = f"{name} updated, but consul reload failed: {error}"
             return ret
     elif action == "restart":
-        if not __salt__["service.restart"](service):
+        __salt__["file.mkdir"](os.path.dirname(restart_marker), mode="0700")
+        marked = __salt__["file.write"](restart_marker, json.dumps(decision["keys"]))
+        if not str(marked).startswith("Wrote"):
             ret["result"] = False
-            ret["comment"] = f"{name} updated, but restarting {service} failed"
+            ret["comment"] = f"{name} updated, but {restart_marker} not written: {marked}"
             return ret
     ret["comment"] = f"{name} updated; Consul {_ACTION_TEXT[action]}" + (
         f" ({', '.join(decision['keys'])})" if action != "none" else "")
+    return ret
+
+
+def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTART_MARKER,
+                  binary_hash=None):
+    """
+    Ensure the running Consul agent (systemd unit ``name``) runs the installed binary and
+    unit file: it is restarted when the image it runs (``/proc/<pid>/exe``) differs from
+    ``bin_path``, when ``unit_file`` changed after it started, or when
+    :py:func:`agent_config_managed` left keys that need a restart in ``restart_marker``.
+    This is how a new
+    ``consul:install`` source rolls out: servers restart one at a time under the data
+    center's restart lock (healthy cluster first, the leader last) and record the binary they
+    run in Consul's KV (``apigee_mtls/binary/<node>``); a client restarts onto a new binary
+    once every server of its data center runs it. While an agent restarts, new connections to
+    its sidecars are held (their SYNs dropped, so that callers retry them after 1 s) instead
+    of refused. Sidecars are not restarted.
+
+    :param str name: the agent's systemd unit (``consul``)
+    :param str bin_path: the installed Consul binary
+    :param str unit_file: the unit's file
+    :param dict restart: ``node`` (this node's Consul name), ``server`` (bool), ``servers``
+        (the data center's servers), ``token_file`` (this node's ACL token: lock, records,
+        authorize), ``hold_ports`` (its sidecars' public ports, int list),
+        ``authorize_services`` (this node's services: the held connections are released once
+        the restarted agent authorizes for each), ``config_file`` (``consul.json``),
+        ``wait`` (seconds to wait for the lock or the servers, default 600),
+        ``leader_wait`` (seconds the leader waits for the other servers, default 120)
+    :param str restart_marker: the file :py:func:`agent_config_managed` writes (removed once
+        the agent restarted)
+    :param str binary_hash: ``sha256=<hex>`` of the binary the pillar installs (``binary``
+        method), so that ``test=True`` previews the restart of a binary change before the
+        file is replaced
+    :raises: nothing; a failed restart, or a lock or servers that stay busy past ``wait``,
+        is ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-service-current:
+          apigee_mtls.agent_current:
+            - name: consul
+            - bin_path: /usr/local/bin/consul
+            - unit_file: /etc/systemd/system/consul.service
+            - restart:
+                node: n2
+                server: true
+                token_file: /etc/consul.d/acl/agent.token
+                hold_ports: [10001, 10002]
+    """
+    ret = _ret(name)
+    restart = restart or {}
+    pid = _main_pid(name)
+    if pid is None:
+        ret["comment"] = f"{name} is not running: it starts with the installed binary"
+        return ret
+    why = []
+    new_sha = _rs("sha256_file")(bin_path)
+    if __opts__["test"] and binary_hash and binary_hash.lower().startswith("sha256="):
+        new_sha = binary_hash.split("=", 1)[1].lower()  # the file is not replaced in test mode
+    if _rs("sha256_file")(f"/proc/{pid}/exe") != new_sha:
+        why.append("binary")
+    try:
+        started = float(__salt__["cmd.run_stdout"](
+            ["systemctl", "show", "-p", "ExecMainStartTimestampMonotonic", "--value", name],
+            python_shell=False).strip() or 0) / 1e6
+        unit_age = time.time() - os.stat(unit_file).st_mtime
+        if time.monotonic() - unit_age > started:
+            why.append("unit file")
+    except (OSError, ValueError):
+        pass
+    marker = _read(restart_marker)
+    if marker is not None:
+        why.append("configuration")
+    token = _acl("read_token")(restart["token_file"]) if restart.get("token_file") else None
+    if not why:
+        if restart.get("server") and not __opts__["test"]:
+            try:
+                _record_agent(restart, token, name, unit_file)
+            except Exception as exc:  # pylint: disable=broad-except
+                log.warning("apigee_mtls: agent record not written (%s)", exc)
+        ret["comment"] = f"{name} runs the installed binary and unit"
+        return ret
+    ret["changes"] = {"restarted": {"because": why, "server": bool(restart.get("server"))}}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = f"Would restart {name} ({', '.join(why)} changed)" + (
+            ": servers one at a time, the leader last" if restart.get("server") else "")
+        return ret
+    if "binary" in why and not restart.get("server") and restart.get("servers"):
+        deadline = time.monotonic() + restart.get("wait", 600)
+        while True:
+            behind = _servers_on_other_binary(restart["servers"], new_sha, token)
+            if not behind:
+                break
+            if time.monotonic() > deadline:
+                ret["changes"] = {}
+                ret["result"] = False
+                ret["comment"] = (f"Not restarted onto the new binary: servers {', '.join(behind)}"
+                                  " still run another one; apply apigee_mtls on them first")
+                return ret
+            time.sleep(2)
+    timings = {}
+    error = _restart_agent(name, dict(restart, bin_path=bin_path), unit_file, timings)
+    ret["changes"]["restarted"]["seconds"] = timings
+    if error:
+        ret["result"] = False
+        ret["comment"] = f"Restarting {name} failed: {error}"
+        return ret
+    if marker is not None:
+        os.remove(restart_marker)
+    ret["comment"] = f"Restarted {name} ({', '.join(why)} changed)"
     return ret
 
 

@@ -2,6 +2,7 @@
 waits for the next start for keys read only at start, and restarts it otherwise
 (planner: agent_config_action; state: apigee_mtls.agent_config_managed)."""
 import json
+import os
 
 import pytest
 
@@ -50,6 +51,7 @@ class Node:
         if content is not None:
             self.path.write_text(json.dumps(content))
         self.running, self.reload_rc = running, reload_rc
+        self.marker = str(tmp_path / "run" / "consul-restart-needed")
         self.calls = []
 
     def serialize(self, name, dataset, serializer, user, group, mode):
@@ -81,11 +83,19 @@ def state(monkeypatch):
             "apigee_mtls_plan.agent_config_action": amp.agent_config_action}, raising=False)
         monkeypatch.setattr(STATES, "__states__", {"file.serialize": node.serialize},
                             raising=False)
+        def write(path, text):
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+            return "Wrote 1 lines to " + path
+
         monkeypatch.setattr(STATES, "__salt__", {
             "service.status": lambda name: node.running, "cmd.run_all": node.run_all,
-            "service.restart": node.restart}, raising=False)
+            "service.restart": node.restart, "file.write": write,
+            "file.mkdir": lambda path, mode=None: os.makedirs(path, exist_ok=True)},
+            raising=False)
         return STATES.agent_config_managed(str(node.path), config,
-                                           token_file="/etc/consul.d/acl/agent-master.token")
+                                           token_file="/etc/consul.d/acl/agent-master.token",
+                                           restart_marker=node.marker)
 
     return _run
 
@@ -100,11 +110,15 @@ def test_log_level_change_reloads_with_the_local_master_token(tmp_path, state):
     assert json.loads(node.path.read_text())["log_level"] == "DEBUG"
 
 
-def test_datacenter_change_restarts(tmp_path, state):
+def test_datacenter_change_marks_a_restart_for_agent_current(tmp_path, state):
+    """A key Consul cannot reload is not restarted here, at once on every node: the keys go
+    to the restart marker, and apigee_mtls.agent_current restarts the agent later in the run,
+    servers one at a time."""
     node = Node(tmp_path, _config())
     ret = state(node, dict(_config(), datacenter="dc-9"))
-    assert ret["changes"]["consul"]["agent"] == "restart" and node.calls == [("restart",
-                                                                               "consul")]
+    assert ret["result"] is True and ret["changes"]["consul"]["agent"] == "restart"
+    assert node.calls == [] and json.loads(open(node.marker).read()) == ["datacenter"]
+    assert "agent_current" in ret["comment"]
 
 
 def test_start_only_key_is_written_for_the_next_start(tmp_path, state):

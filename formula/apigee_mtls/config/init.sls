@@ -15,7 +15,8 @@ include:
 
 {#- a change of keys Consul reloads (log level, TLS settings) reloads the running agent, which
     keeps its PID and connections; keys read at start wait for the next start; anything else
-    restarts it (apigee_mtls.agent_config_managed; the planner's agent_config_action decides) #}
+    marks it for a restart, which apigee-mtls-service-current does without an outage
+    (apigee_mtls.agent_config_managed; the planner's agent_config_action decides) #}
 apigee-mtls-config-agent-file-managed:
   apigee_mtls.agent_config_managed:
     - name: {{ c.config_dir }}/consul.json

@@ -33,13 +33,31 @@ apigee-mtls-service-running:
       - file: apigee-mtls-config-encrypt-file-managed
       # consul.json: its own state reloads or restarts a running agent as the change needs
       - apigee_mtls: apigee-mtls-config-agent-file-managed
-    - watch:
+      - file: apigee-mtls-service-unit-managed
+      - file: apigee-mtls-install-consul-binary-managed
 {%- if plan.acl.enabled %}
+    - watch:
       # the local master token must be known from the first start (reload needs it)
       - file: apigee-mtls-acl-agent-master-file-managed
 {%- endif %}
-      - file: apigee-mtls-service-unit-managed
-      - file: apigee-mtls-install-consul-binary-managed
+
+{#- A new binary (consul:install) or unit file restarts the agent without an outage: servers
+    one at a time under a Consul lock after a health check, the leader last, then clients;
+    new connections to the node's sidecars are held meanwhile; sidecars keep running. #}
+apigee-mtls-service-current:
+  apigee_mtls.agent_current:
+    - name: consul
+    - bin_path: {{ c.bin }}
+    - unit_file: {{ params.systemd_unit_dir }}/consul.service
+    - restart: {{ plan.restart | json }}
+{%- if c.install.method == "binary" %}
+    - binary_hash: {{ c.install.source_hash }}
+{%- endif %}
+    - require:
+      - service: apigee-mtls-service-running
+{%- if plan.acl.enabled %}
+      - apigee_mtls: apigee-mtls-acl-agent-token-managed
+{%- endif %}
 
 {#- `consul reload` returns once the agent has re-read its configuration (a SIGHUP would
     not wait): sidecars restarted right after it must see their new definitions. #}
@@ -65,7 +83,7 @@ apigee-mtls-service-reloaded:
       - file: apigee-mtls-acl-tokens-file-managed
 {%- endif %}
     - require:
-      - service: apigee-mtls-service-running
+      - apigee_mtls: apigee-mtls-service-current
 {%- if plan.acl.enabled %}
       - file: apigee-mtls-acl-tokens-file-managed
 {%- endif %}
