@@ -235,7 +235,7 @@ def org_ca():
         return fh.read(), kh.read()
 
 
-def write_pillar(topo, sha=None):
+def write_pillar(topo, sha=None, source="salt://consul/consul"):
     """The lab's pillar: the topology file, with the lab's own Consul binary and hash, and the
     lab's organisation CA as the mesh root (unless the topology sets connect_ca itself). The
     CA's private key goes to the signer only, in a pillar file targeted at it."""
@@ -244,7 +244,7 @@ def write_pillar(topo, sha=None):
         with open(os.path.join(CACHE, "consul", "consul.sha256"), encoding="utf-8") as fh:
             sha = fh.read().strip()
     pillar.setdefault("consul", {})["install"] = {
-        "method": "binary", "source": "salt://consul/consul", "source_hash": f"sha256={sha}"}
+        "method": "binary", "source": source, "source_hash": f"sha256={sha}"}
     top = {"base": {"*": ["apigee_mtls"]}}
     signer_pillar = None
     if "connect_ca" not in pillar and pillar.get("acl", {}).get("enabled", True):

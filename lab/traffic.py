@@ -15,6 +15,14 @@ redirect it into the mesh):
   reopened;
 - samples the local Consul agent's ``/v1/status/leader`` every second.
 
+A request (connect, send, reply) fails after ``timeout`` seconds, 5 by default: the connect
+timeouts of the clients Apigee's components use are of that order or longer (the DataStax
+Cassandra Java driver's default is 5 s, PostgreSQL JDBC's 10 s). While a
+Consul agent restarts the formula holds new connections (their SYNs dropped) instead of
+refusing them; TCP sends a SYN again after 1 s and 3 s, so a held connection completes
+late rather than fails. The report gives the slowest successful new connection, so that a
+delay is seen, not hidden.
+
 It stops by itself after ``max_seconds`` (or when told to), and writes a JSON report. The host
 side (:class:`Traffic`) picks the targets from the planner, starts the clients, stops them and
 sums the reports: failed new connections, broken long-lived connections, the longest gap
@@ -50,6 +58,7 @@ class _Target:
         self.failures = []  # [(seconds since start, kind, error)], the first ones
         self.last_ok = None
         self.max_gap = 0.0
+        self.slowest_new = 0.0
 
     def ok(self, kind, now):
         with self.lock:
@@ -77,7 +86,8 @@ class _Target:
                 gap = max(gap, now - self.last_ok)
             return {"target": self.spec, "new_ok": self.new_ok, "new_failed": self.new_failed,
                     "long_ok": self.long_ok, "long_broken": self.long_broken,
-                    "max_gap": round(gap, 3), "failures": self.failures}
+                    "max_gap": round(gap, 3), "slowest_new": round(self.slowest_new, 3),
+                    "failures": self.failures}
 
 
 def _request(sock, payload, target):
@@ -106,7 +116,10 @@ def _new_connections(tgt, cfg, stop, t0, offset):
             with socket.create_connection((spec["ip"], spec["port"]), timeout=cfg["timeout"]) as s:
                 s.settimeout(cfg["timeout"])
                 _request(s, f"new {n}", spec)
-            tgt.ok("new", time.monotonic())
+            now = time.monotonic()
+            tgt.ok("new", now)
+            with tgt.lock:
+                tgt.slowest_new = max(tgt.slowest_new, now - started)
         except Exception as exc:  # pylint: disable=broad-except
             tgt.failed("new", time.monotonic(), t0, f"{type(exc).__name__}: {exc}")
         stop.wait(max(0.0, every - (time.monotonic() - started)))
@@ -218,7 +231,7 @@ class Traffic:
     """
 
     def __init__(self, lab, pillar=None, nodes=None, interval=0.05, long_interval=1.0,
-                 max_seconds=900, timeout=3.0):
+                 max_seconds=900, timeout=5.0):
         self.lab = lab
         self.nodes = list(nodes or lab.nodes)
         self.cfg = {"interval": interval, "long_interval": long_interval,
@@ -261,10 +274,12 @@ class Traffic:
 def summarize(reports, missing=()):
     """Totals over the nodes' reports: new connections made and failed, long-lived requests
     and broken connections, the longest gap of any target, samples without a leader, and the
-    failed flows (``"<src> -> <dst> <component>"``)."""
+    failed flows (``"<src> -> <dst> <component>"``) with a few failures of each (when, in
+    seconds from the start, and the error)."""
     tot = {"new_ok": 0, "new_failed": 0, "long_ok": 0, "long_broken": 0, "max_gap": 0.0,
+           "slowest_new": 0.0,
            "leader_samples": 0, "no_leader_samples": 0, "failed_flows": [],
-           "missing_reports": list(missing)}
+           "failure_samples": [], "missing_reports": list(missing)}
     for node, rep in sorted(reports.items()):
         tot["leader_samples"] += rep["leader_samples"]
         tot["no_leader_samples"] += rep["no_leader_samples"]
@@ -272,10 +287,16 @@ def summarize(reports, missing=()):
             for key in ("new_ok", "new_failed", "long_ok", "long_broken"):
                 tot[key] += tgt[key]
             tot["max_gap"] = max(tot["max_gap"], tgt["max_gap"])
+            tot["slowest_new"] = max(tot["slowest_new"], tgt.get("slowest_new", 0.0))
             if tgt["new_failed"] or tgt["long_broken"]:
                 dst = tgt["target"]
-                tot["failed_flows"].append(f"{node} -> {dst['node']} {dst['component']}")
+                flow = f"{node} -> {dst['node']} {dst['component']}"
+                tot["failed_flows"].append(flow)
+                for when, kind, error in tgt.get("failures", [])[:2]:
+                    if len(tot["failure_samples"]) < 12:
+                        tot["failure_samples"].append(f"{flow} at {when}s ({kind}): {error}")
     tot["max_gap"] = round(tot["max_gap"], 2)
+    tot["slowest_new"] = round(tot["slowest_new"], 2)
     return tot
 
 

@@ -1,0 +1,149 @@
+"""Day-2 changes that restart Consul agents, under traffic (lab/traffic.py), rolled out with the
+README's command, `salt '*' state.apply apigee_mtls`: a non-reloadable agent setting and a
+Consul binary change. Servers restart one at a time after a health check, the leader last;
+clients keep their sidecars; what failed is counted."""
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, labctl, state_summary
+
+sys.path.insert(0, os.path.join(REPO, "lab"))
+from traffic import Traffic  # noqa: E402  pylint: disable=wrong-import-position
+
+CONFIG_STATE = ("apigee_mtls_|-apigee-mtls-config-agent-file-managed_|-"
+                "/etc/consul.d/consul.json_|-agent_config_managed")
+CURRENT_STATE = "apigee_mtls_|-apigee-mtls-service-current_|-consul_|-agent_current"
+START = "systemctl show -p ExecMainStartTimestampMonotonic --value consul"
+
+
+@pytest.fixture(scope="module")
+def mesh(applied):
+    applied.wait_mesh_ready()
+    return applied
+
+
+def _starts(lab):
+    return {n: int(lab.run(n, START).stdout.strip() or 0) for n in lab.nodes}
+
+
+def _proxy_pids(lab, node):
+    out = lab.run(node, "systemctl show -p MainPID --value 'apigee-mtls-proxy@*'").stdout
+    return sorted(out.split())
+
+
+def _assert_rolled(lab, ret, report):
+    """Servers one at a time (their stop-to-healthy windows never overlap), the leader last;
+    the traffic: no long-lived connection broken; new connections held, not refused, but for
+    a residue (see README, "What a pillar change does to the Consul agents")."""
+    restarts = {n: ret[n][CURRENT_STATE]["changes"]["restarted"] for n in lab.nodes}
+    servers = [n for n in lab.nodes if restarts[n]["server"]]
+    assert servers and all("lock_wait" in restarts[n]["seconds"] for n in servers), restarts
+    tot = report["totals"]
+    assert tot["new_ok"] > 300 and tot["long_ok"] > 30, tot
+    assert tot["long_broken"] == 0 and not tot["missing_reports"], tot
+    # Consul 1.8's built-in proxy asks its local agent for every new connection: while an
+    # agent restarts they are held (SYN dropped, TCP resends it). What still fails: a
+    # connection already asking the agent when it stops, and one whose agent's lookup was
+    # with the server that stops (Consul 1.8 does not retry it). Measured on the 5-node lab:
+    # 4 to 35 of ~2,800 (0.1-1.3 %); all agents restarting at once, as before: 518 of 2,156
+    # (24 %). Issue 16 stays open for the residue.
+    assert tot["new_failed"] <= 0.02 * (tot["new_ok"] + tot["new_failed"]), tot
+    assert tot["slowest_new"] < 5.0, tot
+    # at most one election: the leader restarts last, and a leader is back within ~2 s
+    assert tot["no_leader_samples"] <= 3 * len(lab.nodes), tot
+    return restarts
+
+
+def test_non_reloadable_change_restarts_servers_one_at_a_time(mesh):
+    """consul:dns_exposed moves the DNS listener (addresses.dns): every agent must restart.
+    The preview says "would restart"; the run restarts every agent, the servers one after
+    another (never two down at once), the leader last; no sidecar restarts; under traffic
+    nothing fails, and a leader exists at every sample but at most one election."""
+    lab = mesh
+    pillar = copy.deepcopy(lab.pillar)
+    pillar.setdefault("consul", {})["dns_exposed"] = True
+    labctl.write_pillar(pillar)
+    try:
+        preview = lab.apply("*", "apigee_mtls", "test=True")
+        for node in lab.nodes:
+            cfg = preview[node][CONFIG_STATE]
+            assert cfg["result"] is None and "would restart" in cfg["comment"], cfg
+        before = _starts(lab)
+        proxies = {n: _proxy_pids(lab, n) for n in lab.nodes}
+        traffic = Traffic(lab)
+        traffic.start()
+        t0 = time.monotonic()
+        ret = lab.apply()
+        report = traffic.stop()
+        summary = state_summary(ret)
+        after = _starts(lab)
+        print("agents restarted at (s from the apply):",
+              {n: round(after[n] / 1e6 - t0, 1) for n in lab.nodes})
+        print("traffic during a dns_exposed change:", json.dumps(report["totals"]))
+        print("restarts:", {n: ret[n][CURRENT_STATE]["changes"] for n in lab.nodes})
+        assert not {n: s["failed"] for n, s in summary.items() if s["failed"]}, summary
+        assert all(after[n] > before[n] for n in lab.nodes), (before, after)
+        assert {n: _proxy_pids(lab, n) for n in lab.nodes} == proxies, "a sidecar restarted"
+        _assert_rolled(lab, ret, report)
+    finally:
+        labctl.write_pillar(lab.pillar)
+        restored = state_summary(lab.apply())
+        assert all(not s["failed"] for s in restored.values()), restored
+    lab.wait_mesh_ready()
+
+
+def _exe_sha(lab, node):
+    return lab.run(node, "sha256sum /proc/$(systemctl show -p MainPID --value consul)/exe"
+                   ).stdout.split()[0]
+
+
+def test_binary_change_is_a_rolling_upgrade(mesh):
+    """A new consul:install source and hash (a byte-different copy of 1.8.7: a Go binary
+    runs with bytes appended) is how operators upgrade Consul. The preview names every agent
+    it would restart; the run restarts the servers one at a time, the leader last, then the
+    clients (each client waits until every server runs the new binary); every agent then
+    runs it; under traffic, no long-lived connection breaks."""
+    lab = mesh
+    files = os.path.join(labctl.STATE, "files", "consul")
+    src = os.path.join(files, "consul")
+    new = os.path.join(files, "consul-next")
+    with open(src, "rb") as fh:
+        data = fh.read() + b"\0apigee-mtls rolling upgrade test\n"
+    with open(new, "wb") as fh:
+        fh.write(data)
+    os.chmod(new, 0o755)
+    sha = hashlib.sha256(data).hexdigest()
+    old = {n: _exe_sha(lab, n) for n in lab.nodes}
+    assert sha not in old.values()
+    labctl.write_pillar(lab.pillar, sha=sha, source="salt://consul/consul-next")
+    try:
+        preview = lab.apply("*", "apigee_mtls", "test=True")
+        for node in lab.nodes:
+            cur = preview[node][CURRENT_STATE]
+            assert cur["result"] is None and "binary" in cur["changes"]["restarted"]["because"]
+        traffic = Traffic(lab)
+        traffic.start()
+        ret = lab.apply()
+        report = traffic.stop()
+        summary = state_summary(ret)
+        print("traffic during a binary upgrade:", json.dumps(report["totals"]))
+        print("restarts:", {n: ret[n][CURRENT_STATE]["changes"] for n in lab.nodes})
+        assert not {n: s["failed"] for n, s in summary.items() if s["failed"]}, summary
+        assert {n: _exe_sha(lab, n) for n in lab.nodes} == {n: sha for n in lab.nodes}
+        restarts = _assert_rolled(lab, ret, report)
+        starts = _starts(lab)
+        servers = [n for n in lab.nodes if restarts[n]["server"]]
+        clients = [n for n in lab.nodes if not restarts[n]["server"]]
+        assert min(starts[c] for c in clients) > max(starts[s] for s in servers), starts
+    finally:
+        labctl.write_pillar(lab.pillar)
+        restored = state_summary(lab.apply())
+        assert all(not s["failed"] for s in restored.values()), restored
+    assert {n: _exe_sha(lab, n) for n in lab.nodes} == old
+    lab.wait_mesh_ready()
