@@ -20,6 +20,9 @@ States for the apigee_mtls formula.
 - :py:func:`firewall_managed`: the formula's own iptables and ip6tables chains, compared rule
   by rule with the live ones and rebuilt only when they differ.
 - :py:func:`gossip_keyring_managed`: the gossip keyring rotated to the pillar's key.
+- :py:func:`local_keyring_managed`: a node that missed a gossip key rotation (it was off) and
+  is cut off from its peers gets the pillar's key as its own keyring's primary key, and its
+  agent restarted.
 - :py:func:`connect_leaf_ready`: the end of a run: the local agent obtains a Connect leaf
   certificate, or the run fails saying why.
 
@@ -1890,4 +1893,213 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
             else:
                 done[k] = v
     ret["comment"] = "Gossip keyring rotated to " + _fingerprint(key)
+    return ret
+
+
+def _keyring_file(path):
+    """The keys of a serf keyring file (a JSON list of base64 keys, the primary first), or
+    None when there is no file. Raises ValueError when it is not such a list (its content is
+    never part of the error)."""
+    text = _read(path)
+    if text is None:
+        return None
+    try:
+        keys = json.loads(text)
+    except ValueError:
+        keys = None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{path} is not a JSON list of keys")
+    return keys
+
+
+def _alive_peers(token):
+    """Names of the LAN members the local agent sees alive (serf status 1), but itself.
+    Raises when the agent does not answer, or when its answer does not list this node: a
+    token without ``node:read`` gets a filtered list, which would look like a cut-off node."""
+    members = _acl("api")("GET", "/v1/agent/members", token, timeout=5) or []
+    status = {m.get("Name"): m.get("Status") for m in members if isinstance(m, dict)}
+    me = __opts__["id"]
+    if me not in status:
+        raise CommandExecutionError(
+            f"the agent's member list does not show {me} itself (an ACL token without "
+            "node:read? pass the agent's local master token as token_file)")
+    return sorted(n for n, st in status.items() if st == 1 and n != me)
+
+
+def local_keyring_managed(name, key_pillar="apigee_mtls:secrets:gossip_key",
+                          data_dir="/var/lib/consul", server=False, service="consul",
+                          user="consul", group="consul", wait=20, token_file=None, peers=None):
+    """
+    Bring back a node that missed a gossip key rotation, by repairing its own keyring from the
+    pillar. A node that was off while the signer rotated the key (``gossip_keyring_managed``)
+    restarts with the old key as its primary (or only) key in ``<data_dir>/serf/local.keyring``
+    (Consul ignores ``encrypt.json`` once that file exists): its peers no longer read it and
+    no cluster-wide ``consul keyring`` reaches it. This state, run on every node before the
+    signer's rotation, rewrites the file when the planner's ``local_keyring_action`` says so:
+    the pillar key is not the primary key AND the local agent sees fewer than half of
+    ``peers`` alive (``/v1/agent/members``, serf status 1) within ``wait`` seconds. The file
+    then holds the pillar key first and the keys already there after it (it still decrypts
+    peers that use them); ``serf/remote.keyring`` (the WAN pool) likewise on a server when it
+    exists. The agent is stopped before the files are written (0600, ``user``:``group``,
+    created with that mode) and started after. A node that still gossips with its peers is
+    left to the signer's rotation; a node without a keyring file to the agent's first start.
+    Keys are reported as fingerprints only, in ``changes``, comments and logs.
+
+    :param str name: an identifier for the state (not a path)
+    :param str key_pillar: pillar path of the gossip key, read here (default
+        ``apigee_mtls:secrets:gossip_key``): the key is not part of the rendered SLS
+    :param str data_dir: the agent's data directory (default ``/var/lib/consul``)
+    :param bool server: the node is a Consul server, which also has a WAN keyring (default
+        ``False``; with ``peers`` unset, the plan's word wins when it says server)
+    :param str service: the agent's systemd unit (default ``consul``)
+    :param str user: owner of the keyring files (default ``consul``)
+    :param str group: group of the keyring files (default ``consul``)
+    :param int wait: seconds to wait for peers to appear alive before the node is taken to be
+        cut off, and after the restart for them to appear (default 20; none with ``test``)
+    :param str token_file: a token file that may read every node (the agent's local master
+        token: it works without the servers), with ACLs (default ``None``: no ACLs)
+    :param list peers: the other members of the node's LAN pool (minion ids) (default
+        ``None``: the plan's ``keyring.peers``)
+    :raises: nothing; a keyring file that is not a JSON list of keys, an agent that does not
+        answer (so whether the node is cut off cannot be told), a failed stop, write or start
+        are ``result: False``
+    :return: a state return
+
+    .. code-block:: yaml
+
+        apigee-mtls-keyring-local-managed:
+          apigee_mtls.local_keyring_managed:
+            - key_pillar: apigee_mtls:secrets:gossip_key
+            - data_dir: /var/lib/consul
+            - server: True
+            - peers: [n1, n3, n4, n5]
+            - token_file: /etc/consul.d/acl/agent-master.token
+    """
+    ret = _ret(name)
+    key = __salt__["pillar.get"](key_pillar, None, unmask=True)
+    if not key:
+        ret["result"] = False
+        ret["comment"] = f"no gossip key ({key_pillar} is empty)"
+        return ret
+    if peers is None:
+        plan = _member_plan(ret)
+        if plan is None:
+            return ret
+        if not plan.get("keyring"):
+            ret["comment"] = "a retired node: no gossip keyring to keep"
+            return ret
+        peers = plan["keyring"]["peers"]
+        server = server or plan["keyring"]["server"]
+    lan = os.path.join(data_dir, "serf", "local.keyring")
+    wan = os.path.join(data_dir, "serf", "remote.keyring")
+    action = __utils__["apigee_mtls_plan.local_keyring_action"]
+    try:
+        local_keys = _keyring_file(lan)
+        wan_keys = _keyring_file(wan) if server else None
+    except ValueError as exc:
+        ret["result"] = False
+        ret["comment"] = (f"{exc}: the agent cannot start with it; remove it to have Consul "
+                          "seed it from encrypt.json (the pillar key) at its next start")
+        return ret
+    decision = action(local_keys, key, None, peers)
+    if decision["action"] == "none":
+        ret["comment"] = f"{lan}: {decision['reason']}"
+        return ret
+    # the pillar key is not primary here: is this node cut off from its peers?
+    token = _acl("read_token")(token_file) if token_file else None
+    deadline = time.monotonic() + (0 if __opts__["test"] else wait)
+    while True:
+        error = None
+        try:
+            decision = action(local_keys, key, _alive_peers(token), peers)
+        except Exception as exc:  # pylint: disable=broad-except
+            error = str(exc)
+        if (error is None and decision["action"] != "repair") or time.monotonic() >= deadline:
+            break
+        time.sleep(2)
+    if error is not None:
+        if __opts__["test"]:
+            ret["comment"] = (f"Could not check whether this node is cut off from its gossip "
+                              f"peers ({error}): the real run checks it")
+        else:
+            ret["result"] = False
+            ret["comment"] = (f"{lan} lacks the pillar's gossip key as primary, and whether "
+                              f"this node is cut off cannot be told: {error}")
+        return ret
+    if decision["action"] != "repair":
+        ret["comment"] = f"{lan}: {decision['reason']}"
+        return ret
+    writes = [(lan, decision["keys"])]
+    if wan_keys is not None:
+        new_wan = __utils__["apigee_mtls_plan.keyring_with_primary"](wan_keys, key)
+        if new_wan != wan_keys:
+            writes.append((wan, new_wan))
+    others = [k for k in decision["keys"] if k != key]
+    ret["changes"] = {"primary": _fingerprint(key), "kept": [_fingerprint(k) for k in others],
+                      "files": [path for path, _ in writes], "reason": decision["reason"],
+                      "restart": service}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = (f"Would make {_fingerprint(key)} the primary key of "
+                          f"{' and '.join(p for p, _ in writes)} and restart {service}: "
+                          f"{decision['reason']}")
+        return ret
+    try:
+        uid, gid = _ids(user, group)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = f"keyring not repaired: {exc}"
+        return ret
+    log.warning("apigee_mtls: %s: this node is cut off from its gossip peers; making %s "
+                "the primary key of %s and restarting %s", name, _fingerprint(key),
+                ", ".join(p for p, _ in writes), service)
+    if not __salt__["service.stop"](service):
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = f"keyring not repaired: stopping {service} failed"
+        return ret
+    written = []
+    failed = None
+    for path, keys in writes:
+        try:
+            _acl("write_secret")(path, json.dumps(keys), uid, gid, 0o600)
+        except OSError as exc:
+            failed = f"writing {path} failed ({exc.strerror or type(exc).__name__})"
+            break
+        written.append(path)
+    started = __salt__["service.start"](service)
+    if failed or not started:
+        ret["result"] = False
+        if written:
+            ret["changes"]["files"] = written
+        else:
+            ret["changes"] = {}
+        problems = ([failed] if failed else []) + (
+            [] if started else [f"starting {service} failed (see `journalctl -u {service}`)"])
+        ret["comment"] = ("keyring repair incomplete: " + "; ".join(problems) + "; "
+                          + (" and ".join(written) + " rewritten" if written
+                             else "no file rewritten"))
+        return ret
+    # informational: the agent rejoins through retry_join within seconds
+    seen = None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            alive = set(_alive_peers(token)) & set(peers)
+            seen = len(alive)
+            if 2 * seen >= len(peers):
+                break
+        except Exception:  # pylint: disable=broad-except
+            pass  # still starting
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(2)
+    ret["comment"] = (f"Made {_fingerprint(key)} the primary key of "
+                      f"{' and '.join(written)} and restarted {service}: {decision['reason']}; "
+                      + (f"it now sees {seen} of its {len(peers)} peers alive"
+                         if seen is not None and 2 * seen >= len(peers) else
+                         f"after {wait} s it sees {seen or 'none'} of its {len(peers)} peers "
+                         "alive: are they up? The signer's rotation (`salt <signer> "
+                         "state.apply apigee_mtls`) installs the key on those that are"))
     return ret

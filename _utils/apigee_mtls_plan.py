@@ -1533,6 +1533,91 @@ def agent_config_action(old, new):
     return {"action": action, "keys": keys}
 
 
+
+def keyring_with_primary(keys, primary):
+    """
+    A gossip keyring file's content with ``primary`` as its primary key: ``primary`` first
+    (Consul 1.8 loads ``serf/local.keyring`` and ``serf/remote.keyring`` with the first key as
+    the one it encrypts with), then the other keys of ``keys`` in their order, each once (the
+    agent still decrypts peers that use them).
+
+    :param keys: the keys in the file (list of base64 str), or None for no file
+    :param primary: the key to make primary (base64 str)
+    :return: a new list of keys
+    """
+    out = [primary]
+    for key in keys or ():
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def local_keyring_action(local_keys, pillar_key, members_alive, members_expected):
+    """
+    Whether a node repairs its own gossip keyring file, without its peers' help: a node that
+    was off during a gossip key rotation comes back with the old key as primary (or only key)
+    while its peers use and accept the new one only: it is cut off, and no cluster-wide
+    ``consul keyring`` reaches it. It repairs locally only when both hold:
+
+    - the pillar key is not its primary key (missing, or installed but not used: it was off
+      between the rotation's install and use steps), and
+    - it sees fewer than half of the other expected members of its data center as alive
+      (serf status 1), so it really is cut off.
+
+    A node that still gossips with its peers is left alone: the signer's rotation installs
+    the key and makes it primary everywhere at once; rewriting one node's keyring first would
+    make it encrypt with a key its peers do not have yet, and isolate it. A node without a
+    keyring file (its agent never started) is left alone too: ``encrypt.json`` seeds the file
+    at the agent's first start. Keys are never part of ``reason``.
+
+    :param local_keys: the keys of ``<data_dir>/serf/local.keyring`` (list of base64 str,
+        the primary first), or None when the file does not exist
+    :param pillar_key: ``apigee_mtls:secrets:gossip_key`` (base64 str)
+    :param members_alive: names of the LAN members the local agent sees alive (iterable of
+        str), or None when it is not known (the agent was not asked)
+    :param members_expected: names of the other members the node should see: the data
+        center's non-retired nodes but itself (iterable of str)
+    :return: ``{"action": "none"|"unknown"|"repair", "keys": [...]|None, "reason": str}``;
+        ``keys`` is the file's content after the action (the pillar key first, then the other
+        keys already there, for ``repair``; unchanged otherwise); ``unknown``: the pillar key
+        is not primary and ``members_alive`` is None: ask the agent who is alive, then decide
+
+    .. code-block:: python
+
+        >>> local_keyring_action(["OLD"], "NEW", [], ["n2", "n3"])["action"]
+        'repair'
+        >>> local_keyring_action(["OLD"], "NEW", ["n2"], ["n2", "n3"])["action"]
+        'none'
+    """
+    if local_keys is None:
+        return {"action": "none", "keys": None,
+                "reason": "no local keyring yet: the agent's first start seeds it from "
+                          "encrypt.json"}
+    keys = list(local_keys)
+    if keys and keys[0] == pillar_key:
+        return {"action": "none", "keys": keys,
+                "reason": "the pillar's gossip key is the local keyring's primary key"}
+    missing = ("the pillar's gossip key is not in the local keyring" if pillar_key not in keys
+               else "the pillar's gossip key is in the local keyring but not primary")
+    if members_alive is None:
+        return {"action": "unknown", "keys": keys,
+                "reason": missing + "; whether peers are alive is not known"}
+    expected = set(members_expected)
+    if not expected:
+        return {"action": "none", "keys": keys,
+                "reason": missing + ", but no other member is expected: the cluster-wide "
+                          "rotation installs it"}
+    alive = expected & set(members_alive)
+    if 2 * len(alive) >= len(expected):
+        return {"action": "none", "keys": keys,
+                "reason": "{}, but the agent gossips with {} of its {} peers: the "
+                          "cluster-wide rotation (from the signer) installs it".format(
+                              missing, len(alive), len(expected))}
+    return {"action": "repair", "keys": keyring_with_primary(keys, pillar_key),
+            "reason": "{} and the agent sees {} of its {} peers alive: it is cut off".format(
+                missing, len(alive), len(expected))}
+
+
 SIDECAR_CHECK_INTERVAL = "5s"
 
 
@@ -1894,6 +1979,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
             "firewall": {"nat": [], "filter": [],
                          "ip6": _firewall6(model, index, node, lockdown)},
             "certificate": None, "signing_policy": None, "leaf_check": None,
+            "keyring": None,
         })
         return result
     upstreams = index.upstreams(node)
@@ -1917,6 +2003,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "acl": _acl(model, node, is_server, services),
         "leaf_check": _leaf_check(model, index, node, is_server),
         "restart": _restart(model, index, node, is_server, services, upstreams),
+        "keyring": _keyring(model, node, is_server),
     })
     return result
 
@@ -1941,6 +2028,18 @@ def _restart(model, index, node, is_server, services, upstreams):
         "authorize_services": sorted(s["name"] for s in services),
         "wait": 600,
         "leader_wait": 120,
+    }
+
+
+def _keyring(model, node, is_server):
+    """What a node's local gossip keyring check needs (see :func:`local_keyring_action`):
+    the other members of its LAN pool it should see alive (its data center's non-retired
+    nodes), and whether it also has a WAN keyring (``serf/remote.keyring``, servers only)."""
+    return {
+        "peers": [n["id"] for n in model["nodes"]
+                  if n["datacenter"] == node["datacenter"] and not n["retired"]
+                  and n["id"] != node["id"]],
+        "server": is_server,
     }
 
 
@@ -1978,13 +2077,15 @@ def plan(pillar, node_id, proxy_uid=None, lockdown=True):
         ``datacenter``, ``primary_datacenter``, ``ports``, ``consul``, ``tls``,
         ``proxy``, ``consul_config``, ``encrypt_config``, ``services``,
         ``upstreams``, ``proxies``, ``firewall``, ``certificate``, ``signer``,
-        ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`).
+        ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`),
+        ``leaf_check`` and ``keyring`` (``{"peers", "server"}``: the other members of the
+        node's LAN pool, for :func:`local_keyring_action`).
         ``firewall`` is ``{"nat": [...], "filter": [...], "ip6": {"input": [...],
         "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).
         A retired node gets empty ``services``,
         ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
-        ``consul_config``, ``encrypt_config``, ``certificate`` and
-        ``signing_policy``.
+        ``consul_config``, ``encrypt_config``, ``certificate``,
+        ``signing_policy``, ``leaf_check`` and ``keyring``.
     :raises PillarError: for a bad pillar, or key ``apigee_mtls:nodes`` when
         ``node_id`` is not a node
     """

@@ -452,6 +452,31 @@ def test_encrypt_json_template_renders_the_plan_and_keeps_the_key_out_of_the_sls
     assert json.loads(text.render(salt=stub))["encrypt"] == key
 
 
+def test_every_node_checks_its_own_keyring_and_the_signer_does_so_before_rotating(renders):
+    """A node that missed a rotation is repaired by its next apply (issue 16): every node runs
+    apigee_mtls.local_keyring_managed once its agent runs, with its data dir, its LAN peers,
+    the agent's local master token and, on a server, its WAN keyring; the signer's
+    cluster-wide rotation comes after its own check. No key in the SLS."""
+    pillar = load_topology(TOPOLOGY)
+    for node in NODES:
+        states = _states(renders, "debian12", node, "apigee_mtls")
+        assert pillar["secrets"]["gossip_key"] not in json.dumps(states)
+        fun, args = _args(states["apigee-mtls-keyring-local-managed"])
+        plan = apigee_mtls_plan.plan(pillar, node)
+        assert fun == "apigee_mtls.local_keyring_managed"
+        assert {k: args[k] for k in ("key_pillar", "data_dir", "server", "peers", "user",
+                                     "group", "token_file")} == {
+            "key_pillar": "apigee_mtls:secrets:gossip_key",
+            "data_dir": plan["consul"]["data_dir"], "server": node == SIGNER,
+            "peers": [n for n in ("n1", "n2", "n3", "n4", "n5") if n != node],
+            "user": plan["consul"]["user"], "group": plan["consul"]["group"],
+            "token_file": plan["acl"]["agent_master_token_file"]}
+        assert _requires(args, "service") == ["apigee-mtls-service-running"]
+    _, rotation = _args(_states(renders, "debian12", SIGNER, "apigee_mtls")[
+        "apigee-mtls-keyring-managed"])
+    assert "apigee-mtls-keyring-local-managed" in _requires(rotation, "apigee_mtls")
+
+
 # ---------------------------------------------------------------------------------------------
 # variants: one pillar or grain change each, rendered for the signer
 

@@ -1,11 +1,40 @@
 {#- The gossip keyring follows apigee_mtls:secrets:gossip_key: a new key is installed on every
     node, made primary, and the old one removed (consul keyring), from the signer, once for
-    the cluster. encrypt.json only seeds the keyring of an agent's first start. -#}
+    the cluster. encrypt.json only seeds the keyring of an agent's first start.
+    A node that was off during a rotation comes back with the old key only, cut off from its
+    peers, and no cluster-wide rotation reaches it: every node first checks its own keyring
+    (apigee_mtls.local_keyring_managed) and, when it lacks the pillar key as primary AND sees
+    fewer than half of its peers alive, rewrites it (the pillar key first) and restarts its
+    agent. On the signer this runs before the rotation. -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
-{%- if plan.member and plan.signer == grains.id %}
+{%- if plan.member %}
+{%- set is_signer = plan.signer == grains.id %}
+{%- if plan.keyring or is_signer %}
 include:
   - apigee_mtls.service
+{%- if plan.acl.enabled or is_signer %}
   - apigee_mtls.acl
+{%- endif %}
+{%- endif %}
+{%- if plan.keyring %}
+
+apigee-mtls-keyring-local-managed:
+  apigee_mtls.local_keyring_managed:
+    - key_pillar: apigee_mtls:secrets:gossip_key
+    - data_dir: {{ plan.consul.data_dir }}
+    - server: {{ plan.keyring.server }}
+    - peers: {{ plan.keyring.peers | json }}
+    - user: {{ plan.consul.user }}
+    - group: {{ plan.consul.group }}
+{%- if plan.acl.enabled %}
+    {#- the agent's local master token reads every member without the servers (which a
+        cut-off node cannot reach); a node token would resolve through them #}
+    - token_file: {{ plan.acl.agent_master_token_file }}
+{%- endif %}
+    - require:
+      - service: apigee-mtls-service-running
+{%- endif %}
+{%- if is_signer %}
 
 apigee-mtls-keyring-managed:
   apigee_mtls.gossip_keyring_managed:
@@ -15,7 +44,12 @@ apigee-mtls-keyring-managed:
 {%- endif %}
     - require:
       - service: apigee-mtls-service-running
+{%- if plan.keyring %}
+      # a signer that was off during a rotation repairs its own keyring before rotating
+      - apigee_mtls: apigee-mtls-keyring-local-managed
+{%- endif %}
 {%- if plan.acl.enabled %}
       - apigee_mtls: apigee-mtls-acl-bootstrapped
+{%- endif %}
 {%- endif %}
 {%- endif %}
