@@ -195,6 +195,12 @@ CONSUL_MEMBER_UDP_PORTS = (8301, 8302, 8600)
 #: Ports protected by default: SSH and the Salt master/minion ports.
 DEFAULT_PROTECTED_PORTS = (22, 4505, 4506)
 
+#: Linux's default ephemeral ports (``net.ipv4.ip_local_port_range``), the source ports of a
+#: node's own outgoing connections. No proxy range may overlap them: ``APIGEE-MTLS-IN``
+#: refuses other hosts on the proxy (and Consul) ports before its ESTABLISHED RETURN, which
+#: would also refuse the replies to an outgoing connection given such a source port.
+EPHEMERAL_PORTS = (32768, 60999)
+
 #: Largest number of port slots in one ``-m multiport`` rule (a range costs 2).
 MULTIPORT_MAX = 15
 
@@ -808,6 +814,15 @@ def _norm_port_ranges(raw, catalog):
                 _fail(path + (name,), "range {}-{} contains Consul port {}; expected "
                       "a range free of Consul ports {}".format(
                           low, high, port, sorted(CONSUL_PORTS)))
+        if low <= EPHEMERAL_PORTS[1] and EPHEMERAL_PORTS[0] <= high:
+            _fail(path + (name,), "range {}-{} overlaps {}-{}, Linux's default ephemeral "
+                  "ports (net.ipv4.ip_local_port_range, the source ports of outgoing "
+                  "connections); expected a range below {} or above {} (the firewall "
+                  "refuses non-members on proxy ports even on established connections, "
+                  "which would cut this node's own connections given such a source "
+                  "port)".format(
+                      low, high, EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1],
+                      EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1]))
     for j, name in enumerate(names):
         for other in names[:j]:
             (alo, ahi), (blo, bhi) = ranges[other], ranges[name]

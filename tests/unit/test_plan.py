@@ -467,6 +467,24 @@ def test_exhaustion_error(topo5):
         "needs 6 ports for 2 nodes, range 10300-10304 holds 5")
 
 
+@pytest.mark.parametrize("bounds,ok", [
+    ((32700, 32767), True), ((61000, 61099), True), ((32700, 32768), False),
+    ((60999, 61099), False), ((20000, 65000), False)])
+def test_proxy_ranges_stay_out_of_the_default_ephemeral_ports(topo5, bounds, ok):
+    """Issue 16: APIGEE-MTLS-IN refuses non-members on the proxy ports before its
+    ESTABLISHED RETURN; a proxy port the kernel may pick as a source port (default
+    net.ipv4.ip_local_port_range 32768-60999) would get replies to this node's own outgoing
+    connections refused."""
+    topo5["port_ranges"] = {"router": list(bounds)}
+    if ok:
+        assert amp.normalize(topo5)["port_ranges"]["router"] == list(bounds)
+        return
+    with pytest.raises(amp.PillarError) as info:
+        amp.normalize(topo5)
+    assert info.value.key == "apigee_mtls:port_ranges:router"
+    assert "expected a range below 32768 or above 60999" in info.value.message
+
+
 def test_range_that_exactly_fits(topo5):
     topo5["port_ranges"] = {"postgres": [10300, 10305], "egress": [10700, 10704]}
     assert amp.normalize(topo5)["allocation"]["n5"]["egress"] == 10704
