@@ -1630,6 +1630,24 @@ def _multiport_chunks(ports, limit=MULTIPORT_MAX):
     return chunks
 
 
+def _members(model):
+    """The cluster members' addresses: every non-retired node's IP, in pillar order."""
+    return [n["ip"] for n in model["nodes"] if not n["retired"]]
+
+
+def _sidecar_ports(index, node):
+    """This node's sidecar ports: its egress, then its ingress proxy ports."""
+    alloc = index.allocation[node["id"]]
+    return [alloc["egress"]] + [p for block in alloc["ingress"].values()
+                                for p in block.values()]
+
+
+def _member_ports(sidecar):
+    """The TCP ports only cluster members may reach on a node: Consul's and its sidecars'
+    (what APIGEE-MTLS-IN refuses to anyone else, established connections included)."""
+    return sorted(set(CONSUL_PORTS) | set(sidecar))
+
+
 def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
     out, inp = NAT_CHAIN, FILTER_CHAIN
     nat = ["-A {} -m owner --uid-owner {} -j RETURN".format(out, proxy_owner)]
@@ -1638,37 +1656,47 @@ def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
                    "--to-ports {}".format(out, up["ip"], up["component_port"],
                                           up["proxy_port"]))
     alloc = index.allocation[node["id"]]
-    sidecar = [alloc["egress"]] + [p for block in alloc["ingress"].values()
-                                   for p in block.values()]
+    sidecar = _sidecar_ports(index, node)
     meshed = sorted(p for block in alloc["ingress"].values() for p in block)
-    filt = [
-        "-A {} -i lo -j RETURN".format(inp),
-        "-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp),
-    ]
+    filt = ["-A {} -i lo -j RETURN".format(inp)]
+    # the protected ports (SSH, Salt) before anything that refuses: validation keeps them out
+    # of Consul's ports and the proxy ranges, and they are RETURNed here whatever the state of
+    # their connection
     for chunk in _multiport_chunks(model["firewall"]["protected_ports"]):
         filt.append("-A {} -p tcp -m multiport --dports {} -j RETURN".format(inp, chunk))
     member_tcp = _multiport_chunks(list(CONSUL_MEMBER_TCP_PORTS) + sidecar)
     member_udp = _multiport_chunks(CONSUL_MEMBER_UDP_PORTS)
-    for member in model["nodes"]:
-        if member["retired"]:
-            continue
+    for member in _members(model):
         for chunk in member_tcp:
             filt.append("-A {} -s {}/32 -p tcp -m multiport --dports {} -j "
-                        "RETURN".format(inp, member["ip"], chunk))
+                        "RETURN".format(inp, member, chunk))
         for chunk in member_udp:
             filt.append("-A {} -s {}/32 -p udp -m multiport --dports {} -j "
-                        "RETURN".format(inp, member["ip"], chunk))
-    # lockdown: the meshed component ports refuse every new connection that does not come
-    # from loopback (the ingress sidecars); a staged rollout applies this last
-    for port in meshed if lockdown else ():
-        filt.append("-A {} -p tcp -m tcp --dport {} -j REJECT --reject-with "
-                    "tcp-reset".format(inp, port))
+                        "RETURN".format(inp, member, chunk))
+    # Consul's and this node's sidecar ports refuse everyone else on every packet, BEFORE the
+    # ESTABLISHED RETURN: a node removed from the pillar loses the connections it had open
+    # (intentions are checked only at the TLS handshake) when this chain is applied, not
+    # minutes later. A reply to this node's own outgoing connection (peer port -> this node's
+    # ephemeral port) matches these --dports only if the kernel picked one of these ports as
+    # the ephemeral one: it never does under the default net.ipv4.ip_local_port_range
+    # (32768-60999), which holds none of Consul's ports (8300-8600) and none of the proxy
+    # ranges (validated: see EPHEMERAL_PORTS); nor does it ever pick a port a listener (a
+    # running sidecar) is bound to.
     for chunk in _multiport_chunks(sorted(CONSUL_PORTS) + sidecar):
         filt.append("-A {} -p tcp -m multiport --dports {} -j REJECT --reject-with "
                     "tcp-reset".format(inp, chunk))
     for chunk in member_udp:
         filt.append("-A {} -p udp -m multiport --dports {} -j DROP".format(inp, chunk))
-    return {"nat": nat, "filter": filt}
+    filt.append("-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp))
+    # lockdown: the meshed component ports refuse every new connection that does not come
+    # from loopback (the ingress sidecars); a staged rollout applies this last. After the
+    # ESTABLISHED RETURN: locking down refuses new direct connections, it does not cut the
+    # ones already open
+    for port in meshed if lockdown else ():
+        filt.append("-A {} -p tcp -m tcp --dport {} -j REJECT --reject-with "
+                    "tcp-reset".format(inp, port))
+    return {"nat": nat, "filter": filt, "member_ports": _member_ports(sidecar),
+            "members": _members(model)}
 
 
 def _cluster_component_ports(model, index):
@@ -1695,7 +1723,9 @@ def _firewall6(model, index, node, lockdown=True):
     The mesh runs on the pillar's IPv4 addresses, so over IPv6 nothing is redirected:
     INPUT refuses the cluster's meshed component ports, Consul's ports and this node's
     sidecar ports; OUTPUT refuses the cluster's meshed component ports towards other
-    hosts.  Loopback, established traffic and the protected ports pass first; no rule
+    hosts.  Loopback and the protected ports pass first; Consul's and the sidecar ports are
+    refused next, on every packet (an established connection too, as over IPv4); then
+    established traffic passes, and the component ports refuse new connections.  No rule
     matches ICMPv6 (neighbour discovery is never touched).  ``lockdown`` gates the
     component-port refusals exactly as it gates the IPv4 ones.
     """
@@ -1707,17 +1737,15 @@ def _firewall6(model, index, node, lockdown=True):
     reject = "REJECT --reject-with tcp-reset"
     protected = model["firewall"]["protected_ports"]
     components = _cluster_component_ports(model, index) if lockdown else []
-    alloc = index.allocation[node["id"]]
-    sidecar = [alloc["egress"]] + [p for block in alloc["ingress"].values()
-                                   for p in block.values()]
-    filt = [
-        "-A {} -i lo -j RETURN".format(inp),
-        "-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp),
-    ]
+    sidecar = _sidecar_ports(index, node)
+    filt = ["-A {} -i lo -j RETURN".format(inp)]
     filt += _multiport_rules(inp, "tcp", protected, "RETURN")
-    filt += _multiport_rules(inp, "tcp", components, reject)
+    # Consul's and the sidecar ports before the ESTABLISHED RETURN, as over IPv4 (see
+    # _firewall): no member reaches them over IPv6, so every packet is refused
     filt += _multiport_rules(inp, "tcp", sorted(CONSUL_PORTS) + sidecar, reject)
     filt += _multiport_rules(inp, "udp", CONSUL_MEMBER_UDP_PORTS, "DROP")
+    filt.append("-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp))
+    filt += _multiport_rules(inp, "tcp", components, reject)
     egress = ["-A {} -o lo -j RETURN".format(out)]
     egress += _multiport_rules(out, "tcp", protected, "RETURN")
     egress += _multiport_rules(out, "tcp", components, reject)
@@ -1855,7 +1883,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
             "acl": {"enabled": False},
             "consul_config": None, "encrypt_config": None, "services": [],
             "upstreams": [], "proxies": [],
-            "firewall": {"nat": [], "filter": [],
+            "firewall": {"nat": [], "filter": [], "member_ports": [], "members": [],
                          "ip6": _firewall6(model, index, node, lockdown)},
             "certificate": None, "signing_policy": None, "leaf_check": None,
         })
@@ -1920,7 +1948,10 @@ def plan(pillar, node_id, proxy_uid=None, lockdown=True):
         ``upstreams``, ``proxies``, ``firewall``, ``certificate``, ``signer``,
         ``signing_policy``, ``ca_generations`` (see :func:`ca_generations`).
         ``firewall`` is ``{"nat": [...], "filter": [...], "ip6": {"input": [...],
-        "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).
+        "output": [...]}, "member_ports": [...], "members": [...]}`` (``ip6`` is ``None``
+        when ``firewall:ipv6`` is false; ``member_ports``: the TCP ports only members reach,
+        Consul's and this node's sidecars'; ``members``: the non-retired nodes' IPs; see
+        :func:`stale_connections`).
         A retired node gets empty ``services``,
         ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
         ``consul_config``, ``encrypt_config``, ``certificate`` and
