@@ -2008,6 +2008,137 @@ def render_ip6tables_restore(firewall):
 
 
 # ---------------------------------------------------------------------------
+# Stale connections: what a node removed from the pillar still has open
+# ---------------------------------------------------------------------------
+
+def _ss_endpoint(token):
+    """``(address, port)`` of one ``ss -n`` endpoint (``10.77.0.11:8300``,
+    ``[::ffff:10.77.0.15]:43210``, ``[fe80::1]%eth0:22``, or an old ss's unbracketed
+    ``::ffff:10.77.0.15:43210``), the address as ss printed it without brackets or
+    ``%interface``; ``None`` for anything else (a column header, a queue size, ``*``)."""
+    addr, sep, port = token.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    if addr.startswith("["):
+        close = addr.find("]")
+        if close < 0:
+            return None
+        addr = addr[1:close]
+    addr = addr.split("%", 1)[0]
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    return addr, int(port)
+
+
+def parse_ss_established(text):
+    """
+    Parse the output of ``ss -tn state established`` (with or without ``-H``).
+
+    .. code-block:: python
+
+        parse_ss_established("0 0 10.77.0.11:21001 10.77.0.15:43210\n")
+        # [{"local_ip": "10.77.0.11", "local_port": 21001,
+        #   "peer_ip": "10.77.0.15", "peer_port": 43210}]
+
+    :param text: what ss printed: one socket a line, ``Recv-Q Send-Q Local:Port
+        Peer:Port`` (a state or netid column in front is skipped too); IPv6 addresses in
+        brackets, IPv4-mapped ones (``[::ffff:10.77.0.15]``) kept as printed
+    :return: ``[{"local_ip", "local_port", "peer_ip", "peer_port"}]`` in output order
+        (ports as ints, addresses without brackets or ``%interface``); lines without two
+        endpoints (the header) are skipped
+    """
+    sockets = []
+    for line in (text or "").splitlines():
+        ends = [e for e in (_ss_endpoint(t) for t in line.split()) if e is not None]
+        if len(ends) < 2:
+            continue
+        (local_ip, local_port), (peer_ip, peer_port) = ends[:2]
+        sockets.append({"local_ip": local_ip, "local_port": local_port,
+                        "peer_ip": peer_ip, "peer_port": peer_port})
+    return sockets
+
+
+def _host(address):
+    """The address as an ``ipaddress`` object, an IPv4-mapped IPv6 one as its IPv4."""
+    addr = ipaddress.ip_address(address)
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def stale_connections(sockets, ports, members):
+    """
+    The established connections a node must close when the firewall is in place: the ones
+    on a port only cluster members may reach, from a peer that is not a member (a node
+    removed from the pillar). ``APIGEE-MTLS-IN`` refuses such a peer's packets, established
+    or not; closing the socket ends it on this side too, at once.
+
+    .. code-block:: python
+
+        fw = plan(pillar, "n1")["firewall"]
+        stale_connections(parse_ss_established(text), fw["member_ports"], fw["members"])
+
+    :param sockets: parsed sockets (:func:`parse_ss_established`)
+    :param ports: the ports to police (``plan["firewall"]["member_ports"]``: Consul's and
+        this node's sidecar ports)
+    :param members: the members' addresses (``plan["firewall"]["members"]``), IPv4 or IPv6;
+        an IPv4-mapped IPv6 peer is compared as its IPv4, and loopback is always allowed
+    :return: the sockets to close (the same dicts, copied), in input order
+    :raises ValueError: an address is not an IP address
+    """
+    ports = {int(p) for p in ports}
+    allowed = {_host(m) for m in members}
+    stale = []
+    for sock in sockets:
+        if int(sock["local_port"]) not in ports:
+            continue
+        peer = _host(sock["peer_ip"])
+        if peer.is_loopback or peer in allowed:
+            continue
+        stale.append(dict(sock))
+    return stale
+
+
+def _ss_host(address, port):
+    """``address:port`` as ss writes it (an IPv6 address in brackets)."""
+    if ":" in address:
+        return "[{}]:{}".format(address, port)
+    return "{}:{}".format(address, port)
+
+
+def connection_label(sock):
+    """How a closed connection is reported: ``<peer>:<port> -> :<local port>``, e.g.
+    ``10.77.0.15:43210 -> :21001``."""
+    return "{} -> :{}".format(_ss_host(sock["peer_ip"], sock["peer_port"]), sock["local_port"])
+
+
+def ss_kill_args(sock):
+    """
+    The ``ss`` command (argument list, no shell) that closes exactly one established TCP
+    socket: both addresses and both ports are matched, IPv6 addresses in brackets (ss(8)
+    HOST SYNTAX).
+
+    .. code-block:: python
+
+        ss_kill_args({"local_ip": "10.77.0.11", "local_port": 21001,
+                      "peer_ip": "10.77.0.15", "peer_port": 43210})
+        # ["ss", "-K", "-tn", "state", "established", "dst", "10.77.0.15",
+        #  "dport", "=", ":43210", "src", "10.77.0.11", "sport", "=", ":21001"]
+
+    :param sock: one socket of :func:`parse_ss_established`
+    :return: the argument list
+    """
+    def host(address):
+        return "[{}]".format(address) if ":" in address else address
+
+    return ["ss", "-K", "-tn", "state", "established",
+            "dst", host(sock["peer_ip"]), "dport", "=", ":{}".format(sock["peer_port"]),
+            "src", host(sock["local_ip"]), "sport", "=", ":{}".format(sock["local_port"])]
+
+
+# ---------------------------------------------------------------------------
 # Cluster-wide views
 # ---------------------------------------------------------------------------
 
