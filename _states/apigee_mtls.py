@@ -19,6 +19,9 @@ States for the apigee_mtls formula.
   through py-consul against the local agent; creates missing, fixes wrong, removes stale.
 - :py:func:`firewall_managed`: the formula's own iptables and ip6tables chains, compared rule
   by rule with the live ones and rebuilt only when they differ.
+- :py:func:`stale_connections_closed`: established connections from hosts that are no
+  longer cluster members (a node removed from the pillar) closed on Consul's and the
+  sidecars' ports (``ss -K``).
 - :py:func:`gossip_keyring_managed`: the gossip keyring rotated to the pillar's key.
 - :py:func:`local_keyring_managed`: a node that missed a gossip key rotation (it was off) and
   is cut off from its peers gets the pillar's key as its own keyring's primary key, and its
@@ -1773,6 +1776,122 @@ def firewall_managed(name, rules_file, apply_cmd, rules6_file=None, firewall=Non
     files = rules_file + (f" and {rules6_file}" if firewall.get("ip6") is not None
                           and not skipped else "")
     ret["comment"] = "Rebuilt the apigee_mtls firewall chains from " + files + note
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# established connections of nodes that left the pillar
+#: every established TCP socket (no -H: older ss lack it; the parser skips the header)
+SS_ESTABLISHED = ["ss", "-tn", "state", "established"]
+
+
+def _plan_util(name):
+    return __utils__["apigee_mtls_plan." + name]
+
+
+def _ss(args):
+    """``cmd.run_all`` of an ss command; a missing binary is an answer, not an exception."""
+    try:
+        return __salt__["cmd.run_all"](args, python_shell=False, ignore_retcode=True)
+    except CommandExecutionError as exc:
+        return {"retcode": 127, "stdout": "", "stderr": str(exc)}
+
+
+def _established(ret):
+    """This host's established TCP sockets (parsed), or None with ``ret`` set to a failure."""
+    out = _ss(SS_ESTABLISHED)
+    if out["retcode"] != 0:
+        ret["result"] = False
+        ret["comment"] = f"{' '.join(SS_ESTABLISHED)} failed: " + (
+            out["stderr"] or out["stdout"]).strip()
+        return None
+    return _plan_util("parse_ss_established")(out["stdout"])
+
+
+def _four_tuple(sock):
+    return (sock["local_ip"], sock["local_port"], sock["peer_ip"], sock["peer_port"])
+
+
+def stale_connections_closed(name, ports, members):
+    """
+    Ensure no established TCP connection from a host that is not a cluster member remains on
+    a port only members may reach (Consul's and this node's sidecar ports): the connections
+    a node removed from the pillar had opened. Consul checks intentions only at the TLS
+    handshake, so they would outlive its removal; ``APIGEE-MTLS-IN`` refuses their packets
+    from the moment it is rebuilt, and this state closes the sockets (``ss -K``: the kernel
+    resets them, the peer gets a RST). Run it after the firewall chains are in place, so the
+    removed node cannot reconnect in between.
+
+    The sockets come from ``ss -tn state established``; the planner's
+    ``stale_connections`` picks the ones to close; each is closed by an ``ss -K`` filter
+    naming both of its addresses and ports, then the sockets are listed again: one still
+    there was not closed (``ss -K`` skips silently what the kernel cannot close, e.g. without
+    ``CONFIG_INET_DIAG_DESTROY``). ``changes`` lists the connections as ``<peer>:<port> ->
+    :<local port>`` (``{"closed": ["10.77.0.15:43210 -> :21001"]}``).
+
+    :param str name: an identifier for the state (not a path)
+    :param list ports: the ports to police: the plan's ``firewall:member_ports``
+    :param list members: the members' IP addresses: the plan's ``firewall:members``
+        (loopback is always allowed, an IPv4-mapped IPv6 peer counts as its IPv4)
+    :return: a state return: ``result: True`` without changes when nothing is to close,
+        ``None`` in test mode ("Would close ..."), ``False`` when ss cannot list the sockets
+        or a connection could not be closed (ss's error, or "still open")
+    :raises: nothing; ss failures are ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-firewall-stale-connections-closed:
+          apigee_mtls.stale_connections_closed:
+            - ports: [8300, 8301, 8302, 8500, 8501, 8502, 8503, 8600, 10001, 10700]
+            - members: [10.77.0.11, 10.77.0.12, 10.77.0.13]
+            - require:
+              - apigee_mtls: apigee-mtls-firewall-chains-managed
+    """
+    ret = _ret(name)
+    sockets = _established(ret)
+    if sockets is None:
+        return ret
+    stale = _plan_util("stale_connections")(sockets, ports, members)
+    if not stale:
+        ret["comment"] = "No connection from a non-member on Consul or sidecar ports"
+        return ret
+    label = _plan_util("connection_label")
+    labels = {_four_tuple(sock): label(sock) for sock in stale}
+    ret["changes"] = {"closed": sorted(labels.values())}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = (f"Would close {len(stale)} connection(s) from non-members: "
+                          + ", ".join(ret["changes"]["closed"]))
+        return ret
+    errors, said = {}, {}
+    for sock in stale:
+        out = _ss(_plan_util("ss_kill_args")(sock))
+        if out["retcode"] != 0:
+            errors[_four_tuple(sock)] = (out["stderr"] or out["stdout"]).strip()
+        elif out["stderr"].strip():  # e.g. "SOCK_DESTROY answers: ..." with exit code 0
+            said[_four_tuple(sock)] = out["stderr"].strip()
+    after = _established(ret)
+    if after is None:  # result False: what ss -K accepted, unchecked
+        done = sorted(text for key, text in labels.items() if key not in errors)
+        ret["changes"] = {"closed": done} if done else {}
+        ret["comment"] = (f"ss -K ran for {len(stale)} connection(s) from non-members but "
+                          "they could not be checked: " + ret["comment"] + "".join(
+                              f"; {labels[key]}: {why}" for key, why in errors.items()))
+        return ret
+    for key in {_four_tuple(sock) for sock in after} & set(labels):
+        errors.setdefault(key, "still open after ss -K ({})".format(
+            said.get(key) or "a kernel without CONFIG_INET_DIAG_DESTROY cannot close sockets"))
+    closed = sorted(text for key, text in labels.items() if key not in errors)
+    ret["changes"] = {"closed": closed} if closed else {}
+    if errors:
+        ret["result"] = False
+        ret["comment"] = (f"Could not close {len(errors)} of {len(stale)} connection(s) from "
+                          "non-members: " + "; ".join(
+                              f"{labels[key]}: {why}" for key, why in sorted(
+                                  errors.items(), key=lambda kv: labels[kv[0]])))
+        return ret
+    ret["comment"] = (f"Closed {len(closed)} connection(s) from non-members: "
+                      + ", ".join(closed))
     return ret
 
 

@@ -195,6 +195,12 @@ CONSUL_MEMBER_UDP_PORTS = (8301, 8302, 8600)
 #: Ports protected by default: SSH and the Salt master/minion ports.
 DEFAULT_PROTECTED_PORTS = (22, 4505, 4506)
 
+#: Linux's default ephemeral ports (``net.ipv4.ip_local_port_range``), the source ports of a
+#: node's own outgoing connections. No proxy range may overlap them: ``APIGEE-MTLS-IN``
+#: refuses other hosts on the proxy (and Consul) ports before its ESTABLISHED RETURN, which
+#: would also refuse the replies to an outgoing connection given such a source port.
+EPHEMERAL_PORTS = (32768, 60999)
+
 #: Largest number of port slots in one ``-m multiport`` rule (a range costs 2).
 MULTIPORT_MAX = 15
 
@@ -811,6 +817,15 @@ def _norm_port_ranges(raw, catalog):
                 _fail(path + (name,), "range {}-{} contains Consul port {}; expected "
                       "a range free of Consul ports {}".format(
                           low, high, port, sorted(CONSUL_PORTS)))
+        if low <= EPHEMERAL_PORTS[1] and EPHEMERAL_PORTS[0] <= high:
+            _fail(path + (name,), "range {}-{} overlaps {}-{}, Linux's default ephemeral "
+                  "ports (net.ipv4.ip_local_port_range, the source ports of outgoing "
+                  "connections); expected a range below {} or above {} (the firewall "
+                  "refuses non-members on proxy ports even on established connections, "
+                  "which would cut this node's own connections given such a source "
+                  "port)".format(
+                      low, high, EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1],
+                      EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[1]))
     for j, name in enumerate(names):
         for other in names[:j]:
             (alo, ahi), (blo, bhi) = ranges[other], ranges[name]
@@ -1738,6 +1753,24 @@ def _multiport_chunks(ports, limit=MULTIPORT_MAX):
     return chunks
 
 
+def _members(model):
+    """The cluster members' addresses: every non-retired node's IP, in pillar order."""
+    return [n["ip"] for n in model["nodes"] if not n["retired"]]
+
+
+def _sidecar_ports(index, node):
+    """This node's sidecar ports: its egress, then its ingress proxy ports."""
+    alloc = index.allocation[node["id"]]
+    return [alloc["egress"]] + [p for block in alloc["ingress"].values()
+                                for p in block.values()]
+
+
+def _member_ports(sidecar):
+    """The TCP ports only cluster members may reach on a node: Consul's and its sidecars'
+    (what APIGEE-MTLS-IN refuses to anyone else, established connections included)."""
+    return sorted(set(CONSUL_PORTS) | set(sidecar))
+
+
 def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
     out, inp = NAT_CHAIN, FILTER_CHAIN
     nat = ["-A {} -m owner --uid-owner {} -j RETURN".format(out, proxy_owner)]
@@ -1746,37 +1779,47 @@ def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
                    "--to-ports {}".format(out, up["ip"], up["component_port"],
                                           up["proxy_port"]))
     alloc = index.allocation[node["id"]]
-    sidecar = [alloc["egress"]] + [p for block in alloc["ingress"].values()
-                                   for p in block.values()]
+    sidecar = _sidecar_ports(index, node)
     meshed = sorted(p for block in alloc["ingress"].values() for p in block)
-    filt = [
-        "-A {} -i lo -j RETURN".format(inp),
-        "-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp),
-    ]
+    filt = ["-A {} -i lo -j RETURN".format(inp)]
+    # the protected ports (SSH, Salt) before anything that refuses: validation keeps them out
+    # of Consul's ports and the proxy ranges, and they are RETURNed here whatever the state of
+    # their connection
     for chunk in _multiport_chunks(model["firewall"]["protected_ports"]):
         filt.append("-A {} -p tcp -m multiport --dports {} -j RETURN".format(inp, chunk))
     member_tcp = _multiport_chunks(list(CONSUL_MEMBER_TCP_PORTS) + sidecar)
     member_udp = _multiport_chunks(CONSUL_MEMBER_UDP_PORTS)
-    for member in model["nodes"]:
-        if member["retired"]:
-            continue
+    for member in _members(model):
         for chunk in member_tcp:
             filt.append("-A {} -s {}/32 -p tcp -m multiport --dports {} -j "
-                        "RETURN".format(inp, member["ip"], chunk))
+                        "RETURN".format(inp, member, chunk))
         for chunk in member_udp:
             filt.append("-A {} -s {}/32 -p udp -m multiport --dports {} -j "
-                        "RETURN".format(inp, member["ip"], chunk))
-    # lockdown: the meshed component ports refuse every new connection that does not come
-    # from loopback (the ingress sidecars); a staged rollout applies this last
-    for port in meshed if lockdown else ():
-        filt.append("-A {} -p tcp -m tcp --dport {} -j REJECT --reject-with "
-                    "tcp-reset".format(inp, port))
+                        "RETURN".format(inp, member, chunk))
+    # Consul's and this node's sidecar ports refuse everyone else on every packet, BEFORE the
+    # ESTABLISHED RETURN: a node removed from the pillar loses the connections it had open
+    # (intentions are checked only at the TLS handshake) when this chain is applied, not
+    # minutes later. A reply to this node's own outgoing connection (peer port -> this node's
+    # ephemeral port) matches these --dports only if the kernel picked one of these ports as
+    # the ephemeral one: it never does under the default net.ipv4.ip_local_port_range
+    # (32768-60999), which holds none of Consul's ports (8300-8600) and none of the proxy
+    # ranges (validated: see EPHEMERAL_PORTS); nor does it ever pick a port a listener (a
+    # running sidecar) is bound to.
     for chunk in _multiport_chunks(sorted(CONSUL_PORTS) + sidecar):
         filt.append("-A {} -p tcp -m multiport --dports {} -j REJECT --reject-with "
                     "tcp-reset".format(inp, chunk))
     for chunk in member_udp:
         filt.append("-A {} -p udp -m multiport --dports {} -j DROP".format(inp, chunk))
-    return {"nat": nat, "filter": filt}
+    filt.append("-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp))
+    # lockdown: the meshed component ports refuse every new connection that does not come
+    # from loopback (the ingress sidecars); a staged rollout applies this last. After the
+    # ESTABLISHED RETURN: locking down refuses new direct connections, it does not cut the
+    # ones already open
+    for port in meshed if lockdown else ():
+        filt.append("-A {} -p tcp -m tcp --dport {} -j REJECT --reject-with "
+                    "tcp-reset".format(inp, port))
+    return {"nat": nat, "filter": filt, "member_ports": _member_ports(sidecar),
+            "members": _members(model)}
 
 
 def _cluster_component_ports(model, index):
@@ -1803,7 +1846,9 @@ def _firewall6(model, index, node, lockdown=True):
     The mesh runs on the pillar's IPv4 addresses, so over IPv6 nothing is redirected:
     INPUT refuses the cluster's meshed component ports, Consul's ports and this node's
     sidecar ports; OUTPUT refuses the cluster's meshed component ports towards other
-    hosts.  Loopback, established traffic and the protected ports pass first; no rule
+    hosts.  Loopback and the protected ports pass first; Consul's and the sidecar ports are
+    refused next, on every packet (an established connection too, as over IPv4); then
+    established traffic passes, and the component ports refuse new connections.  No rule
     matches ICMPv6 (neighbour discovery is never touched).  ``lockdown`` gates the
     component-port refusals exactly as it gates the IPv4 ones.
     """
@@ -1815,17 +1860,15 @@ def _firewall6(model, index, node, lockdown=True):
     reject = "REJECT --reject-with tcp-reset"
     protected = model["firewall"]["protected_ports"]
     components = _cluster_component_ports(model, index) if lockdown else []
-    alloc = index.allocation[node["id"]]
-    sidecar = [alloc["egress"]] + [p for block in alloc["ingress"].values()
-                                   for p in block.values()]
-    filt = [
-        "-A {} -i lo -j RETURN".format(inp),
-        "-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp),
-    ]
+    sidecar = _sidecar_ports(index, node)
+    filt = ["-A {} -i lo -j RETURN".format(inp)]
     filt += _multiport_rules(inp, "tcp", protected, "RETURN")
-    filt += _multiport_rules(inp, "tcp", components, reject)
+    # Consul's and the sidecar ports before the ESTABLISHED RETURN, as over IPv4 (see
+    # _firewall): no member reaches them over IPv6, so every packet is refused
     filt += _multiport_rules(inp, "tcp", sorted(CONSUL_PORTS) + sidecar, reject)
     filt += _multiport_rules(inp, "udp", CONSUL_MEMBER_UDP_PORTS, "DROP")
+    filt.append("-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp))
+    filt += _multiport_rules(inp, "tcp", components, reject)
     egress = ["-A {} -o lo -j RETURN".format(out)]
     egress += _multiport_rules(out, "tcp", protected, "RETURN")
     egress += _multiport_rules(out, "tcp", components, reject)
@@ -1976,7 +2019,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
             "acl": {"enabled": False},
             "consul_config": None, "encrypt_config": None, "services": [],
             "upstreams": [], "proxies": [],
-            "firewall": {"nat": [], "filter": [],
+            "firewall": {"nat": [], "filter": [], "member_ports": [], "members": [],
                          "ip6": _firewall6(model, index, node, lockdown)},
             "certificate": None, "signing_policy": None, "leaf_check": None,
             "keyring": None,
@@ -2081,7 +2124,10 @@ def plan(pillar, node_id, proxy_uid=None, lockdown=True):
         ``leaf_check`` and ``keyring`` (``{"peers", "server"}``: the other members of the
         node's LAN pool, for :func:`local_keyring_action`).
         ``firewall`` is ``{"nat": [...], "filter": [...], "ip6": {"input": [...],
-        "output": [...]}}`` (``ip6`` is ``None`` when ``firewall:ipv6`` is false).
+        "output": [...]}, "member_ports": [...], "members": [...]}`` (``ip6`` is ``None``
+        when ``firewall:ipv6`` is false; ``member_ports``: the TCP ports only members reach,
+        Consul's and this node's sidecars'; ``members``: the non-retired nodes' IPs; see
+        :func:`stale_connections`).
         A retired node gets empty ``services``,
         ``upstreams``, ``proxies`` and firewall chains, and ``None`` for
         ``consul_config``, ``encrypt_config``, ``certificate``,
@@ -2135,6 +2181,137 @@ def render_ip6tables_restore(firewall):
     lines += list(ip6.get("input", ())) + list(ip6.get("output", ()))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Stale connections: what a node removed from the pillar still has open
+# ---------------------------------------------------------------------------
+
+def _ss_endpoint(token):
+    """``(address, port)`` of one ``ss -n`` endpoint (``10.77.0.11:8300``,
+    ``[::ffff:10.77.0.15]:43210``, ``[fe80::1]%eth0:22``, or an old ss's unbracketed
+    ``::ffff:10.77.0.15:43210``), the address as ss printed it without brackets or
+    ``%interface``; ``None`` for anything else (a column header, a queue size, ``*``)."""
+    addr, sep, port = token.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    if addr.startswith("["):
+        close = addr.find("]")
+        if close < 0:
+            return None
+        addr = addr[1:close]
+    addr = addr.split("%", 1)[0]
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    return addr, int(port)
+
+
+def parse_ss_established(text):
+    """
+    Parse the output of ``ss -tn state established`` (with or without ``-H``).
+
+    .. code-block:: python
+
+        parse_ss_established("0 0 10.77.0.11:21001 10.77.0.15:43210\n")
+        # [{"local_ip": "10.77.0.11", "local_port": 21001,
+        #   "peer_ip": "10.77.0.15", "peer_port": 43210}]
+
+    :param text: what ss printed: one socket a line, ``Recv-Q Send-Q Local:Port
+        Peer:Port`` (a state or netid column in front is skipped too); IPv6 addresses in
+        brackets, IPv4-mapped ones (``[::ffff:10.77.0.15]``) kept as printed
+    :return: ``[{"local_ip", "local_port", "peer_ip", "peer_port"}]`` in output order
+        (ports as ints, addresses without brackets or ``%interface``); lines without two
+        endpoints (the header) are skipped
+    """
+    sockets = []
+    for line in (text or "").splitlines():
+        ends = [e for e in (_ss_endpoint(t) for t in line.split()) if e is not None]
+        if len(ends) < 2:
+            continue
+        (local_ip, local_port), (peer_ip, peer_port) = ends[:2]
+        sockets.append({"local_ip": local_ip, "local_port": local_port,
+                        "peer_ip": peer_ip, "peer_port": peer_port})
+    return sockets
+
+
+def _host(address):
+    """The address as an ``ipaddress`` object, an IPv4-mapped IPv6 one as its IPv4."""
+    addr = ipaddress.ip_address(address)
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def stale_connections(sockets, ports, members):
+    """
+    The established connections a node must close when the firewall is in place: the ones
+    on a port only cluster members may reach, from a peer that is not a member (a node
+    removed from the pillar). ``APIGEE-MTLS-IN`` refuses such a peer's packets, established
+    or not; closing the socket ends it on this side too, at once.
+
+    .. code-block:: python
+
+        fw = plan(pillar, "n1")["firewall"]
+        stale_connections(parse_ss_established(text), fw["member_ports"], fw["members"])
+
+    :param sockets: parsed sockets (:func:`parse_ss_established`)
+    :param ports: the ports to police (``plan["firewall"]["member_ports"]``: Consul's and
+        this node's sidecar ports)
+    :param members: the members' addresses (``plan["firewall"]["members"]``), IPv4 or IPv6;
+        an IPv4-mapped IPv6 peer is compared as its IPv4, and loopback is always allowed
+    :return: the sockets to close (the same dicts, copied), in input order
+    :raises ValueError: an address is not an IP address
+    """
+    ports = {int(p) for p in ports}
+    allowed = {_host(m) for m in members}
+    stale = []
+    for sock in sockets:
+        if int(sock["local_port"]) not in ports:
+            continue
+        peer = _host(sock["peer_ip"])
+        if peer.is_loopback or peer in allowed:
+            continue
+        stale.append(dict(sock))
+    return stale
+
+
+def _ss_host(address, port):
+    """``address:port`` as ss writes it (an IPv6 address in brackets)."""
+    if ":" in address:
+        return "[{}]:{}".format(address, port)
+    return "{}:{}".format(address, port)
+
+
+def connection_label(sock):
+    """How a closed connection is reported: ``<peer>:<port> -> :<local port>``, e.g.
+    ``10.77.0.15:43210 -> :21001``."""
+    return "{} -> :{}".format(_ss_host(sock["peer_ip"], sock["peer_port"]), sock["local_port"])
+
+
+def ss_kill_args(sock):
+    """
+    The ``ss`` command (argument list, no shell) that closes exactly one established TCP
+    socket: both addresses and both ports are matched, IPv6 addresses in brackets (ss(8)
+    HOST SYNTAX).
+
+    .. code-block:: python
+
+        ss_kill_args({"local_ip": "10.77.0.11", "local_port": 21001,
+                      "peer_ip": "10.77.0.15", "peer_port": 43210})
+        # ["ss", "-K", "-tn", "state", "established", "dst", "10.77.0.15",
+        #  "dport", "=", ":43210", "src", "10.77.0.11", "sport", "=", ":21001"]
+
+    :param sock: one socket of :func:`parse_ss_established`
+    :return: the argument list
+    """
+    def host(address):
+        return "[{}]".format(address) if ":" in address else address
+
+    return ["ss", "-K", "-tn", "state", "established",
+            "dst", host(sock["peer_ip"]), "dport", "=", ":{}".format(sock["peer_port"]),
+            "src", host(sock["local_ip"]), "sport", "=", ":{}".format(sock["local_port"])]
 
 
 # ---------------------------------------------------------------------------

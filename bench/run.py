@@ -19,9 +19,10 @@ planner (pure, no lab)
     2 ui+management-server, 2 postgres, 2 message-processor+router, 2 qpid), node i getting
     the role of node i mod 13, unique ids and IPs (10.100.0.1, ...). The default proxy port
     ranges (100 ports each) cannot hold more than a few dozen nodes, so ``port_ranges`` are
-    computed to fit exactly: consecutive, disjoint ranges from 20000 upwards, sized to
+    computed to fit exactly: consecutive, disjoint ranges from 10800 upwards, sized to
     ports-per-node x hosting nodes, skipping Consul's 8300-8600, the protected ports
-    (22/4505/4506), every meshed component port and every Apigee service port.
+    (22/4505/4506), every meshed component port, every Apigee service port and Linux's
+    default ephemeral ports 32768-60999 (the planner refuses ranges there).
     Measured, with the planner imported from _utils/apigee_mtls_plan.py:
 
     * validate+allocate: ``normalize(pillar)`` (validation + port allocation);
@@ -194,11 +195,12 @@ def forbidden_ports():
             | set(planner.DEFAULT_PROTECTED_PORTS) | set(planner.CONSUL_PORTS))
 
 
-def fitted_port_ranges(nodes, start=20000):
+def fitted_port_ranges(nodes, start=10800):
     """Disjoint ranges, consecutive from ``start``, each exactly as large as the allocation
     needs (ports per node x nodes hosting the component; egress: one per node), moved past any
     forbidden port."""
-    forbidden = forbidden_ports()
+    low_eph, high_eph = planner.EPHEMERAL_PORTS
+    forbidden = forbidden_ports() | set(range(low_eph, high_eph + 1))
     names = [c for c, spec in planner.COMPONENTS.items() if spec["ports"]] + ["egress"]
     ranges, port = {}, start
     for name in names:

@@ -32,13 +32,14 @@ def test_ipv6_rules_of_a_5_node_router_node(amp, topo5):
     ip6 = amp.plan(topo5, "n2")["firewall"]["ip6"]
     assert ip6["input"] == [
         IN + "-i lo -j RETURN",
-        IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         IN + "-p tcp -m multiport --dports 22,4505,4506 -j RETURN",
-        IN + "-p tcp -m multiport --dports " + CLUSTER_PORTS + RESET,
-        # Consul's TCP ports and n2's own sidecars (zk, cass, mp, rt ingress; egress 10701)
+        # Consul's TCP ports and n2's own sidecars (zk, cass, mp, rt ingress; egress 10701),
+        # refused before the ESTABLISHED RETURN, as over IPv4 (issue 16)
         IN + "-p tcp -m multiport --dports 8300:8302,8500:8503,8600,10004:10006,"
              "10103:10105,10500,10501,10600,10601,10701" + RESET,
         IN + "-p udp -m multiport --dports 8301,8302,8600 -j DROP",
+        IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        IN + "-p tcp -m multiport --dports " + CLUSTER_PORTS + RESET,
     ]
     assert ip6["output"] == [
         OUT + "-o lo -j RETURN",
@@ -103,6 +104,8 @@ def test_protected_ports_come_before_any_reject(amp, any_topology):
             assert protected < first_refusal, (node["id"], chain)
             assert "2222" in rules[protected] and rules[protected].endswith("-j RETURN")
             for rule in rules[first_refusal:]:
+                if rule == IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN":
+                    continue
                 assert "--dport" in rule and not _dports(rule) & {22, 2222, 4505, 4506}, rule
 
 
@@ -152,3 +155,23 @@ def test_cassandra_7000_follows_internode(amp, topo5, internode):
 def test_retired_node_gets_empty_ipv6_chains(amp, topo5):
     topo5["nodes"][4]["retired"] = True
     assert amp.plan(topo5, "n5")["firewall"]["ip6"] == {"input": [], "output": []}
+
+
+def test_consul_and_sidecar_ports_are_refused_before_established(amp, any_topology):
+    """Issue 16, over IPv6: Consul's and the node's sidecar ports are refused before the
+    ESTABLISHED RETURN (no member reaches them over IPv6: an open connection ends too); the
+    component ports only after it, as over IPv4."""
+    established = IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+    cluster = set(_cluster_ports(amp, any_topology))
+    for node in amp.normalize(any_topology)["nodes"]:
+        plan = amp.plan(any_topology, node["id"])
+        rules = plan["firewall"]["ip6"]["input"]
+        if node["retired"]:
+            assert rules == []
+            continue
+        cut = rules.index(established)
+        before = set().union(*(_dports(r) for r in rules[:cut] if r.endswith(RESET)))
+        assert before == set(plan["firewall"]["member_ports"])
+        assert not before & cluster
+        after = set().union(*(_dports(r) for r in rules[cut + 1:]))
+        assert after == cluster

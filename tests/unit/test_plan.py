@@ -449,12 +449,14 @@ def test_retired_node_gets_nothing_and_is_reached_by_nobody(topo5):
     plan = amp.plan(topo5, "n5")
     assert plan["node"]["retired"] is True
     assert plan["services"] == [] and plan["upstreams"] == [] and plan["proxies"] == []
-    assert plan["firewall"] == {"nat": [], "filter": [], "ip6": {"input": [], "output": []}}
+    assert plan["firewall"] == {"nat": [], "filter": [], "member_ports": [], "members": [],
+                                "ip6": {"input": [], "output": []}}
     assert plan["consul_config"] is None and plan["certificate"] is None
     for node_id in ("n1", "n2", "n3", "n4"):
         other = amp.plan(topo5, node_id)
         assert all(u["node"] != "n5" for u in other["upstreams"])
         assert not any("10.77.0.15" in r for r in other["firewall"]["filter"])
+        assert "10.77.0.15" not in other["firewall"]["members"]
     assert not any(i["source"] == "egress-10-77-0-15" for i in amp.intentions(topo5))
 
 
@@ -465,6 +467,24 @@ def test_exhaustion_error(topo5):
     assert info.value.key == "apigee_mtls:port_ranges:postgres"
     assert info.value.message.startswith(
         "needs 6 ports for 2 nodes, range 10300-10304 holds 5")
+
+
+@pytest.mark.parametrize("bounds,ok", [
+    ((32700, 32767), True), ((61000, 61099), True), ((32700, 32768), False),
+    ((60999, 61099), False), ((20000, 65000), False)])
+def test_proxy_ranges_stay_out_of_the_default_ephemeral_ports(topo5, bounds, ok):
+    """Issue 16: APIGEE-MTLS-IN refuses non-members on the proxy ports before its
+    ESTABLISHED RETURN; a proxy port the kernel may pick as a source port (default
+    net.ipv4.ip_local_port_range 32768-60999) would get replies to this node's own outgoing
+    connections refused."""
+    topo5["port_ranges"] = {"router": list(bounds)}
+    if ok:
+        assert amp.normalize(topo5)["port_ranges"]["router"] == list(bounds)
+        return
+    with pytest.raises(amp.PillarError) as info:
+        amp.normalize(topo5)
+    assert info.value.key == "apigee_mtls:port_ranges:router"
+    assert "expected a range below 32768 or above 60999" in info.value.message
 
 
 def test_range_that_exactly_fits(topo5):
@@ -718,27 +738,73 @@ def test_nat_chain_with_uid(topo5):
 
 def test_filter_chain_snapshot(topo5):
     rules = amp.plan(topo5, "n4")["firewall"]["filter"]
-    assert rules[:3] == [
+    assert rules[:2] == [
         IN + "-i lo -j RETURN",
-        IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         IN + "-p tcp -m multiport --dports 22,4505,4506 -j RETURN",
     ]
     member = ("-p tcp -m multiport --dports "
               "8300:8302,8501:8503,8600,10300:10302,10400,10401,10703 -j RETURN")
-    for i in range(1, 6):
-        ip = "10.77.0.1%d" % i
-        assert IN + "-s {}/32 {}".format(ip, member) in rules
-        assert IN + "-s {}/32 -p udp -m multiport --dports 8301,8302,8600 -j RETURN".format(
-            ip) in rules
-    rejects = [r for r in rules if "-m tcp --dport" in r]
-    assert rejects == [IN + "-p tcp -m tcp --dport %d -j REJECT --reject-with tcp-reset" % p
-                       for p in (4530, 5432, 5672, 8083, 8084)]
-    assert rules[-2:] == [
+    assert rules[2:12] == [
+        IN + rule.format(ip="10.77.0.1%d" % i)
+        for i in range(1, 6)
+        for rule in ("-s {ip}/32 " + member,
+                     "-s {ip}/32 -p udp -m multiport --dports 8301,8302,8600 -j RETURN")]
+    # Consul's and n4's sidecar ports refuse everyone else before the ESTABLISHED RETURN:
+    # a node removed from the pillar loses the connections it had open (issue 16)
+    assert rules[12:15] == [
         IN + ("-p tcp -m multiport --dports 8300:8302,8500:8503,8600,10300:10302,10400,"
               "10401,10703 -j REJECT --reject-with tcp-reset"),
         IN + "-p udp -m multiport --dports 8301,8302,8600 -j DROP",
+        IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
     ]
-    assert len(rules) == 3 + 2 * 5 + 5 + 2
+    # the component lockdown refuses new connections only: after the ESTABLISHED RETURN
+    assert rules[15:] == [IN + "-p tcp -m tcp --dport %d -j REJECT --reject-with tcp-reset"
+                          % p for p in (4530, 5432, 5672, 8083, 8084)]
+
+
+def _dports(rule):
+    match = re.search(r"--dports? (\S+)", rule)
+    return expand(match.group(1)) if match else set()
+
+
+def test_only_member_sources_pass_consul_and_sidecar_ports_before_established(any_topology):
+    """Issue 16: every packet to Consul's or the node's sidecar ports, established or not,
+    meets the member RETURNs and then a refusal before the ESTABLISHED RETURN; replies to the
+    node's own outgoing connections, addressed to an ephemeral port, never match them."""
+    established = IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
+    for plan in all_plans(any_topology).values():
+        if plan["node"]["retired"]:
+            continue
+        rules = plan["firewall"]["filter"]
+        cut = rules.index(established)
+        policed = set(plan["firewall"]["member_ports"])
+        before = rules[:cut]
+        refused_tcp = set().union(*(_dports(r) for r in before
+                                    if "-p tcp" in r and "REJECT" in r))
+        assert refused_tcp == policed
+        assert {p for r in before if "-p udp" in r and "DROP" in r for p in _dports(r)} == \
+            set(amp.CONSUL_MEMBER_UDP_PORTS)
+        # the members' RETURNs for these ports come before any refusal
+        first_refusal = min(i for i, r in enumerate(rules) if "REJECT" in r or "DROP" in r)
+        members = [i for i, r in enumerate(rules) if " -s " in r]
+        assert members and max(members) < first_refusal < cut
+        assert all(p < amp.EPHEMERAL_PORTS[0] or p > amp.EPHEMERAL_PORTS[1] for p in policed)
+
+
+def test_protected_ports_are_never_refused(any_topology):
+    """The protected ports are RETURNed right after loopback, before anything refuses, and no
+    refusal names one of them (validation keeps them out of Consul's ports and the proxy
+    ranges)."""
+    any_topology["firewall"] = {"protected_ports": [22, 2222, 4505, 4506]}
+    protected = {22, 2222, 4505, 4506}
+    for plan in all_plans(any_topology).values():
+        rules = plan["firewall"]["filter"]
+        if not rules:  # a retired node
+            continue
+        assert rules[1] == IN + "-p tcp -m multiport --dports 22,2222,4505,4506 -j RETURN"
+        for rule in rules[2:]:
+            if "REJECT" in rule or "DROP" in rule:
+                assert _dports(rule) and not _dports(rule) & protected, rule
 
 
 def test_redirect_stage_differs_from_full_only_by_the_component_lockdown(any_topology):
@@ -763,7 +829,7 @@ def test_protected_ports_come_before_everything_restrictive(any_topology):
         rules = plan["firewall"]["filter"]
         protected = [i for i, r in enumerate(rules) if " -s " not in r
                      and "--dports 22," in r and r.endswith("RETURN")]
-        assert protected == [2]
+        assert protected == [1]
         first_other = min(i for i, r in enumerate(rules) if " -s " in r or "REJECT" in r
                           or "DROP" in r)
         assert protected[0] < first_other

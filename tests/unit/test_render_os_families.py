@@ -40,9 +40,10 @@ OSES = {
 
 #: what each family must get (parameters/)
 EXPECTED = {
-    "Debian": {"pkgs": ["iptables", "netcat-openbsd"], "shell": "/usr/sbin/nologin",
-               "firewall_after": "After=local-fs.target"},
-    "RedHat": {"pkgs": ["iptables", "iptables-services", "nmap-ncat"], "shell": "/sbin/nologin",
+    "Debian": {"pkgs": ["iptables", "netcat-openbsd", "iproute2"],
+               "shell": "/usr/sbin/nologin", "firewall_after": "After=local-fs.target"},
+    "RedHat": {"pkgs": ["iptables", "iptables-services", "nmap-ncat", "iproute"],
+               "shell": "/sbin/nologin",
                "firewall_after": "After=local-fs.target iptables.service ip6tables.service "
                                  "firewalld.service"},
 }
@@ -291,6 +292,20 @@ def test_ipv6_firewall_renders(renders, os_name, node):
     assert "ip6tables -w -S APIGEE-MTLS-OUT" in args["onlyif"]
     absent = {_args(s)[1]["name"] for s in clean.values() if _args(s)[0] == "file.absent"}
     assert "/etc/apigee-mtls/ip6tables.rules" in absent
+
+
+@pytest.mark.parametrize("os_name", OSES)
+@pytest.mark.parametrize("node", NODES)
+def test_stale_connections_are_closed_after_the_chains(renders, os_name, node):
+    """Issue 16: every member node closes non-members' established connections, with the
+    plan's ports and members, once the chains refusing them are in place."""
+    states = _states(renders, os_name, node, "apigee_mtls")
+    fun, args = _args(states["apigee-mtls-firewall-stale-connections-closed"])
+    plan = apigee_mtls_plan.plan(load_topology(TOPOLOGY), node)
+    assert fun == "apigee_mtls.stale_connections_closed"
+    assert args["ports"] == plan["firewall"]["member_ports"]
+    assert args["members"] == plan["firewall"]["members"]
+    assert args["require"] == [{"apigee_mtls": "apigee-mtls-firewall-chains-managed"}]
 
 
 @pytest.mark.parametrize("os_name", OSES)

@@ -4,7 +4,8 @@
     table is flushed. Applied after the sidecars are up; re-applied at boot by
     apigee-mtls-firewall.service. Without an IPv6 plan (firewall:ipv6 false) the IPv6 rules
     file is absent: the script then leaves ip6tables alone (removing only its own old chains);
-    the state skips IPv6 on a host without it. -#}
+    the state skips IPv6 on a host without it. Then the established connections of hosts that
+    are no longer members (a node removed from the pillar) are closed. -#}
 {%- from "apigee_mtls/map.jinja" import params, plan with context %}
 {%- if plan.member %}
 include:
@@ -76,4 +77,14 @@ apigee-mtls-firewall-chains-managed:
 {%- for svc in plan.proxies %}
       - service: apigee-mtls-mesh-proxy-{{ svc }}-running
 {%- endfor %}
+
+{#- a node removed from the pillar: its established connections to Consul's and the sidecar
+    ports end with this run (the chains above refuse its packets, established or not; this
+    closes the sockets), once the chains are in place so that it cannot reconnect between #}
+apigee-mtls-firewall-stale-connections-closed:
+  apigee_mtls.stale_connections_closed:
+    - ports: {{ plan.firewall.member_ports | json }}
+    - members: {{ plan.firewall.members | json }}
+    - require:
+      - apigee_mtls: apigee-mtls-firewall-chains-managed
 {%- endif %}
