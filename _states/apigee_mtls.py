@@ -22,10 +22,13 @@ States for the apigee_mtls formula.
 - :py:func:`stale_connections_closed`: established connections from hosts that are no
   longer cluster members (a node removed from the pillar) closed on Consul's and the
   sidecars' ports (``ss -K``).
+- :py:func:`members_pruned`: agents of nodes no longer in the pillar forced out of gossip.
 - :py:func:`gossip_keyring_managed`: the gossip keyring rotated to the pillar's key.
 - :py:func:`local_keyring_managed`: a node that missed a gossip key rotation (it was off) and
   is cut off from its peers gets the pillar's key as its own keyring's primary key, and its
   agent restarted.
+- :py:func:`sidecars_current`: sidecars that started before the node's token file changed
+  are restarted onto it.
 - :py:func:`connect_leaf_ready`: the end of a run: the local agent obtains a Connect leaf
   certificate, or the run fails saying why.
 
@@ -1241,6 +1244,61 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
     return ret
 
 
+def _started_before(unit, path):
+    """Whether systemd ``unit`` is running and started before ``path`` was last written."""
+    out = __salt__["cmd.run_stdout"](
+        ["systemctl", "show", "-p", "ActiveState", "-p", "ExecMainStartTimestampMonotonic",
+         unit], python_shell=False)
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    if props.get("ActiveState") != "active":
+        return False
+    try:
+        started = float(props.get("ExecMainStartTimestampMonotonic") or 0) / 1e6
+        written = time.monotonic() - (time.time() - os.stat(path).st_mtime)
+    except (OSError, ValueError):
+        return False
+    return 0 < started < written
+
+
+def sidecars_current(name, units):
+    """
+    Ensure the running sidecar proxies use the current ACL token file ``name``: a sidecar
+    reads its token once, when it starts, so one that started before the file was last
+    written (the signer issued this node a new token: it had been removed from the pillar and
+    added back, or its token was lost) would keep presenting a deleted token ("ACL not
+    found") and every flow through it would fail. Those sidecars are restarted.
+
+    :param str name: the node's ACL token file (its sidecars' ``CONSUL_HTTP_TOKEN_FILE``)
+    :param list units: the sidecars' systemd units
+    :raises: nothing; a failed restart is ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-mesh-sidecars-token-current:
+          apigee_mtls.sidecars_current:
+            - name: /etc/consul.d/acl/agent.token
+            - units: [apigee-mtls-proxy@egress-10-77-0-14]
+    """
+    ret = _ret(name)
+    stale = [unit for unit in units if _started_before(unit, name)]
+    if not stale:
+        ret["comment"] = f"Every running sidecar started after {name} was written"
+        return ret
+    ret["changes"] = {"restarted": stale}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = f"Would restart {len(stale)} sidecars started before {name} changed"
+        return ret
+    failed = [unit for unit in stale if not __salt__["service.restart"](unit)]
+    if failed:
+        ret["result"] = False
+        ret["changes"] = {"restarted": [u for u in stale if u not in failed]}
+        ret["comment"] = "Could not restart " + ", ".join(failed)
+        return ret
+    ret["comment"] = f"Restarted {len(stale)} sidecars onto the token in {name}"
+    return ret
+
+
 # ---------------------------------------------------------------------------------------------
 # Connect leaf certificates (the end of a state run: can this node's sidecars get one?)
 NO_INTERMEDIATE = "no PEM-encoded data found"
@@ -1896,6 +1954,77 @@ def stale_connections_closed(name, ports, members):
 
 
 # ---------------------------------------------------------------------------------------------
+# members that left the pillar
+def _members_gone(token, nodes, failed_only=False):
+    """LAN members not in ``nodes`` that are still in the pool (serf status 1 alive,
+    2 leaving, 4 failed; 3 is left); with ``failed_only``, only the failed ones (force-leave
+    does nothing to a member that still gossips)."""
+    members = _acl("api")("GET", "/v1/agent/members", token, timeout=10) or []
+    keep = set(nodes)
+    wanted = (4,) if failed_only else (1, 2, 4)
+    return sorted(m["Name"] for m in members
+                  if m.get("Name") not in keep and m.get("Status") in wanted)
+
+
+def members_pruned(name, nodes, token_file=None):
+    """
+    Ensure the Consul agents of nodes no longer in the pillar are out of the cluster's LAN
+    gossip pool (``consul force-leave``). A node dropped from the pillar without ``clean``
+    is cut off by its peers' firewalls; it would stay a *failed* member for 72 h, and every
+    cluster-wide query (the gossip keyring's) would fail on it. Consul forces out failed
+    members only: one that still gossips (its peers have not applied yet) is named in the
+    comment and left to :py:func:`gossip_keyring_managed`, which forces it out once it
+    fails. Run it on the signer, which holds the management token (``operator =
+    "write"``).
+
+    :param str name: an identifier for the state
+    :param list nodes: the Consul node names the pillar keeps
+    :param str token_file: a file with a token allowed ``operator:write`` (the management
+        token)
+    :raises: nothing; a failed call is ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-keyring-members-pruned:
+          apigee_mtls.members_pruned:
+            - nodes: [n1, n2, n3, n4]
+            - token_file: /etc/consul.d/acl/management.token
+    """
+    ret = _ret(name)
+    token = _acl("read_token")(token_file) if token_file else None
+    api = _acl("api")
+    try:
+        gone = _members_gone(token, nodes, failed_only=True)
+        alive = sorted(set(_members_gone(token, nodes)) - set(gone))
+    except Exception as exc:  # pylint: disable=broad-except
+        ret["result"] = None if __opts__["test"] else False
+        ret["comment"] = f"Consul members not readable: {exc}"
+        return ret
+    if not gone:
+        ret["comment"] = "Every Consul member is in the pillar" if not alive else (
+            "Not in the pillar but still gossiping: {}; the peers' firewalls cut it off in "
+            "this run, and it is forced out once failed".format(", ".join(alive)))
+        return ret
+    ret["changes"] = {"force_left": gone}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Would force-leave " + ", ".join(gone)
+        return ret
+    failed = []
+    for member in gone:
+        try:
+            api("PUT", "/v1/agent/force-leave/" + member, token, timeout=10)
+        except Exception as exc:  # pylint: disable=broad-except
+            failed.append(f"{member} ({exc})")
+    if failed:
+        ret["result"] = False
+        ret["comment"] = "force-leave failed: " + ", ".join(failed)
+        return ret
+    ret["comment"] = "Forced out of the cluster: " + ", ".join(gone)
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
 # gossip keyring
 def _fingerprint(key):
     """A printable identity for a gossip key that reveals nothing about it."""
@@ -1905,7 +2034,7 @@ def _fingerprint(key):
 
 
 def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.1:8500",
-                           wait=120, token=None, token_file=None):
+                           wait=120, token=None, token_file=None, nodes=None):
     """
     Ensure the cluster's gossip keyring holds exactly ``key``, as the primary key, on every
     node of every pool (LAN per data center, WAN). A new key is rotated in through
@@ -1923,6 +2052,10 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
     :param int wait: seconds to retry the keyring queries (default 120)
     :param str token: Consul ACL token with ``keyring = "write"`` (default ``None``)
     :param str token_file: file holding that token, read here (wins over ``token``)
+    :param list nodes: the pillar's nodes (Consul names) of this data center: while the
+        keyring cannot be read because a member does not answer, failed members that are not
+        among them (a node dropped from the pillar, cut off by its peers) are forced out
+        (``changes.force_left``)
     :return: a state return
 
     .. code-block:: yaml
@@ -1946,6 +2079,7 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
         return ret
     headers = client.prepare_headers(token)
     deadline = time.monotonic() + (0 if __opts__["test"] else wait)
+    forced = []
     while True:
         try:
             pools = client.http.get(CB.json(), "/v1/operator/keyring", headers=headers) or []
@@ -1955,7 +2089,17 @@ def gossip_keyring_managed(name, key=None, key_pillar=None, url="http://127.0.0.
                 ret["result"] = None if __opts__["test"] else False
                 ret["comment"] = f"Consul keyring not readable: {exc}"
                 return ret
+            if nodes is not None:
+                try:
+                    for member in _members_gone(token, nodes, failed_only=True):
+                        _acl("api")("PUT", "/v1/agent/force-leave/" + member, token,
+                                    timeout=10)
+                        forced.append(member)
+                except Exception:  # pylint: disable=broad-except
+                    pass
             time.sleep(2)
+    if forced:
+        ret["changes"]["force_left"] = sorted(set(forced))
     present = set()
     complete = True
     for pool in pools:

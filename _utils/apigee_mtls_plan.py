@@ -192,6 +192,10 @@ CONSUL_MEMBER_TCP_PORTS = (8300, 8301, 8302, 8501, 8502, 8503, 8600)
 #: Consul UDP ports opened to cluster members.
 CONSUL_MEMBER_UDP_PORTS = (8301, 8302, 8600)
 
+#: Consul's server RPC (8300) and gossip (8301 LAN, 8302 WAN) ports: replies from them are
+#: accepted from members only.
+CONSUL_GOSSIP_RPC_PORTS = (8300, 8301, 8302)
+
 #: Ports protected by default: SSH and the Salt master/minion ports.
 DEFAULT_PROTECTED_PORTS = (22, 4505, 4506)
 
@@ -1789,6 +1793,9 @@ def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
         filt.append("-A {} -p tcp -m multiport --dports {} -j RETURN".format(inp, chunk))
     member_tcp = _multiport_chunks(list(CONSUL_MEMBER_TCP_PORTS) + sidecar)
     member_udp = _multiport_chunks(CONSUL_MEMBER_UDP_PORTS)
+    gossip_tcp = _multiport_chunks(CONSUL_GOSSIP_RPC_PORTS)[0]
+    gossip_udp = _multiport_chunks([p for p in CONSUL_MEMBER_UDP_PORTS
+                                    if p in CONSUL_GOSSIP_RPC_PORTS])[0]
     for member in _members(model):
         for chunk in member_tcp:
             filt.append("-A {} -s {}/32 -p tcp -m multiport --dports {} -j "
@@ -1796,6 +1803,18 @@ def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
         for chunk in member_udp:
             filt.append("-A {} -s {}/32 -p udp -m multiport --dports {} -j "
                         "RETURN".format(inp, member, chunk))
+        # replies of members' RPC and gossip ports to this node's own connections
+        filt.append("-A {} -s {}/32 -p tcp -m multiport --sports {} -j RETURN".format(
+            inp, member, gossip_tcp))
+        filt.append("-A {} -s {}/32 -p udp -m multiport --sports {} -j RETURN".format(
+            inp, member, gossip_udp))
+    # ... and nobody else's: otherwise this node's own push-pull and TCP probes to a node
+    # removed from the pillar would still succeed (its replies ride their ESTABLISHED
+    # connection), it would stay "alive" in gossip, never fail, never be forced out, and
+    # every cluster-wide query (the gossip keyring's) would wait for its answer
+    filt.append("-A {} -p tcp -m multiport --sports {} -j REJECT --reject-with "
+                "tcp-reset".format(inp, gossip_tcp))
+    filt.append("-A {} -p udp -m multiport --sports {} -j DROP".format(inp, gossip_udp))
     # Consul's and this node's sidecar ports refuse everyone else on every packet, BEFORE the
     # ESTABLISHED RETURN: a node removed from the pillar loses the connections it had open
     # (intentions are checked only at the TLS handshake) when this chain is applied, not

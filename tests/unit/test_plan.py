@@ -706,7 +706,7 @@ _RULE_RE = re.compile(
     r"(?: -s \d+\.\d+\.\d+\.\d+/32)?(?: -d \d+\.\d+\.\d+\.\d+/32)?(?: -i lo)?"
     r"(?: -p (?:tcp|udp))?"
     r"(?: -m owner --uid-owner \w+| -m conntrack --ctstate RELATED,ESTABLISHED"
-    r"| -m (?:tcp|udp) --dport \d+| -m multiport --dports [\d,:]+)?"
+    r"| -m (?:tcp|udp) --dport \d+| -m multiport --[ds]ports [\d,:]+)?"
     r" -j (?:RETURN|DROP|REJECT --reject-with tcp-reset|REDIRECT --to-ports \d+)")
 
 
@@ -744,26 +744,38 @@ def test_filter_chain_snapshot(topo5):
     ]
     member = ("-p tcp -m multiport --dports "
               "8300:8302,8501:8503,8600,10300:10302,10400,10401,10703 -j RETURN")
-    assert rules[2:12] == [
+    assert rules[2:22] == [
         IN + rule.format(ip="10.77.0.1%d" % i)
         for i in range(1, 6)
         for rule in ("-s {ip}/32 " + member,
-                     "-s {ip}/32 -p udp -m multiport --dports 8301,8302,8600 -j RETURN")]
+                     "-s {ip}/32 -p udp -m multiport --dports 8301,8302,8600 -j RETURN",
+                     "-s {ip}/32 -p tcp -m multiport --sports 8300:8302 -j RETURN",
+                     "-s {ip}/32 -p udp -m multiport --sports 8301,8302 -j RETURN")]
+    # replies from anyone else's Consul RPC and gossip ports are refused: a node removed from
+    # the pillar fails in gossip even though this node's own probes and syncs reach it
+    assert rules[22:24] == [
+        IN + "-p tcp -m multiport --sports 8300:8302 -j REJECT --reject-with tcp-reset",
+        IN + "-p udp -m multiport --sports 8301,8302 -j DROP"]
     # Consul's and n4's sidecar ports refuse everyone else before the ESTABLISHED RETURN:
     # a node removed from the pillar loses the connections it had open (issue 16)
-    assert rules[12:15] == [
+    assert rules[24:27] == [
         IN + ("-p tcp -m multiport --dports 8300:8302,8500:8503,8600,10300:10302,10400,"
               "10401,10703 -j REJECT --reject-with tcp-reset"),
         IN + "-p udp -m multiport --dports 8301,8302,8600 -j DROP",
         IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
     ]
     # the component lockdown refuses new connections only: after the ESTABLISHED RETURN
-    assert rules[15:] == [IN + "-p tcp -m tcp --dport %d -j REJECT --reject-with tcp-reset"
+    assert rules[27:] == [IN + "-p tcp -m tcp --dport %d -j REJECT --reject-with tcp-reset"
                           % p for p in (4530, 5432, 5672, 8083, 8084)]
 
 
 def _dports(rule):
     match = re.search(r"--dports? (\S+)", rule)
+    return expand(match.group(1)) if match else set()
+
+
+def _sports(rule):
+    match = re.search(r"--sports (\S+)", rule)
     return expand(match.group(1)) if match else set()
 
 
@@ -804,7 +816,8 @@ def test_protected_ports_are_never_refused(any_topology):
         assert rules[1] == IN + "-p tcp -m multiport --dports 22,2222,4505,4506 -j RETURN"
         for rule in rules[2:]:
             if "REJECT" in rule or "DROP" in rule:
-                assert _dports(rule) and not _dports(rule) & protected, rule
+                ports = _dports(rule) or _sports(rule)
+                assert ports and not ports & protected, rule
 
 
 def test_redirect_stage_differs_from_full_only_by_the_component_lockdown(any_topology):
@@ -876,7 +889,7 @@ def test_many_ports_are_chunked_in_rules(topo5):
     rules = amp.plan(topo5, "big")["firewall"]["filter"]
     allowed = set()
     for rule in rules:
-        if rule.startswith(IN + "-s 10.77.0.11/32 -p tcp"):
+        if rule.startswith(IN + "-s 10.77.0.11/32 -p tcp") and "--dports" in rule:
             allowed |= expand(rule.split("--dports ")[1].split()[0])
     alloc = amp.normalize(topo5)["allocation"]["big"]
     sidecar = {alloc["egress"]} | {p for b in alloc["ingress"].values() for p in b.values()}

@@ -9,11 +9,17 @@
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member %}
 {%- set is_signer = plan.signer == grains.id %}
+{#- the signer rotates after its own firewall cut off any node dropped from the pillar: such a
+    node then fails, is forced out, and cluster-wide keyring queries answer again #}
+{%- set after_firewall = is_signer and salt["apigee_mtls.rollout_stage"]() in ("redirect", "full") %}
 {%- if plan.keyring or is_signer %}
 include:
   - apigee_mtls.service
 {%- if plan.acl.enabled or is_signer %}
   - apigee_mtls.acl
+{%- endif %}
+{%- if after_firewall %}
+  - apigee_mtls.firewall
 {%- endif %}
 {%- endif %}
 {%- if plan.keyring %}
@@ -36,14 +42,36 @@ apigee-mtls-keyring-local-managed:
 {%- endif %}
 {%- if is_signer %}
 
-apigee-mtls-keyring-managed:
-  apigee_mtls.gossip_keyring_managed:
-    - key_pillar: apigee_mtls:secrets:gossip_key
+{#- a node dropped from the pillar without clean stays a failed member (72 h), and every
+    cluster-wide keyring query would fail on it: the signer forces it out first #}
+apigee-mtls-keyring-members-pruned:
+  apigee_mtls.members_pruned:
+    - nodes: {{ (plan.keyring.peers + [plan.node.id]) | json }}
 {%- if plan.acl.enabled %}
     - token_file: {{ plan.acl.management_token_file }}
 {%- endif %}
     - require:
       - service: apigee-mtls-service-running
+{%- if plan.acl.enabled %}
+      - apigee_mtls: apigee-mtls-acl-bootstrapped
+{%- endif %}
+{%- if after_firewall %}
+      - apigee_mtls: apigee-mtls-firewall-stale-connections-closed
+{%- endif %}
+
+apigee-mtls-keyring-managed:
+  apigee_mtls.gossip_keyring_managed:
+    - key_pillar: apigee_mtls:secrets:gossip_key
+    - nodes: {{ (plan.keyring.peers + [plan.node.id]) | json }}
+{%- if plan.acl.enabled %}
+    - token_file: {{ plan.acl.management_token_file }}
+{%- endif %}
+    - require:
+      - service: apigee-mtls-service-running
+      - apigee_mtls: apigee-mtls-keyring-members-pruned
+{%- if after_firewall %}
+      - apigee_mtls: apigee-mtls-firewall-stale-connections-closed
+{%- endif %}
 {%- if plan.keyring %}
       # a signer that was off during a rotation repairs its own keyring before rotating
       - apigee_mtls: apigee-mtls-keyring-local-managed

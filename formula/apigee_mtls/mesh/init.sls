@@ -100,6 +100,21 @@ apigee-mtls-mesh-proxy-{{ svc }}-running:
       - file: apigee-mtls-mesh-proxy-unit-managed
 {%- endfor %}
 
+{%- if plan.acl.enabled %}
+{#- a sidecar reads the node's token when it starts: a new token (the node was removed and
+    added back) restarts the sidecars that started before it (apigee_mtls.sidecars_current) #}
+apigee-mtls-mesh-sidecars-token-current:
+  apigee_mtls.sidecars_current:
+    - name: {{ plan.acl.agent_token_file }}
+    - units: {{ plan.proxies | map("regex_replace", "^", "apigee-mtls-proxy@") | list | json }}
+    - require:
+{%-   for svc in plan.proxies %}
+      - service: apigee-mtls-mesh-proxy-{{ svc }}-running
+{%-   endfor %}
+    - require_in:
+      - apigee_mtls: apigee-mtls-mesh-leaf-certificate-ready
+{%- endif %}
+
 {#- the end of the run: this node's agent obtains a Connect leaf certificate (what every
     sidecar needs), or the run fails saying why; a secondary data center's leader heals its
     CA here (apigee_mtls.connect_leaf_ready) #}
