@@ -246,7 +246,9 @@ class Traffic:
         self.unit = f"{UNIT}-{int(time.time() * 1000)}"
         for node in self.nodes:
             cfg = dict(self.cfg, targets=self.targets[node])
-            self.lab.run(node, f"rm -rf {NODE_DIR} && mkdir -p {NODE_DIR}")
+            # a client left running by an interrupted run would write its report here too
+            self.lab.run(node, f"systemctl stop '{UNIT}-*' 2>/dev/null; "
+                               f"rm -rf {NODE_DIR} && mkdir -p {NODE_DIR}", check=False)
             self.lab.run(node, ["sh", "-c", f"cat > {NODE_DIR}/traffic.py"], input=code)
             self.lab.run(node, ["sh", "-c", f"cat > {NODE_DIR}/config.json"],
                          input=json.dumps(cfg))

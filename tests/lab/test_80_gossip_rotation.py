@@ -78,3 +78,47 @@ def test_gossip_key_rotation_by_pillar(applied):
     assert all(not s["failed"] for s in back.values()), {n: s["failed"] for n, s in back.items() if s["failed"]}
     for pool in lab.py(signer, KEYRING_CODE, token=MGMT_TOKEN):
         assert list(pool["Keys"]) == [old_key]
+
+
+def test_node_powered_off_during_a_rotation_catches_up_with_one_targeted_apply(applied):
+    """Issue 16: n5 is off while the others rotate the gossip key. Booted again, its serf
+    keyring holds only the old key: it cannot decrypt its peers' gossip. One
+    `salt n5 state.apply apigee_mtls` repairs its keyring from pillar (the pillar key first)
+    and it passes `apigee_mtls.verify`, with no manual step."""
+    lab = applied
+    lab.wait_mesh_ready()
+    signer = lab.model["tls"]["signer"]
+    off = "n5"
+    others = [n for n in lab.nodes if n != off]
+    new_key = planner.gossip_keygen()
+    pillar = copy.deepcopy(lab.pillar)
+    pillar["secrets"]["gossip_key"] = new_key
+    state = labctl.load_state()
+    labctl.stop_node(off, state)
+    try:
+        labctl.write_pillar(pillar)
+        ret = lab.salt("-L", ",".join(others), "state.apply", "apigee_mtls", "-t", "900",
+                       timeout=900)
+        summary = state_summary(ret)
+        assert all(not s["failed"] for s in summary.values()), summary
+        assert "apigee-mtls-keyring-managed" in summary[signer]["changed"]
+    finally:
+        labctl.boot_node(off, state)
+        labctl.wait_minions([off])
+    try:
+        # back, with the old key only: cut off from its peers
+        ret = lab.apply(off)
+        summary = state_summary(ret)
+        assert not summary[off]["failed"], summary[off]
+        repair = ret[off]["apigee_mtls_|-apigee-mtls-keyring-local-managed_|-"
+                          "apigee-mtls-keyring-local-managed_|-local_keyring_managed"]
+        print("local keyring repair on", off, ":", repair["comment"], repair["changes"])
+        assert repair["changes"], repair
+        assert new_key not in json.dumps(ret), "a gossip key in the state output"
+        lab.wait_mesh_ready(timeout=120)
+    finally:
+        labctl.write_pillar(lab.pillar)
+        back = state_summary(lab.apply())
+        assert all(not s["failed"] for s in back.values()), back
+    for pool in lab.py(signer, KEYRING_CODE, token=MGMT_TOKEN):
+        assert list(pool["Keys"]) == [lab.pillar["secrets"]["gossip_key"]]
