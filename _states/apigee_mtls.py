@@ -2317,11 +2317,10 @@ def local_keyring_managed(name, key_pillar="apigee_mtls:secrets:gossip_key",
     log.warning("apigee_mtls: %s: this node is cut off from its gossip peers; making %s "
                 "the primary key of %s and restarting %s", name, _fingerprint(key),
                 ", ".join(p for p, _ in writes), service)
-    if not __salt__["service.stop"](service):
-        ret["result"] = False
-        ret["changes"] = {}
-        ret["comment"] = f"keyring not repaired: stopping {service} failed"
-        return ret
+    # the files are written while the agent runs, then it restarts: a cut-off agent makes no
+    # keyring change of its own to overwrite them, and Consul writes them only on keyring
+    # operations, not at exit. (A stop, then a start, fails here: a cut-off Consul exits 1
+    # on SIGTERM, and systemd's Restart=on-failure cancels the stop job.)
     written = []
     failed = None
     for path, keys in writes:
@@ -2331,7 +2330,7 @@ def local_keyring_managed(name, key_pillar="apigee_mtls:secrets:gossip_key",
             failed = f"writing {path} failed ({exc.strerror or type(exc).__name__})"
             break
         written.append(path)
-    started = __salt__["service.start"](service)
+    started = __salt__["service.restart"](service)
     if failed or not started:
         ret["result"] = False
         if written:

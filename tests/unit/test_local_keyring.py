@@ -119,26 +119,22 @@ class Agent:
         self.alive, self.after = [list(a) for a in alive], [list(a) for a in after or [PEERS]]
         self.running, self.show_me = running, show_me
         self.calls, self.tokens = [], []
+        self.restart_ok = True
 
     def api(self, method, path, token=None, body=None, port=8500, timeout=10):
         assert (method, path) == ("GET", "/v1/agent/members")
         self.tokens.append(token)
         if not self.running:
             raise ACL.ConsulError(None, "local Consul agent not answering: ConnectionRefused")
-        script = self.after if "start" in self.calls else self.alive
+        script = self.after if "restart" in self.calls else self.alive
         alive = script.pop(0) if len(script) > 1 else script[0]
         members = [{"Name": n, "Status": 1 if n in alive else 4} for n in PEERS]
         return members + ([{"Name": ME, "Status": 1}] if self.show_me else [])
 
-    def stop(self, name):
+    def restart(self, name):
         assert name == "consul"
-        self.calls.append("stop")
-        return True
-
-    def start(self, name):
-        assert name == "consul"
-        self.calls.append("start")
-        return True
+        self.calls.append("restart")
+        return self.restart_ok
 
 
 class Log:
@@ -177,7 +173,7 @@ def node(tmp_path, monkeypatch):
                 NEW if path == "apigee_mtls:secrets:gossip_key" else default),
             "apigee_mtls.plan": lambda: dict(plan, member=True) if plan else pytest.fail(
                 "the plan was read though peers were given"),
-            "service.stop": agent.stop, "service.start": agent.start}, raising=False)
+            "service.restart": agent.restart}, raising=False)
         monkeypatch.setattr(STATES, "__utils__", {
             "apigee_mtls_plan.local_keyring_action": amp.local_keyring_action,
             "apigee_mtls_plan.keyring_with_primary": amp.keyring_with_primary,
@@ -219,7 +215,7 @@ def test_a_cut_off_node_stops_writes_pillar_key_first_and_starts(node):
     ret = node(agent, token_file="/etc/consul.d/acl/agent-master.token")
     assert ret["result"] is True, ret["comment"]
     # written while the agent is stopped, created 0600
-    assert agent.calls == ["stop", "write local.keyring 0o600", "start"]
+    assert agent.calls == ["write local.keyring 0o600", "restart"]
     lan = node.serf / "local.keyring"
     assert _keys(lan) == [NEW, OLD]
     assert lan.stat().st_mode & 0o777 == 0o600
@@ -300,17 +296,11 @@ def test_a_member_list_without_this_node_is_not_taken_for_a_cut_off_node(node):
     assert _keys(node.serf / "local.keyring") == [OLD]
 
 
-def test_a_failed_stop_writes_nothing(node):
+def test_a_failed_restart_is_a_failure_that_says_the_file_was_written(node):
+    """The files are written while the agent runs (a cut-off Consul exits 1 on SIGTERM and
+    systemd's Restart=on-failure would cancel a separate stop), then it restarts."""
     agent = Agent([[]])
-    agent.stop = lambda name: False
-    ret = node(agent)
-    assert ret["result"] is False and ret["changes"] == {}
-    assert _keys(node.serf / "local.keyring") == [OLD]
-
-
-def test_a_failed_start_is_a_failure_that_says_the_file_was_written(node):
-    agent = Agent([[]])
-    agent.start = lambda name: False
+    agent.restart_ok = False
     ret = node(agent)
     assert ret["result"] is False and "starting consul failed" in ret["comment"]
     assert ret["changes"]["files"] == [str(node.serf / "local.keyring")]
@@ -329,8 +319,8 @@ def test_peers_and_server_come_from_the_plan_when_not_given(node):
     agent = Agent([[]])
     ret = node(agent, plan=plan)
     assert ret["result"] is True
-    assert agent.calls == ["stop", "write local.keyring 0o600", "write remote.keyring 0o600",
-                           "start"]
+    assert agent.calls == ["write local.keyring 0o600", "write remote.keyring 0o600",
+                           "restart"]
     assert _keys(node.serf / "remote.keyring") == [NEW, OLD]
 
 

@@ -39,6 +39,11 @@ apigee-mtls-keyring-local-managed:
 {%- endif %}
     - require:
       - service: apigee-mtls-service-running
+{%- if plan.acl.enabled and not plan.acl.tokens_before_start %}
+    {#- a cut-off node cannot check its token ("No known Consul servers"): repair first #}
+    - require_in:
+      - apigee_mtls: apigee-mtls-acl-agent-token-managed
+{%- endif %}
 {%- endif %}
 {%- if is_signer %}
 
