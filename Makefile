@@ -6,13 +6,14 @@ TOPOLOGY ?= tests/topologies/5-node.yaml
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
-.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies bench clean
+.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies bench day2-report clean
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
 	@echo "make lab-down   remove every machine, link, mount and process the lab created"
 	@echo "make test       every test: unit tests, then the lab tests (boots its own lab)"
 	@echo "make bench      benchmarks: prints a table, writes bench/results.json"
+	@echo "make day2-report  the day-2 operations under traffic (after the lab tests): table + bench/day2.json"
 
 venv: $(VENV)/.complete
 $(VENV)/.complete: requirements.txt
@@ -64,6 +65,9 @@ lab-test-topologies: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+day2-report: venv
+	$(PY) bench/day2_report.py
 
 clean: lab-down
 	rm -rf $(VENV)

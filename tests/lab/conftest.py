@@ -193,6 +193,43 @@ getent passwd consul
         raise AssertionError(f"mesh not ready after {timeout}s: {bad}")
 
 
+#: where the day-2 lab tests record what the traffic harness counted during each operation
+#: (one JSON object per line; `make day2-report` prints them as a table)
+DAY2_LOG = os.path.join(labctl.CACHE, "day2-traffic.jsonl")
+
+
+def under_traffic(lab, label, action, **kwargs):
+    """Run ``action()`` while the traffic harness (lab/traffic.py) runs on every node (or
+    ``nodes=``, with the flows of ``pillar=``); print and record its totals under ``label``;
+    return ``(action's result, totals)``."""
+    sys.path.insert(0, os.path.join(REPO, "lab"))
+    from traffic import Traffic  # pylint: disable=import-outside-toplevel
+
+    traffic = Traffic(lab, **kwargs)
+    traffic.start()
+    began = time.monotonic()
+    try:
+        result = action()
+    finally:
+        report = traffic.stop()
+    tot = report["totals"]
+    print(f"traffic during {label}:", json.dumps(tot))
+    record = {"operation": label, "nodes": len(traffic.nodes),
+              "seconds": round(time.monotonic() - began, 1),
+              **{k: tot[k] for k in ("new_ok", "new_failed", "long_ok", "long_broken",
+                                     "max_gap", "slowest_new", "no_leader_samples",
+                                     "leader_samples", "failed_flows")}}
+    with open(DAY2_LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return result, tot
+
+
+def assert_no_loss(tot):
+    """Not one new connection failed, not one long-lived connection broke."""
+    assert tot["new_ok"] > 50 and tot["long_ok"] > 5 and not tot["missing_reports"], tot
+    assert tot["new_failed"] == 0 and tot["long_broken"] == 0, tot
+
+
 def state_summary(ret):
     """{node: {"changed": [ids], "failed": [(id, comment)], "total": n}} from state.apply JSON."""
     out = {}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, labctl, state_summary
+from conftest import REPO, labctl, state_summary, under_traffic
 
 sys.path.insert(0, os.path.join(REPO, "lab"))
 from traffic import Traffic  # noqa: E402  pylint: disable=wrong-import-position
@@ -62,10 +62,8 @@ def test_reloadable_change_reloads_every_agent_and_loses_no_connection(mesh):
             assert cfg["result"] is None and cfg["comment"].endswith("Consul would reload"), cfg
             assert cfg["changes"]["consul"] == {"keys": ["log_level"], "agent": "reload"}
         before = _pids(lab)
-        traffic = Traffic(lab)
-        traffic.start()
-        ret = lab.apply()
-        report = traffic.stop()
+        ret, tot = under_traffic(lab, "reloadable agent setting (consul:log_level)", lab.apply)
+        report = {"totals": tot}
         summary = state_summary(ret)
         assert not {n: s["failed"] for n, s in summary.items() if s["failed"]}, summary
         for node in lab.nodes:
@@ -74,7 +72,6 @@ def test_reloadable_change_reloads_every_agent_and_loses_no_connection(mesh):
             assert level["log_level"] == "DEBUG", node
         assert _pids(lab) == before, "an agent restarted"
         tot = report["totals"]
-        print("traffic during a log_level change:", json.dumps(tot))
         assert tot["new_ok"] > 300 and tot["long_ok"] > 30, tot
         assert tot["new_failed"] == 0 and tot["long_broken"] == 0, tot
         assert tot["no_leader_samples"] == 0 and not tot["missing_reports"], tot

@@ -4,17 +4,12 @@ Consul binary change. Servers restart one at a time after a health check, the le
 clients keep their sidecars; what failed is counted."""
 import copy
 import hashlib
-import json
 import os
-import sys
 import time
 
 import pytest
 
-from conftest import REPO, labctl, state_summary
-
-sys.path.insert(0, os.path.join(REPO, "lab"))
-from traffic import Traffic  # noqa: E402  pylint: disable=wrong-import-position
+from conftest import labctl, state_summary, under_traffic
 
 CONFIG_STATE = ("apigee_mtls_|-apigee-mtls-config-agent-file-managed_|-"
                 "/etc/consul.d/consul.json_|-agent_config_managed")
@@ -76,16 +71,14 @@ def test_non_reloadable_change_restarts_servers_one_at_a_time(mesh):
             assert cfg["result"] is None and "would restart" in cfg["comment"], cfg
         before = _starts(lab)
         proxies = {n: _proxy_pids(lab, n) for n in lab.nodes}
-        traffic = Traffic(lab)
-        traffic.start()
         t0 = time.monotonic()
-        ret = lab.apply()
-        report = traffic.stop()
+        ret, tot = under_traffic(lab, "non-reloadable agent setting (consul:dns_exposed)",
+                                 lab.apply)
+        report = {"totals": tot}
         summary = state_summary(ret)
         after = _starts(lab)
         print("agents restarted at (s from the apply):",
               {n: round(after[n] / 1e6 - t0, 1) for n in lab.nodes})
-        print("traffic during a dns_exposed change:", json.dumps(report["totals"]))
         print("restarts:", {n: ret[n][CURRENT_STATE]["changes"] for n in lab.nodes})
         assert not {n: s["failed"] for n, s in summary.items() if s["failed"]}, summary
         assert all(after[n] > before[n] for n in lab.nodes), (before, after)
@@ -127,12 +120,9 @@ def test_binary_change_is_a_rolling_upgrade(mesh):
         for node in lab.nodes:
             cur = preview[node][CURRENT_STATE]
             assert cur["result"] is None and "binary" in cur["changes"]["restarted"]["because"]
-        traffic = Traffic(lab)
-        traffic.start()
-        ret = lab.apply()
-        report = traffic.stop()
+        ret, tot = under_traffic(lab, "Consul binary change (rolling upgrade)", lab.apply)
+        report = {"totals": tot}
         summary = state_summary(ret)
-        print("traffic during a binary upgrade:", json.dumps(report["totals"]))
         print("restarts:", {n: ret[n][CURRENT_STATE]["changes"] for n in lab.nodes})
         assert not {n: s["failed"] for n, s in summary.items() if s["failed"]}, summary
         assert {n: _exe_sha(lab, n) for n in lab.nodes} == {n: sha for n in lab.nodes}

@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import AGENT_TOKEN, MGMT_TOKEN, REPO, labctl, planner, state_summary
+from conftest import (AGENT_TOKEN, MGMT_TOKEN, REPO, assert_no_loss, labctl, planner,
+                      state_summary, under_traffic)
 
 NEW = {"id": "n6", "ip": "10.77.0.16", "components": ["message-processor", "router"]}
 
@@ -47,8 +48,12 @@ def test_add_node_targeted_highstate_then_peers_converge(grown):
     lab, pillar, before_report, before_pids = grown
     # 1. the new node: a targeted highstate (syncs the custom modules by itself)
     _ok(lab.salt(NEW["id"], "state.highstate", "-t", "600", timeout=700))
-    # 2. the peers (and the intentions): the one-liner
-    _ok(lab.apply())
+    # 2. the peers (and the intentions): the one-liner, under traffic between the old nodes
+    old_nodes = [n for n in lab.nodes if n != NEW["id"]]
+    ret, tot = under_traffic(lab, "adding a node", lab.apply, nodes=old_nodes,
+                             pillar=lab.pillar)
+    _ok(ret)
+    assert_no_loss(tot)
     lab.wait_mesh_ready()
     # no already-allocated port moved, and the peers' sidecars were not even restarted
     after_report = lab.salt("n1", "apigee_mtls.ports")["n1"]
@@ -77,7 +82,10 @@ def test_remove_node_peers_lose_its_upstreams_rules_and_intentions(grown):
     assert len(token) == 36
     _ok(lab.apply(NEW["id"], "apigee_mtls.clean"))
     lab.set_pillar(lab.pillar)  # the pillar without n6
-    summary = _ok(lab.apply())
+    ret, tot = under_traffic(lab, "removing a node", lab.apply,
+                             nodes=[n for n in lab.nodes if n != NEW["id"]], pillar=lab.pillar)
+    summary = _ok(ret)
+    assert_no_loss(tot)
     assert summary[NEW["id"]]["changed"] == []  # no longer a member: nothing to do there
     dashed = NEW["ip"].replace(".", "-")
     for node in [n for n in lab.nodes if n != NEW["id"]]:

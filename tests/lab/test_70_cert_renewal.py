@@ -3,7 +3,7 @@ new certificates everywhere, agents reloaded (not restarted), served at once, fl
 import copy
 import json
 
-from conftest import labctl, state_summary
+from conftest import assert_no_loss, labctl, state_summary, under_traffic
 
 SERIAL_CODE = """
 import json
@@ -48,8 +48,10 @@ def test_certificates_renew_by_threshold_without_restart(applied):
         for node in lab.nodes:
             assert "apigee-mtls-tls-agent-cert-managed" in preview[node]["changed"], node
         assert _serials(lab) == before, "test=True renewed a certificate"
-        summary = state_summary(lab.apply())
+        ret, tot = under_traffic(lab, "certificate renewal", lab.apply)
+        summary = state_summary(ret)
         assert all(not s["failed"] for s in summary.values()), summary
+        assert_no_loss(tot)
         after = _serials(lab)
         for node in lab.nodes:
             assert after[node]["serial"] != before[node]["serial"], node

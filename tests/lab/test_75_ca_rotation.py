@@ -18,7 +18,7 @@ restore ``lab.pillar``, do not jump back to the old CA unstaged.
 """
 import copy
 
-from conftest import labctl, planner, state_summary
+from conftest import assert_no_loss, labctl, planner, state_summary, under_traffic
 
 TLS_DIR = "/etc/consul.d/tls"
 CA_DIR = "/etc/apigee-mtls/ca"
@@ -113,7 +113,7 @@ def _ok(ret):
     return summary
 
 
-def _step(lab, pillar, gens, cert_by, signer_preview=None):
+def _step(lab, pillar, gens, cert_by, signer_preview=None, label="a CA rotation step"):
     """Preview (test=True, nothing changes), apply, check bundles and issuers, rerun.
     ``gens``: the bundle's CA generations, in order; ``cert_by``: the issuing generation;
     ``signer_preview``: a state the signer's preview must list."""
@@ -128,7 +128,9 @@ def _step(lab, pillar, gens, cert_by, signer_preview=None):
     assert _tls(lab) == before, "test=True changed a certificate or bundle"
     assert _ca_files(lab, signer) == ca_before, "test=True changed the signer's CA files"
 
-    summary = _ok(lab.apply())
+    ret, tot = under_traffic(lab, label, lab.apply)
+    summary = _ok(ret)
+    assert_no_loss(tot)
     for node in lab.nodes:
         changed = summary[node]["changed"]
         assert "apigee-mtls-tls-agent-cert-managed" in changed, (node, changed)
@@ -174,7 +176,8 @@ def test_ca_rotation_staged_by_pillar(applied):
         # 1. trust the new CA everywhere; certificates unchanged
         step1 = dict(base, tls=dict(base.get("tls") or {}, ca_trust=[new]))
         current = step1
-        after1 = _step(lab, step1, [old, new], old, f"apigee-mtls-tls-ca-cert-managed-gen-{new}")
+        after1 = _step(lab, step1, [old, new], old, f"apigee-mtls-tls-ca-cert-managed-gen-{new}",
+                       label="CA rotation step 1 (trust the new CA)")
         assert {n: s["serial"] for n, s in after1.items()} == {
             n: s["serial"] for n, s in start.items()}
         lab.run(CLIENT, f"cp {TLS_DIR}/agent.pem {OLD_CERT}")
@@ -182,14 +185,15 @@ def test_ca_rotation_staged_by_pillar(applied):
         # 2. the new CA signs; every certificate re-issued, both CAs still trusted
         step2 = dict(base, tls=dict(base.get("tls") or {}, ca_generation=new, ca_trust=[old]))
         current = step2
-        _step(lab, step2, [new, old], new)
+        _step(lab, step2, [new, old], new, label="CA rotation step 2 (the new CA signs)")
         for ip, res in _https(lab, CLIENT, OLD_CERT).items():
             assert res.get("status") == "200", ("old CA still trusted", ip, res)
 
         # 3. only the new CA; the signer deletes the old one
         step3 = dict(base, tls=dict(base.get("tls") or {}, ca_generation=new))
         current = step3
-        _step(lab, step3, [new], new, f"apigee-mtls-tls-ca-key-absent-gen-{old}")
+        _step(lab, step3, [new], new, f"apigee-mtls-tls-ca-key-absent-gen-{old}",
+              label="CA rotation step 3 (drop the old CA)")
         for ip, res in _https(lab, CLIENT, OLD_CERT).items():
             assert res.get("status") != "200", ("old CA must be refused", ip, res)
 

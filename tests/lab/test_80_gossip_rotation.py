@@ -5,7 +5,7 @@ import json
 import threading
 import time
 
-from conftest import MGMT_TOKEN, labctl, planner, state_summary
+from conftest import MGMT_TOKEN, assert_no_loss, labctl, planner, state_summary, under_traffic
 
 MEMBERS_CODE = ("import json, urllib.request; print(json.dumps({m['Name']: m['Status'] for m in "
                 "json.load(urllib.request.urlopen('http://127.0.0.1:8500/v1/agent/members'))}))")
@@ -52,7 +52,8 @@ def test_gossip_key_rotation_by_pillar(applied):
         preview = state_summary(lab.apply("*", "apigee_mtls", "test=True"))
         assert "apigee-mtls-keyring-managed" in preview[signer]["changed"]
         watcher.start()
-        ret = lab.apply()
+        ret, tot = under_traffic(lab, "gossip key rotation", lab.apply)
+        assert_no_loss(tot)
         time.sleep(3)
         stop.set()
         watcher.join(timeout=30)

@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""The day-2 operations table: what the traffic harness (lab/traffic.py) counted while each
+operation ran in the lab tests (tests/lab/conftest.py's ``under_traffic`` records one JSON line
+per operation in /var/cache/apigee-mtls-lab/day2-traffic.jsonl). Prints a table and writes
+bench/day2.json.
+
+    make day2-report        # after `make test` (or any day-2 lab test)
+"""
+import json
+import os
+import sys
+
+LOG = os.path.join(os.environ.get("LAB_CACHE", "/var/cache/apigee-mtls-lab"), "day2-traffic.jsonl")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "day2.json")
+COLUMNS = (("operation", "{:<42}"), ("nodes", "{:>5}"), ("seconds", "{:>7}"),
+           ("new_ok", "{:>7}"), ("new_failed", "{:>10}"), ("long_ok", "{:>7}"),
+           ("long_broken", "{:>11}"), ("slowest_new", "{:>11}"), ("no_leader_samples", "{:>9}"))
+
+
+def main():
+    if not os.path.exists(LOG):
+        sys.exit(f"no day-2 records in {LOG}: run the lab tests first (make test)")
+    with open(LOG, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    header = " ".join(fmt.format(name if name != "no_leader_samples" else "no_leader")
+                      for name, fmt in COLUMNS)
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(" ".join(fmt.format(row.get(name, "")) for name, fmt in COLUMNS))
+    with open(OUT, "w", encoding="utf-8") as fh:
+        json.dump(rows, fh, indent=1)
+    print(f"\n{len(rows)} operations; written to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
