@@ -1,5 +1,5 @@
 {#- Tokens and the agent's token config. The tokens themselves live in Consul's data, which
-    service/clean.sls removes with the data directory. -#}
+    install/clean.sls removes with the data directory. -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- set c = plan.get("consul") or {} %}
 {%- set config_dir = c.get("config_dir", "/etc/consul.d") %}
