@@ -818,22 +818,28 @@ def _main_pid(service):
     return int(pid) if pid.isdigit() and int(pid) > 0 else None
 
 
-def _hold(rules, on):
+def _hold(rules, on, timer=None):
     """Insert (``on``) or delete the SYN-hold rules first in INPUT (Salt's iptables module).
-    Inserting also arms a transient timer that deletes them after 120 s, should this run
-    die before it does."""
+    Inserting also arms a transient systemd timer that deletes them after 120 s, should this
+    run die before it does, and returns its unit name; deleting stops that timer, so that
+    nothing of the hold is left behind."""
+    if on:
+        timer = "apigee-mtls-hold-expire-{}".format(int(time.time() * 1000))
+        script = "; ".join("iptables -w -D INPUT {} 2>/dev/null".format(rule) for rule in rules)
+        __salt__["cmd.run_all"](
+            ["systemd-run", "--collect", "--on-active=120", "--unit=" + timer,
+             "/bin/sh", "-c", script + "; exit 0"], python_shell=False, ignore_retcode=True)
     for rule in rules:
         present = __salt__["iptables.check"](table="filter", chain="INPUT", rule=rule) is True
         if on and not present:
             __salt__["iptables.insert"](table="filter", chain="INPUT", position=1, rule=rule)
-            __salt__["cmd.run_all"](
-                ["systemd-run", "--collect", "--on-active=120",
-                 "--unit=apigee-mtls-hold-expire-{}".format(int(time.time() * 1000)),
-                 "/bin/sh", "-c", "iptables -w -D INPUT {} 2>/dev/null; exit 0".format(rule)],
-                python_shell=False, ignore_retcode=True)
         elif not on:
             while __salt__["iptables.check"](table="filter", chain="INPUT", rule=rule) is True:
                 __salt__["iptables.delete"](table="filter", chain="INPUT", rule=rule)
+    if not on and timer:
+        __salt__["cmd.run_all"](["systemctl", "stop", timer + ".timer", timer + ".service"],
+                                python_shell=False, ignore_retcode=True)
+    return timer
 
 
 def _agent_answers_authorize(services, token, wait):
@@ -1026,7 +1032,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             timings["lock_wait"] = round(time.monotonic() - began, 2)
             if why is not None:
                 return "the restart lock was not free within {} s: {}".format(wait, why)
-        _hold(rules, True)
+        timer = _hold(rules, True) if rules else None
         held = time.monotonic()
         try:
             # connections accepted just before the hold may still be asking the agent (an
@@ -1039,7 +1045,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
                                             60):
                 return "the restarted agent does not authorize connections after 60 s"
         finally:
-            _hold(rules, False)
+            _hold(rules, False, timer)
             timings["held"] = round(time.monotonic() - held, 2)
         if lock is not None:
             began = time.monotonic()

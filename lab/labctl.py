@@ -115,10 +115,22 @@ def init_pid(node_id, state=None):
 
 
 def _alive(pid):
+    """Whether process ``pid`` runs. A machine booted by this process (boot_node from a test)
+    is its child: once it exits it stays a zombie until reaped, and a zombie still answers
+    kill(pid, 0); reap it, and count any zombie as gone."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child
     try:
         os.kill(pid, 0)
-        return True
     except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
 
 

@@ -49,7 +49,9 @@ def _assert_rolled(lab, ret, report):
     # 4 to 35 of ~2,800 (0.1-1.3 %); all agents restarting at once, as before: 518 of 2,156
     # (24 %). Issue 16 stays open for the residue.
     assert tot["new_failed"] <= 0.02 * (tot["new_ok"] + tot["new_failed"]), tot
-    assert tot["slowest_new"] < 5.0, tot
+    # a held connection completes late, not never: TCP resends a dropped SYN after 1, 3 and
+    # 7 s; the hold is released once the agent authorizes again (2-3.5 s measured)
+    assert tot["slowest_new"] < 10.0, tot
     # at most one election: the leader restarts last, and a leader is back within ~2 s
     assert tot["no_leader_samples"] <= 3 * len(lab.nodes), tot
     return restarts

@@ -147,3 +147,25 @@ def test_a_marked_configuration_change_restarts_once(tmp_path, current):
     assert ret["changes"]["restarted"]["because"] == ["configuration"]
     assert node.restarts == ["consul"] and not node.marker.exists()
     assert current(node)["changes"] == {}
+
+
+def test_a_hold_leaves_nothing_behind(monkeypatch):
+    """The hold's rules go in first in INPUT with a 120 s expiry timer as a safety net; the
+    release deletes the rules and stops the timer (`apigee_mtls.clean` finds no unit)."""
+    live, calls = [], []
+
+    def check(table, chain, rule):
+        return rule in live
+
+    monkeypatch.setattr(STATES, "__salt__", {
+        "iptables.check": check,
+        "iptables.insert": lambda table, chain, position, rule: live.insert(0, rule),
+        "iptables.delete": lambda table, chain, rule: live.remove(rule),
+        "cmd.run_all": lambda cmd, **kw: calls.append(cmd) or {"retcode": 0},
+    }, raising=False)
+    rules = rs.hold_rules([10300, 10301])
+    timer = STATES._hold(rules, True)  # pylint: disable=protected-access
+    assert live == rules and timer.startswith("apigee-mtls-hold-expire-")
+    assert calls[0][:3] == ["systemd-run", "--collect", "--on-active=120"]
+    STATES._hold(rules, False, timer)  # pylint: disable=protected-access
+    assert live == [] and calls[-1][:2] == ["systemctl", "stop"] and timer + ".timer" in calls[-1]
