@@ -920,9 +920,11 @@ class _RestartLock:
 
     def health_problem(self):
         """None when the data center's servers can lose one, else why not."""
+        passing = [e.get("Node", {}).get("Address") for e in self.api(
+            "GET", "/v1/health/service/consul?passing", self.token, timeout=5) or []]
         return _rs("cluster_can_lose_a_server")(
-            self.api("GET", "/v1/operator/autopilot/health", self.token, timeout=5) or {},
-            self.api("GET", "/v1/operator/raft/configuration", self.token, timeout=5) or {})
+            self.api("GET", "/v1/status/leader", timeout=5) or "",
+            self.api("GET", "/v1/status/peers", timeout=5) or [], passing, len(self.servers))
 
     def acquire(self, wait, want):
         """Take the lock; returns None, or why it could not within ``wait`` seconds.

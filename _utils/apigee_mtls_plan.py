@@ -1936,9 +1936,10 @@ def acl_node_rules(node_id, services, is_server=False):
     (discovery of upstreams), read on the formula's restart records (``apigee_mtls/binary/``:
     a client restarts onto a new binary after the servers), and nothing else: no other
     service's identity, no intentions of other services, no other KV, no keyring, no ACL.
-    A server also coordinates its restarts with the other servers: a session on its own node,
-    write on the ``apigee_mtls/`` KV prefix (the restart lock and records) and ``operator =
-    "read"`` (raft and autopilot health).
+    A server also coordinates its restarts with the other servers: a session on its own node
+    and write on the ``apigee_mtls/`` KV prefix (the restart lock and records). No
+    ``operator`` right: ``operator = "read"`` also reads the Connect CA configuration, the
+    organisation CA's private key included.
 
     :param node_id: the node (Consul node name)
     :param services: the names of its services (ingress and egress, not the sidecars)
@@ -1955,7 +1956,6 @@ def acl_node_rules(node_id, services, is_server=False):
         lines += [
             'session "{}" {{ policy = "write" }}'.format(node_id),
             'key_prefix "apigee_mtls/" { policy = "write" }',
-            'operator = "read"',
         ]
     else:
         lines.append('key_prefix "apigee_mtls/binary/" { policy = "read" }')

@@ -6,8 +6,8 @@ Two things keep that invisible to Apigee:
 
 - **Servers restart one at a time, the leader last.** Every server that needs a restart takes
   a Consul lock (a KV key acquired with a session, :data:`LOCK_KEY`) and holds it until it is
-  back as a healthy voter. Before its restart the cluster must be able to lose it: autopilot
-  healthy, failure tolerance at least 1, every raft server a voter. A server that needs a
+  back in raft. Before its restart the cluster must be able to lose it: a leader, every
+  server in the raft configuration and passing its health check. A server that needs a
   restart also holds a ``pending`` key; the leader waits while another server's pending key
   exists, so that it restarts last and the cluster elects at most once.
 - **New inbound connections are held, not refused.** While an agent restarts, its sidecars
@@ -71,32 +71,39 @@ def sidecar_ports(services):
                    if (s.get("connect") or {}).get("sidecar_service")})
 
 
-def cluster_can_lose_a_server(autopilot, raft):
+def cluster_can_lose_a_server(leader, peers, passing, expected):
     """
     Whether the data center's Consul servers can lose one of them for a restart without
-    losing their quorum.
+    losing their quorum: a leader exists, the raft configuration holds every expected server,
+    and every one of them passes its serf health check. Built from what a node's own token
+    may read (``/v1/status/leader``, ``/v1/status/peers``, ``/v1/health/service/consul``):
+    autopilot's and raft's operator endpoints would need ``operator = "read"``, which also
+    reads the Connect CA configuration, the organisation CA's private key included.
 
-    :param dict autopilot: ``GET /v1/operator/autopilot/health``
-    :param dict raft: ``GET /v1/operator/raft/configuration``
+    :param str leader: ``GET /v1/status/leader`` (``"10.0.0.1:8300"``, or ``""``)
+    :param list peers: ``GET /v1/status/peers`` (``["10.0.0.1:8300", ...]``)
+    :param list passing: the addresses of the servers whose ``consul`` service passes
+        (``GET /v1/health/service/consul?passing``)
+    :param int expected: the number of servers the data center should have
     :return: None when it can, else the reason (str)
 
     .. code-block:: python
 
-        >>> cluster_can_lose_a_server({"Healthy": True, "FailureTolerance": 1, "Servers": []},
-        ...                           {"Servers": [{"Node": "n1", "Voter": True}]})
+        >>> cluster_can_lose_a_server("10.0.0.1:8300", ["10.0.0.1:8300", "10.0.0.2:8300",
+        ...                           "10.0.0.3:8300"], ["10.0.0.1", "10.0.0.2", "10.0.0.3"], 3)
     """
-    servers = raft.get("Servers") or []
-    if len(servers) <= 1:
+    if expected <= 1:
         return None  # a single server: there is no quorum to keep
-    non_voters = sorted(s.get("Node", "?") for s in servers if not s.get("Voter"))
-    if non_voters:
-        return "raft servers not voting: " + ", ".join(non_voters)
-    unhealthy = sorted(s.get("Name", "?") for s in autopilot.get("Servers") or []
-                       if not s.get("Healthy"))
-    if not autopilot.get("Healthy") or unhealthy:
-        return "autopilot reports unhealthy servers: " + (", ".join(unhealthy) or "(cluster)")
-    if int(autopilot.get("FailureTolerance") or 0) < 1:
-        return "failure tolerance is {}".format(autopilot.get("FailureTolerance"))
+    if not leader:
+        return "no leader"
+    hosts = sorted(p.rsplit(":", 1)[0] for p in peers or [])
+    if len(hosts) < expected:
+        return "raft holds {} of the {} servers".format(len(hosts), expected)
+    down = [h for h in hosts if h not in set(passing or [])]
+    if down:
+        return "servers not passing their health check: " + ", ".join(down)
+    if len(hosts) - 1 < len(hosts) // 2 + 1:
+        return "losing one of {} servers would lose the quorum".format(len(hosts))
     return None
 
 

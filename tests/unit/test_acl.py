@@ -59,17 +59,18 @@ def test_node_rules_grant_write_on_own_services_only():
 
 
 def test_server_rules_add_only_what_restart_coordination_needs():
-    """A server may hold a session on its own node, write the formula's KV prefix (the
-    restart lock and binary records) and read raft/autopilot health; nothing more."""
+    """A server may hold a session on its own node and write the formula's KV prefix (the
+    restart lock and binary records); nothing more: no operator right (it would read the
+    Connect CA configuration, the organisation CA key included)."""
     pillar = load_topology("5-node")
     client = amp.plan(pillar, "n4")["acl"]["rules"]
     server = amp.plan(pillar, "n2")["acl"]["rules"]
     extra = set(server.splitlines()) - set(client.splitlines())
     extra = {line for line in extra if not line.startswith(("service ", "node \"", "agent \""))}
     assert extra == {'session "n2" { policy = "write" }',
-                     'key_prefix "apigee_mtls/" { policy = "write" }',
-                     'operator = "read"'}, extra
+                     'key_prefix "apigee_mtls/" { policy = "write" }'}, extra
     assert "session_prefix" not in server and "keyring" not in server
+    assert "operator" not in server
 
 
 def test_policy_name_follows_the_rules():
