@@ -31,8 +31,21 @@ labctl = _load_labctl()
 planner = labctl.planner
 
 
+def _reap_children():
+    """Reap this process's exited children: the machines the lab booted from here and
+    `labctl down` stopped would otherwise linger as zombies ("[systemd-nspawn] <defunct>")."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def host_fingerprint():
     """What the lab may touch on the host: links, mounts, iptables, nspawn/salt processes."""
+    _reap_children()
 
     def out(cmd):
         return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
