@@ -1199,15 +1199,8 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
         new_sha = binary_hash.split("=", 1)[1].lower()  # the file is not replaced in test mode
     if _rs("sha256_file")(f"/proc/{pid}/exe") != new_sha:
         why.append("binary")
-    try:
-        started = float(__salt__["cmd.run_stdout"](
-            ["systemctl", "show", "-p", "ExecMainStartTimestampMonotonic", "--value", name],
-            python_shell=False).strip() or 0) / 1e6
-        unit_age = time.time() - os.stat(unit_file).st_mtime
-        if time.monotonic() - unit_age > started:
-            why.append("unit file")
-    except (OSError, ValueError):
-        pass
+    if _started_before(name, unit_file):
+        why.append("unit file")
     marker = _read(restart_marker)
     if marker is not None:
         why.append("configuration")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -97,7 +98,7 @@ class _Node:
 
 @pytest.fixture
 def current(monkeypatch):
-    def _run(node, test=False, restart=None, binary_hash=None):
+    def _run(node, test=False, restart=None, binary_hash=None, show="1000000"):
         sha = rs.sha256_file
 
         def sha_of(path):
@@ -109,7 +110,7 @@ def current(monkeypatch):
         monkeypatch.setattr(STATES, "__utils__", utils, raising=False)
         monkeypatch.setattr(STATES, "__opts__", {"test": test}, raising=False)
         monkeypatch.setattr(STATES, "__salt__", {
-            "cmd.run_stdout": lambda cmd, **kw: "42" if "MainPID" in cmd else "1000000",
+            "cmd.run_stdout": lambda cmd, **kw: "42" if "MainPID" in cmd else show,
         }, raising=False)
         monkeypatch.setattr(STATES, "_restart_agent",
                             lambda name, r, unit, timings: node.restarts.append(name))
@@ -165,3 +166,12 @@ def test_a_hold_leaves_nothing_behind(monkeypatch):
     assert calls[0][:3] == ["systemd-run", "--collect", "--on-active=120"]
     STATES._hold(rules, False, timer)  # pylint: disable=protected-access
     assert live == [] and calls[-1][:2] == ["systemctl", "stop"] and timer + ".timer" in calls[-1]
+
+
+def test_a_unit_file_written_after_the_agent_started_restarts_it(tmp_path, current):
+    node = _Node(tmp_path)
+    os.utime(node.unit, None)  # written now; the agent started 60 s ago
+    started = int((time.monotonic() - 60) * 1e6)
+    ret = current(node, show=f"ActiveState=active\nExecMainStartTimestampMonotonic={started}")
+    assert ret["changes"]["restarted"]["because"] == ["unit file"], ret
+    assert node.restarts == ["consul"]
