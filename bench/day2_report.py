@@ -14,7 +14,8 @@ LOG = os.path.join(os.environ.get("LAB_CACHE", "/var/cache/apigee-mtls-lab"), "d
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "day2.json")
 COLUMNS = (("operation", "{:<42}"), ("nodes", "{:>5}"), ("seconds", "{:>7}"),
            ("new_ok", "{:>7}"), ("new_failed", "{:>10}"), ("long_ok", "{:>7}"),
-           ("long_broken", "{:>11}"), ("slowest_new", "{:>11}"), ("no_leader_samples", "{:>9}"))
+           ("long_broken", "{:>11}"), ("slowest_new", "{:>11}"), ("no_leader_samples", "{:>9}"),
+           ("leader_changes", "{:>9}"))
 
 
 def main():
@@ -22,8 +23,8 @@ def main():
         sys.exit(f"no day-2 records in {LOG}: run the lab tests first (make test)")
     with open(LOG, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
-    header = " ".join(fmt.format(name if name != "no_leader_samples" else "no_leader")
-                      for name, fmt in COLUMNS)
+    short = {"no_leader_samples": "no_leader", "leader_changes": "elections"}
+    header = " ".join(fmt.format(short.get(name, name)) for name, fmt in COLUMNS)
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -13,7 +13,8 @@ redirect it into the mesh):
 - holds one **long-lived connection** that sends a line every ``long_interval`` seconds and
   reads the reply; a connection that errors or answers wrongly counts as broken, and is
   reopened;
-- samples the local Consul agent's ``/v1/status/leader`` every second.
+- samples the local Consul agent's ``/v1/status/leader`` every second: the leader it names, no
+  leader (the agent answered, with none), or no answer (the agent itself restarting).
 
 A request (connect, send, reply) fails after ``timeout`` seconds, 5 by default: the connect
 timeouts of the clients Apigee's components use are of that order or longer (the DataStax
@@ -26,7 +27,7 @@ delay is seen, not hidden.
 It stops by itself after ``max_seconds`` (or when told to), and writes a JSON report. The host
 side (:class:`Traffic`) picks the targets from the planner, starts the clients, stops them and
 sums the reports: failed new connections, broken long-lived connections, the longest gap
-between two successful requests of one target, and samples without a leader.
+between two successful requests of one target, samples without a leader, and leader changes.
 
 Used by the lab tests (day-2 operations under traffic) and ``bench/run.py``::
 
@@ -41,6 +42,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 UNIT = "apigee-traffic"
@@ -149,15 +151,31 @@ def _long_lived(tgt, cfg, stop, t0):
 
 
 def _leader(samples, stop):
+    """Every second: (time, the leader's address, "" for none, or None when the local agent
+    did not answer)."""
     while not stop.is_set():
         try:
             with urllib.request.urlopen("http://127.0.0.1:8500/v1/status/leader",
                                         timeout=1) as res:
                 leader = json.loads(res.read() or b'""')
+        except urllib.error.HTTPError as exc:
+            # "No cluster leader": none; "No known Consul servers": an agent not joined yet
+            leader = "" if b"leader" in exc.read().lower() else None
         except Exception:  # pylint: disable=broad-except
-            leader = ""
-        samples.append((round(time.monotonic(), 2), bool(leader)))
+            leader = None
+        samples.append((round(time.monotonic(), 2), leader))
         stop.wait(1.0)
+
+
+def leader_changes(samples):
+    """How many times the leader named by one agent's samples changed (an election seen by
+    that agent); samples without a leader or without an answer do not count.
+
+    >>> leader_changes([(0, "a"), (1, ""), (2, None), (3, "a"), (4, "b"), (5, "b")])
+    1
+    """
+    named = [leader for _, leader in samples if leader]
+    return sum(1 for prev, cur in zip(named, named[1:]) if cur != prev)
 
 
 def run_client(config_path):
@@ -184,10 +202,13 @@ def run_client(config_path):
     for thread in threads:
         thread.join(timeout=cfg["timeout"] + 2)
     now = time.monotonic()
-    no_leader = [t for t, ok in samples if not ok]
+    no_leader = [t for t, leader in samples if leader == ""]
+    no_agent = [t for t, leader in samples if leader is None]
     report = {"seconds": round(now - t0, 1), "targets": [t.report(now) for t in targets],
               "leader_samples": len(samples), "no_leader_samples": len(no_leader),
-              "no_leader_at": [round(t - t0, 1) for t in no_leader][:50]}
+              "no_leader_at": [round(t - t0, 1) for t in no_leader][:50],
+              "agent_down_samples": len(no_agent),
+              "leader_changes": leader_changes(samples)}
     tmp = os.path.join(cfg["dir"], "report.json.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(report, fh)
@@ -275,16 +296,21 @@ class Traffic:
 
 def summarize(reports, missing=()):
     """Totals over the nodes' reports: new connections made and failed, long-lived requests
-    and broken connections, the longest gap of any target, samples without a leader, and the
-    failed flows (``"<src> -> <dst> <component>"``) with a few failures of each (when, in
+    and broken connections, the longest gap of any target, samples without a leader and
+    without an answer from the local agent, the leader changes (elections) the agents saw,
+    and the failed flows (``"<src> -> <dst> <component>"``) with a few failures of each (when, in
     seconds from the start, and the error)."""
     tot = {"new_ok": 0, "new_failed": 0, "long_ok": 0, "long_broken": 0, "max_gap": 0.0,
            "slowest_new": 0.0,
-           "leader_samples": 0, "no_leader_samples": 0, "failed_flows": [],
+           "leader_samples": 0, "no_leader_samples": 0, "agent_down_samples": 0,
+           "leader_changes": 0, "failed_flows": [],
            "failure_samples": [], "missing_reports": list(missing)}
     for node, rep in sorted(reports.items()):
         tot["leader_samples"] += rep["leader_samples"]
         tot["no_leader_samples"] += rep["no_leader_samples"]
+        tot["agent_down_samples"] += rep.get("agent_down_samples", 0)
+        # elections: the most any one agent saw (each agent sees the same ones)
+        tot["leader_changes"] = max(tot["leader_changes"], rep.get("leader_changes", 0))
         for tgt in rep["targets"]:
             for key in ("new_ok", "new_failed", "long_ok", "long_broken"):
                 tot[key] += tgt[key]
