@@ -842,6 +842,20 @@ def _hold(rules, on, timer=None):
     return timer
 
 
+def _wait_listening(port, wait):
+    """Wait until something listens on TCP ``port`` (the restarted agent), at most ``wait``
+    seconds; True when it does."""
+    deadline = time.monotonic() + wait
+    while True:
+        out = __salt__["cmd.run_stdout"](["ss", "-Hltn", "sport = :{}".format(port)],
+                                         python_shell=False, ignore_retcode=True)
+        if out.strip():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _agent_answers_authorize(services, token, wait):
     """Wait until the local agent answers a Connect authorize for each of ``services`` (what
     each new inbound connection of their sidecars needs; the first answer also fills the
@@ -1024,6 +1038,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
     lock = _RestartLock(restart, token) if restart.get("server") else None
     wait = restart.get("wait", 600)
     rules = _rs("hold_rules")(restart.get("hold_ports") or [])
+    rpc_rules = _rs("hold_rules")([restart["rpc_port"]]) if restart.get("rpc_port") else []
     try:
         if lock is not None:
             bin_path = restart.get("bin_path")
@@ -1034,7 +1049,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             timings["lock_wait"] = round(time.monotonic() - began, 2)
             if why is not None:
                 return "the restart lock was not free within {} s: {}".format(wait, why)
-        timer = _hold(rules, True) if rules else None
+        timer = _hold(rules + rpc_rules, True) if rules or rpc_rules else None
         held = time.monotonic()
         try:
             # connections accepted just before the hold may still be asking the agent (an
@@ -1043,11 +1058,15 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             if not __salt__["service.restart"](service):
                 return "systemctl restart {} failed".format(service)
             timings["restart"] = round(time.monotonic() - held, 2)
+            if rpc_rules:
+                # a server: its raft peers must reach it again before it can authorize
+                _wait_listening(restart["rpc_port"], 10)
+                _hold(rpc_rules, False)
             if not _agent_answers_authorize(restart.get("authorize_services") or [], token,
                                             60):
                 return "the restarted agent does not authorize connections after 60 s"
         finally:
-            _hold(rules, False, timer)
+            _hold(rules + rpc_rules, False, timer)
             timings["held"] = round(time.monotonic() - held, 2)
         if lock is not None:
             began = time.monotonic()
@@ -1153,15 +1172,18 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
     center's restart lock (healthy cluster first, the leader last) and record the binary they
     run in Consul's KV (``apigee_mtls/binary/<node>``); a client restarts onto a new binary
     once every server of its data center runs it. While an agent restarts, new connections to
-    its sidecars are held (their SYNs dropped, so that callers retry them after 1 s) instead
-    of refused. Sidecars are not restarted.
+    its sidecars, its upstream listeners and, on a server, its RPC port are held (their SYNs
+    dropped, so that callers retry them after 1 s) instead of refused. Sidecars are not
+    restarted.
 
     :param str name: the agent's systemd unit (``consul``)
     :param str bin_path: the installed Consul binary
     :param str unit_file: the unit's file
     :param dict restart: ``node`` (this node's Consul name), ``server`` (bool), ``servers``
         (the data center's servers), ``token_file`` (this node's ACL token: lock, records,
-        authorize), ``hold_ports`` (its sidecars' public ports, int list),
+        authorize), ``hold_ports`` (its sidecars' public ports and upstream listeners, int
+        list), ``rpc_port`` (a server's RPC port, held until the agent listens again, or
+        None),
         ``authorize_services`` (this node's services: the held connections are released once
         the restarted agent authorizes for each), ``config_file`` (``consul.json``),
         ``wait`` (seconds to wait for the lock or the servers, default 600),

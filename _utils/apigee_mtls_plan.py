@@ -186,6 +186,9 @@ APIGEE_SERVICE_PORTS = frozenset({
 #: 8501 HTTPS, 8502 gRPC, 8503 HTTPS (product), 8600 DNS.
 CONSUL_PORTS = frozenset({8300, 8301, 8302, 8500, 8501, 8502, 8503, 8600})
 
+#: Consul's server RPC port (other agents' RPCs, raft)
+CONSUL_SERVER_RPC_PORT = 8300
+
 #: Consul TCP ports opened to cluster members (8500 is bound to localhost).
 CONSUL_MEMBER_TCP_PORTS = (8300, 8301, 8302, 8501, 8502, 8503, 8600)
 
@@ -2076,7 +2079,11 @@ def _restart(model, index, node, is_server, services, upstreams):
     the leader after the other servers, a client onto a new binary after the servers. While
     the agent is down, new connections are held: inbound to its sidecars (they ask the agent
     to authorize each one) and outbound to its upstream listeners (they ask it where the
-    instance is); they are released once the agent authorizes for every service again."""
+    instance is), released once the agent authorizes for every service again; on a server,
+    also to its RPC port until the agent listens again: other agents' RPCs (the lookups
+    behind new connections) then wait for it instead of being refused, which Consul 1.8 does
+    not retry on another server (its raft peers must reach it again before it can
+    authorize)."""
     acl = model["acl"]["enabled"]
     return {
         "node": node["id"],
@@ -2087,6 +2094,7 @@ def _restart(model, index, node, is_server, services, upstreams):
         "address": node["ip"],
         "hold_ports": sorted({s["connect"]["sidecar_service"]["port"] for s in services}
                              | {u["proxy_port"] for u in upstreams}),
+        "rpc_port": CONSUL_SERVER_RPC_PORT if is_server else None,
         "authorize_services": sorted(s["name"] for s in services),
         "wait": 600,
         "leader_wait": 120,

@@ -49,7 +49,8 @@ def hold_rules(ports):
     (SYN) to ``ports`` while the local agent restarts. A dropped SYN is sent again by the
     caller's TCP stack after 1 s (then 2 s more), so callers wait instead of failing.
 
-    :param ports: the node's sidecar public ports (ints)
+    :param ports: the node's sidecar public ports, upstream listeners and, on a server, its
+        server RPC port (ints)
     :return: rule specifications without the chain, e.g. ``-p tcp -m tcp --syn -m multiport
         --dports 10300,10301 -m comment --comment apigee-mtls-hold -j DROP`` (list of str);
         empty when there is no port

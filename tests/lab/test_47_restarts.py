@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import labctl, state_summary, under_traffic
+from conftest import assert_no_loss, labctl, state_summary, under_traffic
 
 CONFIG_STATE = ("apigee_mtls_|-apigee-mtls-config-agent-file-managed_|-"
                 "/etc/consul.d/consul.json_|-agent_config_managed")
@@ -34,26 +34,27 @@ def _proxy_pids(lab, node):
 
 def _assert_rolled(lab, ret, report):
     """Servers one at a time (their stop-to-healthy windows never overlap), the leader last;
-    the traffic: no long-lived connection broken; new connections held, not refused, but for
-    a residue (see README, "What a pillar change does to the Consul agents")."""
+    the traffic: not one new connection failed, not one long-lived connection broke (new
+    connections are held while an agent restarts, not refused)."""
     restarts = {n: ret[n][CURRENT_STATE]["changes"]["restarted"] for n in lab.nodes}
     servers = [n for n in lab.nodes if restarts[n]["server"]]
     assert servers and all("lock_wait" in restarts[n]["seconds"] for n in servers), restarts
     tot = report["totals"]
     assert tot["new_ok"] > 300 and tot["long_ok"] > 30, tot
-    assert tot["long_broken"] == 0 and not tot["missing_reports"], tot
     # Consul 1.8's built-in proxy asks its local agent for every new connection: while an
-    # agent restarts they are held (SYN dropped, TCP resends it). What still fails: a
-    # connection already asking the agent when it stops, and one whose agent's lookup was
-    # with the server that stops (Consul 1.8 does not retry it). Measured on the 5-node lab:
-    # 4 to 35 of ~2,800 (0.1-1.3 %); all agents restarting at once, as before: 518 of 2,156
-    # (24 %). Issue 16 stays open for the residue.
-    assert tot["new_failed"] <= 0.02 * (tot["new_ok"] + tot["new_failed"]), tot
+    # agent restarts they are held (SYN dropped, TCP resends it), and while a server is down
+    # so are other agents' RPCs to it (Consul 1.8 does not retry a refused one). Measured on
+    # the 5-node lab before the RPC hold: 2 to 35 of ~2,800 failed; all agents restarting at
+    # once, as before issue 16: 518 of 2,156 (24 %).
+    assert_no_loss(tot)
     # a held connection completes late, not never: TCP resends a dropped SYN after 1, 3 and
     # 7 s; the hold is released once the agent authorizes again (2-3.5 s measured)
     assert tot["slowest_new"] < 10.0, tot
-    # at most one election: the leader restarts last, and a leader is back within ~2 s
-    assert tot["no_leader_samples"] <= 3 * len(lab.nodes), tot
+    # a leader at every sample but for the elections, at most one per server restart (the
+    # leader restarts last: one, in practice); samples of an agent that was itself
+    # restarting (no answer) are counted apart, in agent_down_samples
+    assert tot["leader_changes"] <= len(servers), tot
+    assert tot["no_leader_samples"] <= 3 * len(lab.nodes) * max(1, tot["leader_changes"]), tot
     return restarts
 
 
@@ -61,7 +62,8 @@ def test_non_reloadable_change_restarts_servers_one_at_a_time(mesh):
     """consul:dns_exposed moves the DNS listener (addresses.dns): every agent must restart.
     The preview says "would restart"; the run restarts every agent, the servers one after
     another (never two down at once), the leader last; no sidecar restarts; under traffic
-    nothing fails, and a leader exists at every sample but at most one election."""
+    nothing fails, and a leader exists at every sample but for at most one election per
+    server restart."""
     lab = mesh
     pillar = copy.deepcopy(lab.pillar)
     pillar.setdefault("consul", {})["dns_exposed"] = True
@@ -103,7 +105,7 @@ def test_binary_change_is_a_rolling_upgrade(mesh):
     runs with bytes appended) is how operators upgrade Consul. The preview names every agent
     it would restart; the run restarts the servers one at a time, the leader last, then the
     clients (each client waits until every server runs the new binary); every agent then
-    runs it; under traffic, no long-lived connection breaks."""
+    runs it; under traffic, not one connection fails."""
     lab = mesh
     files = os.path.join(labctl.STATE, "files", "consul")
     src = os.path.join(files, "consul")

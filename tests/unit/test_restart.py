@@ -77,6 +77,9 @@ def test_plan_says_how_each_agent_restarts(topo5):
     sidecars = {s["connect"]["sidecar_service"]["port"] for s in plan4["services"]}
     upstreams = {u["proxy_port"] for u in plan4["upstreams"]}
     assert set(client["hold_ports"]) == sidecars | upstreams
+    # a server also holds its RPC port while it is down: callers wait instead of being refused
+    assert server["rpc_port"] == 8300 and client["rpc_port"] is None
+    assert 8300 not in server["hold_ports"]
     assert client["authorize_services"] == sorted(s["name"] for s in plan4["services"])
 
 
