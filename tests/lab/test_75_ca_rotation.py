@@ -211,3 +211,64 @@ def test_ca_rotation_staged_by_pillar(applied):
         lab.pillar = current
         lab.model = planner.normalize(current)
     lab.wait_mesh_ready()
+
+
+def test_node_powered_off_during_step_2_catches_up_with_one_targeted_apply(applied):
+    """Issue 16: a whole rotation (the lab's generation to the next) with n5 powered off during
+    step 2. Step 1 runs everywhere; the others then apply step 2 (the new CA signs) while n5
+    is off. Booted again, n5 still presents a certificate of the old CA, which everyone
+    still trusts; one `salt n5 state.apply apigee_mtls` re-issues it from the new CA and it
+    passes `apigee_mtls.verify`, with no other step. Step 3 then runs everywhere."""
+    lab = applied
+    lab.wait_mesh_ready()
+    off = "n5"
+    others = [n for n in lab.nodes if n != off]
+    base = copy.deepcopy(lab.pillar)
+    old = lab.model["tls"]["ca_generation"]
+    new = old + 1
+    current = lab.pillar
+    state = labctl.load_state()
+    try:
+        step1 = dict(base, tls=dict(base.get("tls") or {}, ca_trust=[new]))
+        current = step1
+        labctl.write_pillar(step1)
+        _ok(lab.apply())
+        lab.wait_mesh_ready()
+
+        step2 = dict(base, tls=dict(base.get("tls") or {}, ca_generation=new, ca_trust=[old]))
+        current = step2
+        labctl.write_pillar(step2)
+        labctl.stop_node(off, state)
+        try:
+            _ok(lab.salt("-L", ",".join(others), "state.apply", "apigee_mtls", "-t", "900",
+                         timeout=900))
+        finally:
+            labctl.boot_node(off, state)
+            labctl.wait_minions([off])
+        tls = _tls(lab)
+        assert tls[off]["issuer"] == planner.ca_common_name(old), tls[off]  # it missed step 2
+        assert {tls[n]["issuer"] for n in others} == {planner.ca_common_name(new)}, tls
+
+        ret = lab.apply(off)
+        summary = _ok(ret)
+        assert "apigee-mtls-tls-agent-cert-managed" in summary[off]["changed"], summary[off]
+        tls = _tls(lab)
+        assert tls[off]["issuer"] == planner.ca_common_name(new), tls[off]
+        assert tls[off]["bundle"] == [planner.ca_common_name(g) for g in (new, old)], tls[off]
+        lab.wait_mesh_ready(timeout=120)
+        for ip, res in _https(lab, off).items():
+            assert res.get("status") == "200", (off, ip, res)
+
+        step3 = dict(base, tls=dict(base.get("tls") or {}, ca_generation=new))
+        current = step3
+        labctl.write_pillar(step3)
+        _ok(lab.apply())
+        tls = _tls(lab)
+        assert {n: t["bundle"] for n, t in tls.items()} == {
+            n: [planner.ca_common_name(new)] for n in lab.nodes}, tls
+    finally:
+        lab.pillar = current
+        lab.model = planner.normalize(current)
+        labctl.write_pillar(current)
+    lab.wait_mesh_ready()
+    assert _alive(lab) == {}
