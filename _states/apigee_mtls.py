@@ -29,6 +29,8 @@ States for the apigee_mtls formula.
   agent restarted.
 - :py:func:`sidecars_current`: sidecars that started before the node's token file changed
   are restarted onto it.
+- :py:func:`sidecar_listeners_managed`: a sidecar follows new and moved upstream ports live;
+  stopped (started again on its new listeners) only when Consul 1.8's proxy cannot.
 - :py:func:`connect_leaf_ready`: the end of a run: the local agent obtains a Connect leaf
   certificate, or the run fails saying why.
 
@@ -769,7 +771,12 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
         try:
             for kind, (path, _) in files.items():
                 secret = _acl("unseal")(key_pem, answer[kind])
-                _acl("write_secret")(path, secret, uid, gid, mode)
+                # a policy change keeps the token's secret: the file stays as it is, so
+                # that sidecars_current does not restart the sidecars that read it
+                if _acl("read_token")(path) != secret.strip():
+                    _acl("write_secret")(path, secret, uid, gid, mode)
+                else:
+                    _fix_owner_mode(path, user, group, mode)
         except ValueError as exc:
             ret["result"] = False
             ret["changes"] = {}
@@ -1319,6 +1326,100 @@ def sidecars_current(name, units):
         ret["comment"] = "Could not restart " + ", ".join(failed)
         return ret
     ret["comment"] = f"Restarted {len(stale)} sidecars onto the token in {name}"
+    return ret
+
+
+def _listening(ports, address="127.0.0.1"):
+    """The ``ports`` nothing listens on yet at ``address`` (``ss -Hltn``), sorted."""
+    out = __salt__["cmd.run_stdout"](["ss", "-Hltn"], python_shell=False, ignore_retcode=True)
+    local = {line.split()[3] for line in out.splitlines() if len(line.split()) > 3}
+    return sorted(p for p in ports if "{}:{}".format(address, p) not in local)
+
+
+def sidecar_listeners_managed(name, unit, listener, upstreams=None, wait=20):
+    """
+    Ensure a sidecar proxy serves its planned listeners with as little disruption as Consul
+    1.8's built-in proxy allows, and keep their record in ``name``. The proxy binds its
+    public listener once, at start, but opens a listener for each new upstream port live,
+    when its registration changes (the agent reloaded the services file before this state),
+    and never closes one. So a sidecar whose upstreams are added, removed or moved to a free
+    port keeps running, every connection through it included: this state waits until the
+    new ports listen. It is stopped (``service.running`` starts it again, after every
+    sidecar that must stop has stopped, so that listeners can swap ports) only when its
+    public listener changes, when a new port is still held by it for another destination,
+    or when a new port does not listen within ``wait`` seconds. The planner's
+    ``sidecar_listener_action`` decides; ``test=True`` says which would restart.
+
+    :param str name: the sidecar's listener record (JSON, 0644)
+    :param str unit: the sidecar's systemd unit (``apigee-mtls-proxy@<service>``)
+    :param dict listener: its public listener: ``address``, ``port``,
+        ``local_service_address``, ``local_service_port``
+    :param dict upstreams: {destination service: local port (int)}, empty for an ingress
+        sidecar
+    :param int wait: seconds to wait for new upstream ports to listen
+    :raises: nothing; a failed write or stop is ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-mesh-proxy-egress-10-77-0-14-listener-managed:
+          apigee_mtls.sidecar_listeners_managed:
+            - name: /var/lib/apigee-mtls/listeners/egress-10-77-0-14.json
+            - unit: apigee-mtls-proxy@egress-10-77-0-14
+            - listener: {address: 10.77.0.14, port: 10704,
+                         local_service_address: 127.0.0.1, local_service_port: 10704}
+            - upstreams: {qpid-5672-10-77-0-14: 10400}
+    """
+    ret = _ret(name)
+    upstreams = {k: int(v) for k, v in (upstreams or {}).items()}
+    text = _read(name)
+    try:
+        old = json.loads(text) if text is not None else None
+    except ValueError:
+        old = None
+    running = bool(__salt__["service.status"](unit))
+    action = _rs("sidecar_listener_action")(old, listener, upstreams, running)
+    if action["record"] == old:
+        ret["comment"] = f"{unit}'s listeners are as planned"
+        return ret
+    before = {k: v for k, v in (old or {}).items() if k != "bound"}
+    after = {k: v for k, v in action["record"].items() if k != "bound"}
+    if before != after:
+        ret["changes"]["listeners"] = {"old": before or None, "new": after}
+    if action["restart"]:
+        ret["changes"]["restart"] = action["restart"]
+    if not ret["changes"]:
+        ret["changes"]["record"] = "the ports the running proxy holds"
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = ("Would restart {}: {}".format(unit, "; ".join(action["restart"]))
+                          if action["restart"] else
+                          "Would update {}'s listeners live".format(unit))
+        return ret
+    written = __states__["file.serialize"](name=name, dataset=action["record"],
+                                           serializer="json", mode="0644")
+    if written["result"] is False:
+        return dict(written, name=name)
+    if not action["restart"] and action["bind"]:
+        deadline = time.monotonic() + wait
+        while _listening(action["bind"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        missing = _listening(action["bind"])
+        if missing:
+            action["restart"] = ["ports {} did not listen within {} s".format(missing, wait)]
+            ret["changes"]["restart"] = action["restart"]
+            # started again on the plan: record only what it will bind
+            __states__["file.serialize"](name=name, dataset=_rs("sidecar_listener_action")(
+                None, listener, upstreams, False)["record"], serializer="json", mode="0644")
+    if action["restart"]:
+        if not __salt__["service.stop"](unit):
+            ret["result"] = False
+            ret["comment"] = f"Could not stop {unit} for its move"
+            return ret
+        ret["comment"] = "Stopped {} (started again on its new listeners): {}".format(
+            unit, "; ".join(action["restart"]))
+        return ret
+    ret["comment"] = "Updated {}'s listeners live{}".format(
+        unit, ": {} listen".format(action["bind"]) if action["bind"] else "")
     return ret
 
 

@@ -197,3 +197,53 @@ def sha256_file(path):
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sidecar_listener_action(old, listener, upstreams, running):
+    """
+    Whether a running sidecar must restart for a new plan of its listeners, and the record
+    to keep (a sidecar's listener file). Consul 1.8's built-in proxy binds its public
+    listener once, at start; on a change of its registration it opens a listener for every
+    upstream whose port is free and never closes one (a removed or moved upstream's old
+    listener keeps serving its old destination until the proxy restarts). So a sidecar
+    follows new and moved upstreams live, and must restart only when its public listener
+    changes, or when an upstream's new port is still held, by this proxy, for another
+    destination. The record keeps every port the running proxy holds (``bound``).
+
+    :param old: the sidecar's record (dict: ``address``, ``port``,
+        ``local_service_address``, ``local_service_port``, ``upstreams`` {destination:
+        port}, ``bound`` {port (str): destination}), or None for a sidecar without one
+    :param dict listener: the planned ``address``, ``port``, ``local_service_address``
+        and ``local_service_port`` of its public listener
+    :param dict upstreams: the planned {destination: local port}
+    :param bool running: whether the sidecar runs now (one that does not binds the plan
+        only when it starts)
+    :return: ``{"restart": [why, ...] (empty: no restart), "record": the new record,
+        "bind": [ports the running proxy opens live (sorted ints)]}``
+
+    .. code-block:: python
+
+        >>> old = {"port": 1, "upstreams": {"a": 10100, "b": 10101},
+        ...        "bound": {"10100": "a", "10101": "b"}}
+        >>> sidecar_listener_action(old, {"port": 1}, {"b": 10100}, True)["restart"]
+        ['b: port 10100 is held for a']
+        >>> sidecar_listener_action(old, {"port": 1}, {"b": 10102}, True)["bind"]
+        [10102]
+    """
+    fresh = {str(port): dest for dest, port in upstreams.items()}
+    record = dict(listener, upstreams=dict(upstreams))
+    if old is None or not running:
+        return {"restart": [], "record": dict(record, bound=fresh), "bind": []}
+    restart = ["{} changed".format(key) for key in sorted(listener)
+               if old.get(key) != listener[key]]
+    bound = old.get("bound")
+    if bound is None:  # a record from before ``bound``: the proxy holds its upstreams
+        bound = {str(port): dest for dest, port in (old.get("upstreams") or {}).items()}
+    for dest, port in sorted(upstreams.items()):
+        holder = bound.get(str(port))
+        if holder not in (None, dest):
+            restart.append("{}: port {} is held for {}".format(dest, port, holder))
+    if restart:
+        return {"restart": restart, "record": dict(record, bound=fresh), "bind": []}
+    bind = sorted(int(port) for port in fresh if port not in bound)
+    return {"restart": [], "record": dict(record, bound=dict(bound, **fresh)), "bind": bind}

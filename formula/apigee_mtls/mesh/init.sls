@@ -31,49 +31,27 @@ apigee-mtls-mesh-listener-dir-managed:
     - require:
       - file: apigee-mtls-install-state-dir-managed
 
-{#- The built-in proxy follows new and removed upstreams live, but binds a listener once:
-    a public listener that moves, or an upstream listener that moves or takes over a port
-    another upstream gives up, needs a restart (a proxy that fails to bind keeps running
-    without that listener: measured in the lab). Each sidecar's listeners are kept in a
-    small file; comparing it with the plan at render time decides which sidecars restart.
-    Those are stopped before any sidecar starts, so listeners can swap ports. A sidecar
-    that only gains or loses upstreams keeps running (peers adding a node see no restart). #}
-{%- set restart = [] %}
+{#- Each sidecar's listeners: apigee_mtls.sidecar_listeners_managed keeps a record of them
+    and stops the sidecars that must restart (a public listener that moves, an upstream port
+    the proxy still holds for another destination) before any sidecar starts, so that
+    listeners can swap ports; the others follow new and moved upstreams live. #}
 {%- for service in plan.services %}
 {%-   set svc = service.id %}
 {%-   set sidecar = service.connect.sidecar_service %}
-{%-   set stamp = params.state_dir ~ "/listeners/" ~ svc ~ ".json" %}
-{%-   set listener = {"address": sidecar.address, "port": sidecar.port,
-                      "local_service_address": sidecar.proxy.local_service_address,
-                      "local_service_port": sidecar.proxy.local_service_port} %}
 {%-   set ups = {} %}
 {%-   for up in sidecar.proxy.get("upstreams", []) %}
 {%-     do ups.update({up.destination_name: up.local_bind_port}) %}
 {%-   endfor %}
-{%-   if salt["file.file_exists"](stamp) %}
-{%-     set old = salt["file.read"](stamp) | load_json %}
-{%-     set old_ups = old.get("upstreams", {}) %}
-{%-     set moved = [] %}
-{%-     for key, value in listener.items() if old.get(key) != value %}{% do moved.append(key) %}{% endfor %}
-{%-     for dest, port in ups.items() if dest in old_ups and old_ups[dest] != port %}{% do moved.append(dest) %}{% endfor %}
-{%-     for dest, port in old_ups.items() if dest not in ups and port in ups.values() %}{% do moved.append(dest) %}{% endfor %}
-{%-     if moved %}{% do restart.append(svc) %}{% endif %}
-{%-   endif %}
 apigee-mtls-mesh-proxy-{{ svc }}-listener-managed:
-  file.serialize:
-    - name: {{ stamp }}
-    - serializer: json
-    - dataset: {{ dict(listener, upstreams=ups) | json }}
-    - mode: "0644"
+  apigee_mtls.sidecar_listeners_managed:
+    - name: {{ params.state_dir }}/listeners/{{ svc }}.json
+    - unit: apigee-mtls-proxy@{{ svc }}
+    - listener: {{ {"address": sidecar.address, "port": sidecar.port,
+                    "local_service_address": sidecar.proxy.local_service_address,
+                    "local_service_port": sidecar.proxy.local_service_port} | json }}
+    - upstreams: {{ ups | json }}
     - require:
       - file: apigee-mtls-mesh-listener-dir-managed
-{%- endfor %}
-
-{%- for svc in restart %}
-apigee-mtls-mesh-proxy-{{ svc }}-stopped-for-move:
-  cmd.run:
-    - name: systemctl stop apigee-mtls-proxy@{{ svc }}
-    - require:
       - cmd: apigee-mtls-service-reloaded
     - require_in:
 {%-   for other in plan.proxies %}
@@ -95,7 +73,7 @@ apigee-mtls-mesh-proxy-{{ svc }}-running:
     - require:
       - service: apigee-mtls-service-running
       - cmd: apigee-mtls-service-reloaded
-      - file: apigee-mtls-mesh-proxy-{{ svc }}-listener-managed
+      - apigee_mtls: apigee-mtls-mesh-proxy-{{ svc }}-listener-managed
     - watch:
       - file: apigee-mtls-mesh-proxy-unit-managed
 {%- endfor %}
