@@ -65,6 +65,7 @@ lab-test-topologies: venv
 
 bench: venv
 	$(PY) bench/run.py
+	$(PY) bench/day2_report.py --if-present
 
 day2-report: venv
 	$(PY) bench/day2_report.py
