@@ -304,6 +304,14 @@ def applied(lab):
     return lab
 
 
+@pytest.fixture(scope="module")
+def mesh(applied):
+    """The lab, applied, with its mesh ready (``apigee_mtls.verify`` passing everywhere) at
+    the start of each module."""
+    applied.wait_mesh_ready()
+    return applied
+
+
 def requests_code(targets, timeout=4):
     """Python (for a node) that sends one line to each (ip, port, payload) and prints a JSON
     list of replies ({"error": ...} where there was none): requests, not just connects."""

@@ -3,15 +3,7 @@ import json
 import subprocess
 import time
 
-import pytest
-
 from conftest import labctl, state_summary
-
-
-@pytest.fixture(scope="module")
-def mesh(applied):
-    applied.wait_mesh_ready()
-    return applied
 
 
 def _main_pid(lab, node, unit):

@@ -3,15 +3,7 @@ be reached during a rollout. Neither may leave the cluster unconvergeable."""
 import copy
 import time
 
-import pytest
-
 from conftest import labctl, state_summary
-
-
-@pytest.fixture(scope="module")
-def mesh(applied):
-    applied.wait_mesh_ready()
-    return applied
 
 
 def _unit_states(lab, node):

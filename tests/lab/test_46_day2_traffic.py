@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-import pytest
-
 from conftest import REPO, labctl, state_summary, under_traffic
 
 sys.path.insert(0, os.path.join(REPO, "lab"))
@@ -16,12 +14,6 @@ from traffic import Traffic  # noqa: E402  pylint: disable=wrong-import-position
 
 PIDS = "systemctl show -p MainPID --value consul"
 CONFIG_STATE = "apigee_mtls_|-apigee-mtls-config-agent-file-managed_|-/etc/consul.d/consul.json_|-agent_config_managed"
-
-
-@pytest.fixture(scope="module")
-def mesh(applied):
-    applied.wait_mesh_ready()
-    return applied
 
 
 def _pids(lab):

@@ -7,20 +7,12 @@ import hashlib
 import os
 import time
 
-import pytest
-
 from conftest import assert_no_loss, labctl, state_summary, under_traffic
 
 CONFIG_STATE = ("apigee_mtls_|-apigee-mtls-config-agent-file-managed_|-"
                 "/etc/consul.d/consul.json_|-agent_config_managed")
 CURRENT_STATE = "apigee_mtls_|-apigee-mtls-service-current_|-consul_|-agent_current"
 START = "systemctl show -p ExecMainStartTimestampMonotonic --value consul"
-
-
-@pytest.fixture(scope="module")
-def mesh(applied):
-    applied.wait_mesh_ready()
-    return applied
 
 
 def _starts(lab):

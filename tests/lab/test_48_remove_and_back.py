@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-import pytest
-
 from conftest import REPO, labctl, state_summary
 
 sys.path.insert(0, os.path.join(REPO, "lab"))
@@ -19,12 +17,6 @@ CLOSED = ("apigee_mtls_|-apigee-mtls-firewall-stale-connections-closed_|-"
           "apigee-mtls-firewall-stale-connections-closed_|-stale_connections_closed")
 SIDECARS = ("apigee_mtls_|-apigee-mtls-mesh-sidecars-token-current_|-"
             "/etc/consul.d/acl/agent.token_|-sidecars_current")
-
-
-@pytest.fixture(scope="module")
-def mesh(applied):
-    applied.wait_mesh_ready()
-    return applied
 
 
 def _held_by(lab, node, ip):
