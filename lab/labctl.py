@@ -633,7 +633,15 @@ def cmd_apply(args):
     return apply_and_summarize(list(state.get("nodes", {})), args.argv)
 
 
+#: subcommands whose arguments all go to salt untouched (``labctl salt -C 'not n5'
+#: test.ping``): argparse would take salt's flags for its own
+PASSTHROUGH = {"salt": cmd_salt, "apply": cmd_apply}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argparse.Namespace(argv=argv[1:])) or 0
     p = argparse.ArgumentParser(prog="labctl", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
@@ -657,7 +665,7 @@ def main(argv=None):
     sh = sub.add_parser("shell")
     sh.add_argument("node")
     sh.set_defaults(fn=cmd_shell)
-    for name, fn in (("salt", cmd_salt), ("apply", cmd_apply)):
+    for name, fn in PASSTHROUGH.items():  # listed in --help; parsed before argparse
         sp = sub.add_parser(name)
         sp.add_argument("argv", nargs=argparse.REMAINDER)
         sp.set_defaults(fn=fn)
