@@ -1252,6 +1252,24 @@ def _check_block(name, low, high, need, hosts, width, forbidden, labels):
                       port, labels[offset % width], host["id"], forbidden[port], need))
 
 
+def _port_slots(name, ports):
+    """The ports a node's block of ``name`` has room for, in order: its meshed ``ports``,
+    except that Cassandra's default ports keep the slot of 7000 when
+    ``cassandra_internode`` is off, so that turning it off or on moves no other port (a
+    moved port can restart an egress sidecar: every flow out of its node blips).
+
+    >>> _port_slots("cassandra", [9042, 9160])
+    [9042, 9160, 7000]
+    >>> _port_slots("cassandra", [9042])
+    [9042]
+    """
+    if name == "cassandra":
+        default = list(COMPONENTS[name]["ports"])
+        if ports == [p for p in default if p != CASSANDRA_INTERNODE_PORT]:
+            return default
+    return list(ports)
+
+
 def allocate_ports(model):
     """
     Allocate the proxy ports of every node (retired ones included).
@@ -1275,13 +1293,14 @@ def allocate_ports(model):
         if not ports:
             continue
         low, high = spec["range"]
-        width = len(ports)
+        slots = _port_slots(name, ports)
+        width = len(slots)
         need = width * len(hosts[name])
         _check_block(name, low, high, need, hosts[name], width, forbidden,
-                     ["{} {}".format(name, p) for p in ports])
+                     ["{} {}".format(name, p) for p in slots])
         for k, node in enumerate(hosts[name]):
             base = low + k * width
-            blocks[(node["id"], name)] = {p: base + j for j, p in enumerate(ports)}
+            blocks[(node["id"], name)] = {p: base + slots.index(p) for p in ports}
     low, high = model["port_ranges"]["egress"]
     _check_block("egress", low, high, len(nodes), nodes, 1, forbidden, ["egress"])
     allocation = {}

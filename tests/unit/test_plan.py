@@ -322,7 +322,12 @@ def test_cassandra_internode_off_drops_7000(topo5):
     topo5["cassandra_internode"] = False
     model = amp.normalize(topo5)
     assert model["components"]["cassandra"]["ports"] == [9042, 9160]
-    assert model["allocation"]["n2"]["ingress"]["cassandra"] == {9042: 10102, 9160: 10103}
+    # 7000's slot is kept: turning it off (or back on) moves no other port
+    assert model["allocation"]["n2"]["ingress"]["cassandra"] == {9042: 10103, 9160: 10104}
+    on = amp.normalize(dict(topo5, cassandra_internode=True))["allocation"]
+    for node, alloc in model["allocation"].items():
+        for comp, ports in alloc["ingress"].items():
+            assert ports == {p: q for p, q in on[node]["ingress"][comp].items() if p != 7000}
     plan = amp.plan(topo5, "n1")
     assert all(u["component_port"] != 7000 for u in plan["upstreams"])
     assert not any(s["port"] == 7000 for s in plan["services"])
