@@ -774,7 +774,7 @@ def _ipv6_word(fw):
     return "checked"
 
 
-def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
+def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True, summary=False):
     """
     Check this node's part of the mesh and return a structured verdict; on a failed check the
     salt command exits non-zero (the verdict is a report: a failed check is not an exception).
@@ -792,9 +792,12 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
         redirect stage); default ``True``
     :param bool lockdown: ``False`` compares the chains with the redirect stage's (meshed ports
         not yet locked); default ``True``
+    :param bool summary: ``True`` returns one line instead (``OK: ...`` with the counts, or
+        ``FAILED: ...`` with only what failed): one line per node at a glance; default
+        ``False``
     :return: ``{"ok": bool, "checks": {name: {"ok": bool, ...}}}``; ``{"ok": True, "member":
         False}`` on a minion outside the pillar; ``{"ok": False, "error": ...}`` when py-consul
-        is missing or the local agent does not answer
+        is missing or the local agent does not answer; with ``summary=True``, a str
     :raises CommandExecutionError: the pillar is invalid (``apigee_mtls: invalid pillar:
         <key>: <what is wrong>``, one line)
     :raises CommandExecutionError: an argument has the wrong type or range
@@ -804,8 +807,17 @@ def verify(probe_timeout=1.5, http_port=8500, firewall=True, lockdown=True):
     .. code-block:: bash
 
         salt '*' apigee_mtls.verify
+        salt '*' apigee_mtls.verify summary=True
         salt n1 apigee_mtls.verify firewall=False probe_timeout=3
     """
+    _check_bool("summary", summary)
+    result = _verify(probe_timeout, http_port, firewall, lockdown)
+    if summary:
+        return __utils__["apigee_mtls_plan.verify_line"](result)
+    return result
+
+
+def _verify(probe_timeout, http_port, firewall, lockdown):
     if isinstance(probe_timeout, bool) or not isinstance(probe_timeout, (int, float)) or \
             probe_timeout <= 0:
         raise CommandExecutionError(

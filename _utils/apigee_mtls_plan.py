@@ -1662,7 +1662,7 @@ def local_keyring_action(local_keys, pillar_key, members_alive, members_expected
 SIDECAR_CHECK_INTERVAL = "5s"
 
 
-def _sidecar_checks(service, ip, port):
+def _sidecar_checks(service, ip, port, listening=True):
     """The sidecar's health checks, explicit: Consul 1.8's default "listening" check dials
     ``local_service_address:port`` (127.0.0.1 for loopback targets), while the public listener
     binds the sidecar address (the node IP), so the default check never passes and upstreams
@@ -1673,13 +1673,19 @@ def _sidecar_checks(service, ip, port):
     each agent restart (a non-reloadable change, a binary upgrade) would mark every instance
     of the node critical in the catalog for up to 5 s, and callers would find "no healthy
     instances" while the sidecars never stopped serving (measured in the lab). A sidecar that
-    is really down fails its first run and turns critical within one interval."""
-    return [
-        {"name": "Connect Sidecar Listening", "tcp": f"{ip}:{port}",
-         "interval": SIDECAR_CHECK_INTERVAL, "status": "passing"},
-        {"name": f"Connect Sidecar Aliasing {service}", "alias_service": service,
-         "status": "passing"},
-    ]
+    is really down fails its first run and turns critical within one interval.
+
+    The egress sidecar has no "listening" check (``listening=False``): nothing connects to
+    its public listener (no intention allows the egress service as a destination), and each
+    check connection made the proxy dial a local service that does not exist, logging
+    ``proxy.inbound: failed to dial`` at ERROR every 5 s on every node. systemd restarts a
+    dead egress proxy, and ``apigee_mtls.verify`` probes every upstream through it."""
+    checks = [{"name": f"Connect Sidecar Aliasing {service}", "alias_service": service,
+               "status": "passing"}]
+    if listening:
+        checks.insert(0, {"name": "Connect Sidecar Listening", "tcp": f"{ip}:{port}",
+                          "interval": SIDECAR_CHECK_INTERVAL, "status": "passing"})
+    return checks
 
 
 def _services(model, index, node, upstreams):
@@ -1738,7 +1744,7 @@ def _services(model, index, node, upstreams):
         "connect": {"sidecar_service": {
             "address": ip,
             "port": egress_port,
-            "checks": _sidecar_checks(name, ip, egress_port),
+            "checks": _sidecar_checks(name, ip, egress_port, listening=False),
             "proxy": {
                 "local_service_address": "127.0.0.1",
                 "local_service_port": egress_port,
@@ -2415,3 +2421,74 @@ def port_report(pillar):
             "upstreams": index.upstream_names(node),
         }
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# verify at a glance
+def verify_line(result):
+    """
+    One line for an ``apigee_mtls.verify`` result, what an operator reads at a glance:
+    ``OK`` and the counts when every check passed, else ``FAILED`` and only what failed.
+
+    :param dict result: ``apigee_mtls.verify``'s return
+    :return: the line (str)
+
+    .. code-block:: python
+
+        >>> verify_line({"ok": True, "checks": {"members": {"ok": True, "missing": []},
+        ...     "leader": {"ok": True, "leader": "10.77.0.11:8300"},
+        ...     "upstreams": {"ok": True, "count": 3, "failed": []}}})
+        'OK: members all present, leader 10.77.0.11:8300, 3 upstreams answer'
+        >>> verify_line({"ok": False, "checks": {"leader": {"ok": True, "leader": "x"},
+        ...     "upstreams": {"ok": False, "count": 3, "failed": ["zk-2181-10-77-0-12"]}}})
+        'FAILED: upstreams: 1 of 3 fail (zk-2181-10-77-0-12)'
+    """
+    if "error" in result:
+        return "FAILED: " + str(result["error"])
+    if result.get("member") is False:
+        return "OK: not in apigee_mtls:nodes (nothing to check)"
+    checks = result.get("checks") or {}
+    if result.get("ok"):
+        words = []
+        for name, check in checks.items():
+            if name == "members":
+                stale = check.get("stale_leaving") or []
+                words.append("members all present" + (
+                    " ({} listed as leaving)".format(", ".join(stale)) if stale else ""))
+            elif name == "leader":
+                words.append("leader {}".format(check.get("leader")))
+            elif name == "services":
+                words.append("{} sidecars passing".format(check.get("count")))
+            elif name == "leaf":
+                words.append("leaf certificate issued")
+            elif name == "firewall":
+                words.append("firewall as planned (IPv6: {})".format(check.get("ipv6")))
+            elif name == "upstreams":
+                words.append("{} upstreams answer".format(check.get("count")))
+            elif name == "acl_token":
+                words.append("ACL token present")
+        return "OK: " + ", ".join(words)
+    words = []
+    for name, check in checks.items():
+        if check.get("ok"):
+            continue
+        if name == "members":
+            words.append("members missing: " + ", ".join(check.get("missing") or []))
+        elif name == "leader":
+            words.append("no leader")
+        elif name == "services":
+            words.append("sidecars: " + "; ".join(check.get("problems") or []))
+        elif name == "leaf":
+            words.append("no leaf certificate from {}: {}".format(check.get("datacenter"),
+                                                                  check.get("error")))
+        elif name == "firewall":
+            words.append("firewall drifted: " + ", ".join(check.get("drifted") or []))
+        elif name == "upstreams":
+            failed = check.get("failed") or []
+            words.append("upstreams: {} of {} fail ({})".format(
+                len(failed), check.get("count"), ", ".join(failed)))
+        elif name == "acl_token":
+            words.append("no ACL token in " + str(check.get("file")))
+        else:
+            words.append(name)
+    return "FAILED: " + "; ".join(words)

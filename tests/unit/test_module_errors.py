@@ -72,7 +72,8 @@ CASES = {
     "verify": [(lambda: MODULE.verify(), BAD_PILLAR),
                (lambda: MODULE.verify(probe_timeout=0), ("probe_timeout",)),
                (lambda: MODULE.verify(http_port=70000), ("http_port",)),
-               (lambda: MODULE.verify(firewall="off"), ("firewall",))],
+               (lambda: MODULE.verify(firewall="off"), ("firewall",)),
+               (lambda: MODULE.verify(summary="yes"), ("summary",))],
 }
 #: functions without input (nothing to get wrong) and the peer-published ones (dict protocol)
 NO_INPUT = {"gossip_keygen", "ipv6_skip_reason", "rollout_stage"}
