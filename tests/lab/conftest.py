@@ -291,7 +291,31 @@ def lab(host_baseline):
     t = time.monotonic()
     lab.first_apply = lab.apply()
     lab.first_apply_seconds = time.monotonic() - t
+    crashed = salt_internal_crashes(lab.first_apply)
+    if crashed:
+        # seen once in 40 CI runs: tornado's IOLoop registry is not thread-safe
+        # (tornadoweb/tornado#3125) and Salt 3008.4 raced on it inside x509_v2; a rerun is
+        # what an operator does, and the formula is idempotent
+        print(f"first apply: Salt itself raised on {crashed}; applying once more")
+        lab.first_apply = lab.apply()
     return lab
+
+
+def salt_internal_crashes(ret):
+    """{node: [state ids]} whose state raised inside Salt or its libraries, with no frame of
+    this formula's modules in the traceback: not the formula's doing."""
+    out = {}
+    for node, states in (ret or {}).items():
+        if not isinstance(states, dict):
+            continue
+        for sid, state in states.items():
+            comment = str(state.get("comment", "")) if isinstance(state, dict) else ""
+            if (state.get("result") is False
+                    and comment.startswith("An exception occurred in this state")
+                    and "apigee_mtls" not in comment.split("Traceback", 1)[-1]
+                    .replace("apigee_mtls_|-", "")):
+                out.setdefault(node, []).append(sid.split("_|-")[1])
+    return out
 
 
 @pytest.fixture(scope="session")
