@@ -19,6 +19,27 @@ COLUMNS = (("operation", "{:<42}"), ("nodes", "{:>5}"), ("seconds", "{:>7}"),
            ("leader_changes", "{:>9}"))
 
 
+def last_session(records):
+    """The operations of the last lab session that recorded any, and its marker (the
+    ``{"session": ...}`` line a lab session writes when it boots its lab; None for records
+    written before markers existed).
+
+    >>> last_session([{"session": "a"}, {"operation": "x"}, {"session": "b"}])
+    ([{'operation': 'x'}], {'session': 'a'})
+    """
+    sessions, current, marker = [], [], None
+    for rec in records:
+        if "session" in rec:
+            if current:
+                sessions.append((current, marker))
+            current, marker = [], rec
+        else:
+            current.append(rec)
+    if current:
+        sessions.append((current, marker))
+    return sessions[-1] if sessions else ([], None)
+
+
 def main():
     if not os.path.exists(LOG):
         if "--if-present" in sys.argv[1:]:
@@ -26,7 +47,10 @@ def main():
             return
         sys.exit(f"no day-2 records in {LOG}: run the lab tests first (make test)")
     with open(LOG, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+        records = [json.loads(line) for line in fh if line.strip()]
+    rows, session = last_session(records)
+    if session:
+        print(f"lab session of {session['session']} ({session['topology']})")
     short = {"no_leader_samples": "no_leader", "leader_changes": "elections"}
     header = " ".join(fmt.format(short.get(name, name)) for name, fmt in COLUMNS)
     print(header)

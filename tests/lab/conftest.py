@@ -207,8 +207,17 @@ getent passwd consul
 
 
 #: where the day-2 lab tests record what the traffic harness counted during each operation
-#: (one JSON object per line; `make day2-report` prints them as a table)
+#: (one JSON object per line; `make day2-report` prints them as a table); each lab session
+#: that boots its own lab first writes a ``{"session": ...}`` line, so that the report shows
+#: the last session's operations only
 DAY2_LOG = os.path.join(labctl.CACHE, "day2-traffic.jsonl")
+
+
+def mark_day2_session(topology):
+    os.makedirs(os.path.dirname(DAY2_LOG), exist_ok=True)
+    with open(DAY2_LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"session": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "topology": os.path.basename(topology)}) + "\n")
 
 
 def under_traffic(lab, label, action, **kwargs):
@@ -285,6 +294,7 @@ def lab(host_baseline):
         return lab
     subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "up", "--topology",
                     TOPOLOGY, "--no-apply"], check=True)
+    mark_day2_session(TOPOLOGY)
     lab.fresh_fingerprints = {n: lab.fingerprint(n) for n in lab.nodes}
     lab.test_mode_return = lab.apply("*", "apigee_mtls", "test=True")
     lab.after_test_mode_fingerprints = {n: lab.fingerprint(n) for n in lab.nodes}
