@@ -303,11 +303,15 @@ def lab(host_baseline):
     lab.first_apply_seconds = time.monotonic() - t
     crashed = salt_internal_crashes(lab.first_apply)
     if crashed:
-        # seen once in 40 CI runs: tornado's IOLoop registry is not thread-safe
-        # (tornadoweb/tornado#3125) and Salt 3008.4 raced on it inside x509_v2; a rerun is
-        # what an operator does, and the formula is idempotent
-        print(f"first apply: Salt itself raised on {crashed}; applying once more")
-        lab.first_apply = lab.apply()
+        # tornado's IOLoop registry is not thread-safe (tornadoweb/tornado#3125) and Salt
+        # 3008.4 raced on it inside x509_v2 (9-node CI sessions): a rerun on those nodes is
+        # what an operator does, and the formula is idempotent. Their first apply is the
+        # rerun's; the other nodes keep theirs.
+        print(f"first apply: Salt itself raised on {crashed}; applying once more there")
+        again = lab.salt("-L", ",".join(sorted(crashed)), "state.apply", "apigee_mtls", "-t",
+                         "900", timeout=900)
+        lab.first_apply = dict(lab.first_apply, **again)
+        lab.first_apply_retried = sorted(crashed)
     return lab
 
 
