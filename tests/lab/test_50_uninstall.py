@@ -3,6 +3,7 @@ certificates, the formula's chains (nat OUTPUT as before; IPv6 too) and the cons
 reachable directly again; a second clean changes nothing; the formula installs again."""
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -124,3 +125,66 @@ def test_zero_downtime_rollout_by_orchestrate_after_clean(applied):
     lab.wait_mesh_ready()
     rerun = state_summary(lab.apply())
     assert all(not s["changed"] and not s["failed"] for s in rerun.values()), rerun
+
+
+# What a node must never be left with: a formula unit that failed, or one running without what
+# it reads (an agent without its configuration or binary, sidecars without their agent or unit
+# file, redirect rules without the egress sidecar they send traffic to).
+CONSISTENT = r"""
+systemctl list-units --failed --no-legend --plain 'consul*' 'apigee-mtls*' | sed 's/^/failed /'
+if systemctl -q is-active consul; then
+  for f in /etc/consul.d/consul.json /usr/local/bin/consul /etc/consul.d/tls; do
+    [ -e "$f" ] || echo "consul runs without $f"
+  done
+fi
+if systemctl list-units --state=active --no-legend --plain 'apigee-mtls-proxy@*' | grep -q .; then
+  systemctl -q is-active consul || echo "sidecars run without consul"
+  [ -e /etc/systemd/system/apigee-mtls-proxy@.service ] || echo "sidecars run without their unit"
+fi
+if iptables -w -t nat -S APIGEE-MTLS-OUT 2>/dev/null | grep -q REDIRECT; then
+  systemctl list-units --state=active --no-legend --plain 'apigee-mtls-proxy@egress*' \
+    | grep -q . || echo "redirect rules without the egress sidecar"
+fi
+true
+"""
+
+#: each sub-clean alone, on a running node, then the sub-states that bring the node back, each
+#: applied alone in order (the deepest clean is restored one sub-state at a time)
+SUB_CLEANS = (
+    ("firewall", ("firewall",)),
+    ("mesh", ("mesh", "firewall")),
+    ("service", ("service", "mesh", "firewall")),
+    ("acl", ("acl", "mesh", "firewall")),
+    ("config", ("config", "service", "acl", "mesh", "firewall")),
+    ("tls", ("tls", "service", "acl", "mesh", "firewall")),
+    ("install", ("install", "tls", "config", "service", "acl", "mesh", "firewall", "keyring")),
+)
+
+
+def test_each_sub_clean_alone_ends_consistent_and_sub_states_alone_restore_the_node(applied):
+    """Issue 13: each `apigee_mtls.<x>.clean` applied alone on a running node first undoes
+    what depends on the files it removes (firewall.clean <- mesh.clean <- service.clean <-
+    acl, config, tls, install .clean), so the node ends consistent: no failed unit, nothing
+    running without what it reads; `install.clean` leaves nothing of the formula. Then the
+    sub-states, each applied alone (their includes form no cycle), bring the node back into
+    the mesh: `apigee_mtls.verify` passes everywhere."""
+    lab = applied
+    lab.wait_mesh_ready()
+    node = "n5"
+    for clean, restore in SUB_CLEANS:
+        ret = lab.apply(node, f"apigee_mtls.{clean}.clean")
+        summary = state_summary(ret)
+        assert not summary[node]["failed"], (clean, summary[node])
+        assert summary[node]["changed"], (clean, "changed nothing on a running node")
+        problems = lab.run(node, CONSISTENT).stdout.strip()
+        assert problems == "", f"after {clean}.clean: {problems}"
+        if clean == "install":
+            # a stopped, empty slice systemd keeps loaded for a while is bookkeeping
+            left = [line for line in lab.run(node, LEFTOVERS).stdout.splitlines()
+                    if line.strip() and not re.search(r"\.slice +loaded +inactive +dead", line)]
+            assert left == [], f"{node} keeps: {left}"
+        for sub in restore:
+            back = state_summary(lab.apply(node, f"apigee_mtls.{sub}"))
+            assert not back[node]["failed"], (clean, sub, back[node])
+        lab.wait_mesh_ready(timeout=180)
+        assert lab.run(node, CONSISTENT).stdout.strip() == ""

@@ -1,4 +1,9 @@
+{#- Sidecars stop after the redirect rules are gone (apigee_mtls.firewall.clean): traffic
+    goes direct again instead of to a stopped sidecar. -#}
 {%- from "apigee_mtls/map.jinja" import params with context %}
+include:
+  - apigee_mtls.firewall.clean
+
 {%- set wants = salt["file.find"](params.systemd_unit_dir ~ "/multi-user.target.wants", name="apigee-mtls-proxy@*.service", type="l") if salt["file.directory_exists"](params.systemd_unit_dir ~ "/multi-user.target.wants") else [] %}
 {%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
 {%- for unit in known | map("replace", ".service", "") | unique | sort %}
@@ -8,6 +13,8 @@ apigee-mtls-mesh-proxy-{{ svc[18:] }}-dead:
   service.dead:
     - name: {{ svc }}
     - enable: False
+    - require:
+      - sls: apigee_mtls.firewall.clean
     - require_in:
       - file: apigee-mtls-mesh-proxy-unit-absent
 {%-   endif %}
@@ -16,3 +23,14 @@ apigee-mtls-mesh-proxy-{{ svc[18:] }}-dead:
 apigee-mtls-mesh-proxy-unit-absent:
   file.absent:
     - name: {{ params.systemd_unit_dir }}/apigee-mtls-proxy@.service
+    - require:
+      - sls: apigee_mtls.firewall.clean
+
+{#- systemd forgets the template's instances and their slice #}
+apigee-mtls-mesh-systemd-forget:
+  cmd.run:
+    - name: systemctl stop 'system-apigee\x2dmtls\x2dproxy.slice' 2>/dev/null; systemctl reset-failed 'apigee-mtls-proxy@*' 2>/dev/null; systemctl daemon-reload; true
+    - onlyif: systemctl list-units --all --no-legend --plain 'apigee-mtls-proxy@*' 'system-apigee*' | grep -v 'not-found *inactive *dead' | grep -q .
+    - require:
+      - file: apigee-mtls-mesh-proxy-unit-absent
+    - order: last

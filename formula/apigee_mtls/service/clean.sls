@@ -1,8 +1,14 @@
+{#- Consul stops after its sidecars (apigee_mtls.mesh.clean, itself after the firewall). -#}
 {%- from "apigee_mtls/map.jinja" import params with context %}
+include:
+  - apigee_mtls.mesh.clean
+
 apigee-mtls-service-dead:
   service.dead:
     - name: consul
     - enable: False
+    - require:
+      - sls: apigee_mtls.mesh.clean
 
 apigee-mtls-service-unit-absent:
   file.absent:
@@ -10,8 +16,9 @@ apigee-mtls-service-unit-absent:
     - require:
       - service: apigee-mtls-service-dead
 
+{#- systemd forgets the unit (a stopped agent may be listed as failed) #}
 apigee-mtls-service-daemon-reload:
   cmd.run:
-    - name: systemctl daemon-reload
+    - name: systemctl daemon-reload; systemctl reset-failed consul.service 2>/dev/null; true
     - onchanges:
       - file: apigee-mtls-service-unit-absent
