@@ -581,7 +581,7 @@ def local_token_managed(name, user="consul", group="consul", mode="0600"):
 
     .. code-block:: yaml
 
-        apigee-mtls-acl-agent-master-token-managed:
+        apigee-mtls-config-agent-master-token-managed:
           apigee_mtls.local_token_managed:
             - name: /etc/consul.d/acl/agent-master.token
     """

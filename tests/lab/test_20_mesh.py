@@ -342,7 +342,7 @@ def test_pillar_change_previews_exactly_what_would_change(mesh):
             expected = {"apigee-mtls-firewall-rules6-managed",
                         "apigee-mtls-firewall-chains-managed"}
             if old_plan["services"] != new_plan["services"]:
-                expected |= {"apigee-mtls-config-services-file-managed",
+                expected |= {"apigee-mtls-mesh-services-file-managed",
                              "apigee-mtls-service-reloaded"}  # would reload the agent
             if (old_plan["firewall"]["nat"], old_plan["firewall"]["filter"]) != (
                     new_plan["firewall"]["nat"], new_plan["firewall"]["filter"]):

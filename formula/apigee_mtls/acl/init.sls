@@ -12,39 +12,6 @@
 include:
   - apigee_mtls.service
 
-apigee-mtls-acl-dir-managed:
-  file.directory:
-    - name: {{ a.dir }}
-    - user: {{ c.user }}
-    - group: {{ c.group }}
-    - mode: "{{ '0750' if shared else '0700' }}"
-    - require:
-      - file: apigee-mtls-install-config-dir-managed
-      - user: apigee-mtls-install-user-present
-
-{#- the agent's local master token: authorizes `consul reload` on this agent without the
-    servers (a new node that peers do not admit yet). In place before the agent's first start. #}
-apigee-mtls-acl-agent-master-token-managed:
-  apigee_mtls.local_token_managed:
-    - name: {{ a.agent_master_token_file }}
-    - user: {{ c.user }}
-    - group: {{ c.group }}
-    - require:
-      - file: apigee-mtls-acl-dir-managed
-
-apigee-mtls-acl-agent-master-file-managed:
-  file.managed:
-    - name: {{ a.agent_master_config }}
-    - source: salt://apigee_mtls/files/acl-tokens.json.jinja
-    - template: jinja
-    - context:
-        tokens: {{ {"agent_master": a.agent_master_token_file} | json }}
-    - user: root
-    - group: {{ c.group }}
-    - mode: "0640"
-    - show_changes: False
-    - require:
-      - apigee_mtls: apigee-mtls-acl-agent-master-token-managed
 {%- if plan.signer == grains.id %}
 {%-   set model = salt["apigee_mtls.validate"]() %}
 
@@ -55,7 +22,7 @@ apigee-mtls-acl-bootstrapped:
     - user: {{ c.user }}
     - group: {{ c.group }}
     - require:
-      - file: apigee-mtls-acl-dir-managed
+      - file: apigee-mtls-config-acl-dir-managed
       - service: apigee-mtls-service-running
 {%- endif %}
 
@@ -77,16 +44,19 @@ apigee-mtls-acl-agent-token-managed:
     {#- a secondary data center's server: its agent starts with its tokens (planner) #}
     - agent_required: False
     - require:
-      - file: apigee-mtls-acl-dir-managed
+      - file: apigee-mtls-config-acl-dir-managed
       - x509: apigee-mtls-tls-agent-key-managed
 {%- else %}
     - require:
-      - file: apigee-mtls-acl-dir-managed
+      - file: apigee-mtls-config-acl-dir-managed
       - service: apigee-mtls-service-running
 {%- if plan.signer == grains.id %}
       - apigee_mtls: apigee-mtls-acl-bootstrapped
 {%- endif %}
 {%- endif %}
+    {#- a restart under the data center's lock needs the node's token #}
+    - require_in:
+      - apigee_mtls: apigee-mtls-service-current
 
 apigee-mtls-acl-tokens-file-managed:
   file.managed:
@@ -105,4 +75,7 @@ apigee-mtls-acl-tokens-file-managed:
     - require_in:
       - service: apigee-mtls-service-running
 {%- endif %}
+    {#- a new token (first run, a policy change) reaches the agent by reload #}
+    - onchanges_in:
+      - cmd: apigee-mtls-service-reloaded
 {%- endif %}

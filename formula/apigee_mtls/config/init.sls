@@ -1,17 +1,13 @@
 {#- Consul agent configuration, all derived from the pillar by the planner:
     consul.json (agent, TLS), encrypt.json (gossip key: 0640, diff never shown, rendered from
-    a template on the minion so the key is not in the rendered SLS),
-    apigee-mtls-services.json (ingress services, the egress service, their sidecars; with
-    ACLs each carries the node's token, so it is rendered on the minion like encrypt.json,
-    after the token is there, and its diff is not shown). -#}
+    a template on the minion so the key is not in the rendered SLS) and, with ACLs, the
+    agent's local master token and acl-agent-master.json (in place before the agent's first
+    start). The service definitions are apigee_mtls.mesh's (they carry the node's token). -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member %}
 {%- set c = plan.consul %}
 include:
   - apigee_mtls.install
-{%- if plan.acl.enabled %}
-  - apigee_mtls.acl
-{%- endif %}
 
 {#- a change of keys Consul reloads (log level, TLS settings) reloads the running agent, which
     keeps its PID and connections; keys read at start wait for the next start; anything else
@@ -31,7 +27,7 @@ apigee-mtls-config-agent-file-managed:
     - require:
       - file: apigee-mtls-install-config-dir-managed
 {%- if plan.acl.enabled %}
-      - file: apigee-mtls-acl-agent-master-file-managed
+      - file: apigee-mtls-config-agent-master-file-managed
 {%- endif %}
 
 apigee-mtls-config-encrypt-file-managed:
@@ -46,21 +42,42 @@ apigee-mtls-config-encrypt-file-managed:
     - require:
       - file: apigee-mtls-install-config-dir-managed
 
-apigee-mtls-config-services-file-managed:
+{%- if plan.acl.enabled %}
+{%-   set a = plan.acl %}
+{%-   set shared = plan.proxy.user != c.user %}
+
+apigee-mtls-config-acl-dir-managed:
+  file.directory:
+    - name: {{ a.dir }}
+    - user: {{ c.user }}
+    - group: {{ c.group }}
+    - mode: "{{ '0750' if shared else '0700' }}"
+    - require:
+      - file: apigee-mtls-install-config-dir-managed
+      - user: apigee-mtls-install-user-present
+
+{#- the agent's local master token: authorizes `consul reload` on this agent without the
+    servers (a new node that peers do not admit yet). In place before the agent's first start. #}
+apigee-mtls-config-agent-master-token-managed:
+  apigee_mtls.local_token_managed:
+    - name: {{ a.agent_master_token_file }}
+    - user: {{ c.user }}
+    - group: {{ c.group }}
+    - require:
+      - file: apigee-mtls-config-acl-dir-managed
+
+apigee-mtls-config-agent-master-file-managed:
   file.managed:
-    - name: {{ c.config_dir }}/apigee-mtls-services.json
-    - source: salt://apigee_mtls/files/services.json.jinja
+    - name: {{ a.agent_master_config }}
+    - source: salt://apigee_mtls/files/acl-tokens.json.jinja
     - template: jinja
     - context:
-        services: {{ plan.services | json }}
-        token_file: {{ plan.acl.agent_token_file | default(None) | json }}
+        tokens: {{ {"agent_master": a.agent_master_token_file} | json }}
     - user: root
     - group: {{ c.group }}
     - mode: "0640"
     - show_changes: False
     - require:
-      - file: apigee-mtls-install-config-dir-managed
-{%- if plan.acl.enabled %}
-      - apigee_mtls: apigee-mtls-acl-agent-token-managed
+      - apigee_mtls: apigee-mtls-config-agent-master-token-managed
 {%- endif %}
 {%- endif %}

@@ -1,12 +1,39 @@
-{#- Sidecar proxies: one `consul connect proxy -sidecar-for <service>` unit per ingress
-    service (public listener = the allocated port) and one for the node's egress service
-    (upstreams on 127.0.0.1). Units start after Consul, restart on failure, start at boot.
-    Units of services that left the plan are stopped and disabled. -#}
+{#- The mesh on this node: the service definitions (ingress services, the egress service,
+    their sidecars) and the sidecar proxies, one `consul connect proxy -sidecar-for <service>`
+    unit per ingress service (public listener = the allocated port) and one for the node's
+    egress service (upstreams on 127.0.0.1). Units start after Consul, restart on failure,
+    start at boot. Units of services that left the plan are stopped and disabled. -#}
 {%- from "apigee_mtls/map.jinja" import params, plan with context %}
 {%- if plan.member %}
 {%- set c = plan.consul %}
 include:
   - apigee_mtls.service
+{%- if plan.acl.enabled %}
+  - apigee_mtls.acl
+{%- endif %}
+
+{#- apigee-mtls-services.json: with ACLs each definition carries the node's token, so it is
+    rendered on the minion from the token file (like encrypt.json) and its diff is not shown;
+    a change reaches the agent by `consul reload` #}
+apigee-mtls-mesh-services-file-managed:
+  file.managed:
+    - name: {{ c.config_dir }}/apigee-mtls-services.json
+    - source: salt://apigee_mtls/files/services.json.jinja
+    - template: jinja
+    - context:
+        services: {{ plan.services | json }}
+        token_file: {{ plan.acl.agent_token_file | default(None) | json }}
+    - user: root
+    - group: {{ c.group }}
+    - mode: "0640"
+    - show_changes: False
+    - require:
+      - file: apigee-mtls-install-config-dir-managed
+{%- if plan.acl.enabled %}
+      - apigee_mtls: apigee-mtls-acl-agent-token-managed
+{%- endif %}
+    - onchanges_in:
+      - cmd: apigee-mtls-service-reloaded
 
 apigee-mtls-mesh-proxy-unit-managed:
   file.managed:

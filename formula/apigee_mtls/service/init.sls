@@ -38,7 +38,7 @@ apigee-mtls-service-running:
 {%- if plan.acl.enabled %}
     - watch:
       # the local master token must be known from the first start (reload needs it)
-      - file: apigee-mtls-acl-agent-master-file-managed
+      - file: apigee-mtls-config-agent-master-file-managed
 {%- endif %}
 
 {#- A new binary (consul:install) or unit file restarts the agent without an outage: servers
@@ -53,11 +53,9 @@ apigee-mtls-service-current:
 {%- if c.install.method == "binary" %}
     - binary_hash: {{ c.install.source_hash }}
 {%- endif %}
+    {#- with ACLs, after the node's token (apigee_mtls.acl: require_in) #}
     - require:
       - service: apigee-mtls-service-running
-{%- if plan.acl.enabled %}
-      - apigee_mtls: apigee-mtls-acl-agent-token-managed
-{%- endif %}
 
 {#- `consul reload` returns once the agent has re-read its configuration (a SIGHUP would
     not wait): sidecars restarted right after it must see their new definitions. #}
@@ -73,18 +71,12 @@ apigee-mtls-service-reloaded:
     - retry:
         attempts: 15
         interval: 2
+    {#- also on new service definitions (apigee_mtls.mesh) and a new token (apigee_mtls.acl),
+        through their onchanges_in: the includes stay one way #}
     - onchanges:
-      - file: apigee-mtls-config-services-file-managed
       # the certificate and the CA bundle are one state: a renewal or a CA rotation step
       # reloads once, an unchanged run not at all
       - apigee_mtls: apigee-mtls-tls-agent-cert-managed
-{%- if plan.acl.enabled %}
-      # a new token (first run, a policy change) reaches the agent by reload
-      - file: apigee-mtls-acl-tokens-file-managed
-{%- endif %}
     - require:
       - apigee_mtls: apigee-mtls-service-current
-{%- if plan.acl.enabled %}
-      - file: apigee-mtls-acl-tokens-file-managed
-{%- endif %}
 {%- endif %}
