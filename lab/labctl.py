@@ -50,7 +50,14 @@ STATE_FILE = os.path.join(STATE, "lab.json")
 SALT_CONF = os.path.join(STATE, "etc", "salt")
 
 sys.path.insert(0, os.path.join(REPO, "_utils"))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 import apigee_mtls_plan as planner  # noqa: E402  (pure planner, shared with the formula)
+import dist  # noqa: E402  (the formula in Salt's layout: the master's one file root)
+
+#: the formula in Salt's layout (tools/dist.py: what the `salt-formula` branch holds, what one
+#: gitfs remote or one clone in file_roots serves): the master's file root, restaged by every
+#: labctl command, so an edit in the repository reaches the next saltutil.sync_all or apply
+FORMULA_ROOT = os.path.join(STATE, "formula")
 
 # Non-meshed real ports the stand-ins also serve (so tests can see them stay direct).
 EXTRA_PORTS = {"management-server": [8080], "ui": [9000]}
@@ -166,10 +173,10 @@ def write_master(topo_path, topo):
     for d in ("etc/salt/master.d", "pillar", "files/consul", "master"):
         os.makedirs(os.path.join(STATE, d), exist_ok=True)
     files = os.path.join(STATE, "files")
-    for ext in ("_modules", "_states", "_utils"):
-        link = os.path.join(files, ext)
-        if not os.path.lexists(link):
-            os.symlink(os.path.join(REPO, ext), link)
+    dist.stage(FORMULA_ROOT)
+    for ext in ("_modules", "_states", "_utils"):  # links an older lab made
+        if os.path.islink(os.path.join(files, ext)):
+            os.unlink(os.path.join(files, ext))
     binary = os.path.join(files, "consul", "consul")
     if not os.path.exists(binary):
         shutil.copy2(os.path.join(CACHE, "consul", "consul"), binary)
@@ -181,9 +188,9 @@ def write_master(topo_path, topo):
         "interface": HOST_IP,
         "user": "root",
         "auto_accept": True,  # lab only: nodes are created by this script, on a private bridge
-        # formula/ for the SLS tree; files/ holds the consul binary and links to the custom
-        # module dirs (not the repo root: walking .venv makes every fileserver listing slow)
-        "file_roots": {"base": [os.path.join(REPO, "formula"), files]},
+        # the formula as README's installation serves it: one root with apigee_mtls/ and the
+        # custom modules (tools/dist.py); files/ holds the lab's consul binary and top.sls
+        "file_roots": {"base": [FORMULA_ROOT, files]},
         "pillar_roots": {"base": [os.path.join(STATE, "pillar")]},
         # peer publish: agents ask the signer to sign their CSR; nothing else is allowed
         # and for its Consul ACL token (answered sealed to the node's agent key)
@@ -641,6 +648,8 @@ PASSTHROUGH = {"salt": cmd_salt, "apply": cmd_apply}
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASSTHROUGH:
+        if os.path.isdir(FORMULA_ROOT):
+            dist.stage(FORMULA_ROOT)
         return PASSTHROUGH[argv[0]](argparse.Namespace(argv=argv[1:])) or 0
     p = argparse.ArgumentParser(prog="labctl", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)

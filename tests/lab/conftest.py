@@ -289,6 +289,7 @@ def lab(host_baseline):
     """Boot the lab (no apply), preview with test=True on fresh nodes, then apply once."""
     lab = Lab(TOPOLOGY)
     if REUSE:
+        labctl.dist.stage(labctl.FORMULA_ROOT)  # this checkout's formula, as `up` stages it
         lab.test_mode_return = None
         lab.first_apply = lab.apply()
         return lab

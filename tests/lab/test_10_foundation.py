@@ -1,11 +1,14 @@
 """Foundation, proven on the lab: a TLS- and gossip-secured Consul cluster rolled out by
 ``salt '*' state.apply apigee_mtls``; test mode previews and changes nothing; reruns are no-ops;
 the CA key exists only on the signer."""
+import hashlib
 import json
+import os
 
 import pytest
+import yaml
 
-from conftest import REUSE, state_summary
+from conftest import REPO, REUSE, labctl, state_summary
 
 
 @pytest.mark.skipif(REUSE, reason="LAB_REUSE=1: no fresh nodes to preview on")
@@ -194,3 +197,33 @@ def test_no_secret_in_state_returns(applied):
     assert gossip not in json.dumps(applied.first_apply)
     if applied.test_mode_return is not None:
         assert gossip not in json.dumps(applied.test_mode_return)
+
+
+def test_the_master_serves_the_formula_from_one_root_in_salts_layout(applied):
+    """Issue 13: the lab's master serves the formula as README's installation does: one file
+    root holding `apigee_mtls/` next to `_modules/`, `_states/`, `_utils/` (what the
+    `salt-formula` branch and the SPM package hold, tools/dist.py), no copies or links in
+    another root; the minions' synced modules are the repository's."""
+    lab = applied
+    with open(os.path.join(labctl.SALT_CONF, "master"), encoding="utf-8") as fh:
+        roots = yaml.safe_load(fh)["file_roots"]["base"]
+    assert roots[0] == labctl.FORMULA_ROOT
+    served = sorted(os.path.relpath(os.path.join(r, n), labctl.FORMULA_ROOT)
+                    for r, _, names in os.walk(labctl.FORMULA_ROOT) for n in names)
+    assert served == sorted(labctl.dist.files())
+    for other in roots[1:]:
+        assert not [n for n in os.listdir(other) if n.startswith("_") or n == "apigee_mtls"]
+    node = lab.nodes[-1]
+    listed = lab.salt(node, "cp.list_master")[node]
+    for path in ("apigee_mtls/init.sls", "apigee_mtls/map.jinja", "_modules/apigee_mtls.py",
+                 "_states/apigee_mtls.py", "_utils/apigee_mtls_plan.py"):
+        assert path in listed, path
+    assert not [p for p in listed if p.startswith(("formula/", "tests/", "lab/", "bench/"))]
+    for kind, path in (("modules", "_modules/apigee_mtls.py"),
+                       ("states", "_states/apigee_mtls.py"),
+                       ("utils", "_utils/apigee_mtls_plan.py")):
+        with open(os.path.join(REPO, path), "rb") as fh:
+            want = hashlib.sha256(fh.read()).hexdigest()
+        out = lab.run(node, f"sha256sum /var/cache/salt/minion/extmods/{kind}/"
+                            f"{os.path.basename(path)}").stdout.split()
+        assert out and out[0] == want, (path, out)
