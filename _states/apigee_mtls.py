@@ -849,6 +849,24 @@ def _hold(rules, on, timer=None):
     return timer
 
 
+def _drain(ports, minimum, cap=1.5):
+    """Once new connections to ``ports`` are held, wait until the sidecars are done with the
+    ones that arrived before (``apigee_mtls_restart.pending_connections``: none queued,
+    none with unread bytes, on two polls 50 ms apart), at least ``minimum`` and at most
+    ``cap`` seconds: under load a sidecar may read a ClientHello late, and its authorize
+    must not meet a stopping agent. Returns the seconds waited."""
+    began = time.monotonic()
+    time.sleep(minimum)
+    quiet = 0
+    while ports and quiet < 2 and time.monotonic() - began < cap:
+        out = __salt__["cmd.run_stdout"](["ss", "-Htan"], python_shell=False,
+                                         ignore_retcode=True)
+        quiet = 0 if _rs("pending_connections")(out, ports) else quiet + 1
+        if quiet < 2:
+            time.sleep(0.05)
+    return round(time.monotonic() - began, 2)
+
+
 def _wait_listening(port, wait):
     """Wait until something listens on TCP ``port`` (the restarted agent), at most ``wait``
     seconds; True when it does."""
@@ -1061,7 +1079,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
         try:
             # connections accepted just before the hold may still be asking the agent (an
             # authorize, a resolve): let them finish before it stops
-            time.sleep(restart.get("drain", 0.2))
+            timings["drain"] = _drain(restart.get("hold_ports") or [], restart.get("drain", 0.1))
             if not __salt__["service.restart"](service):
                 return "systemctl restart {} failed".format(service)
             timings["restart"] = round(time.monotonic() - held, 2)

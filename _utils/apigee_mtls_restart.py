@@ -66,6 +66,41 @@ def hold_rules(ports):
             "DROP".format(",".join(str(p) for p in chunk), HOLD_COMMENT) for chunk in chunks]
 
 
+def pending_connections(ss_text, ports):
+    """
+    The connections to ``ports`` that a sidecar has not finished with, from ``ss -Htan``:
+    still in the TCP handshake (``SYN-RECV``), waiting to be accepted (a listening socket's
+    Recv-Q is its accept queue) or holding bytes the sidecar has not read yet (a TLS
+    ClientHello or client certificate: the handshake, and the authorize call the sidecar
+    makes to its agent for it, are still to come). An agent must not stop while any exists:
+    that sidecar's authorize would fail and its caller see a reset.
+
+    :param str ss_text: the output of ``ss -Htan`` (no header; state, Recv-Q, Send-Q, local
+        address:port, peer address:port per line)
+    :param ports: the held ports (ints)
+    :return: the pending connections, as ``"STATE local peer"`` (list of str)
+
+    .. code-block:: python
+
+        >>> pending_connections("LISTEN 1 4096 0.0.0.0:10300 0.0.0.0:*\\n"
+        ...                     "ESTAB 0 0 10.0.0.1:10300 10.0.0.2:4242", [10300])
+        ['LISTEN 0.0.0.0:10300 0.0.0.0:*']
+    """
+    ports = {int(p) for p in ports}
+    out = []
+    for line in (ss_text or "").splitlines():
+        fields = line.split()
+        if len(fields) < 5 or not fields[1].isdigit():
+            continue
+        state, recv_q, local, peer = fields[0], int(fields[1]), fields[3], fields[4]
+        port = local.rsplit(":", 1)[-1]
+        if not port.isdigit() or int(port) not in ports:
+            continue
+        if state == "SYN-RECV" or (state in ("LISTEN", "ESTAB") and recv_q > 0):
+            out.append("{} {} {}".format(state, local, peer))
+    return out
+
+
 def sidecar_ports(services):
     """The public ports of the sidecars among a plan's ``services`` (sorted ints)."""
     return sorted({s["connect"]["sidecar_service"]["port"] for s in services

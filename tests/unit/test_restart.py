@@ -178,3 +178,46 @@ def test_a_unit_file_written_after_the_agent_started_restarts_it(tmp_path, curre
     ret = current(node, show=f"ActiveState=active\nExecMainStartTimestampMonotonic={started}")
     assert ret["changes"]["restarted"]["because"] == ["unit file"], ret
     assert node.restarts == ["consul"]
+
+
+SS = """LISTEN   0 4096 0.0.0.0:10300 0.0.0.0:*
+LISTEN   2 4096 0.0.0.0:10301 0.0.0.0:*
+ESTAB    0 0    10.77.0.11:10300 10.77.0.15:40000
+ESTAB    517 0  10.77.0.11:10300 10.77.0.15:40002
+SYN-RECV 0 0    10.77.0.11:10302 10.77.0.14:40004
+ESTAB    99 0   127.0.0.1:8500 127.0.0.1:50000
+TIME-WAIT 0 0   10.77.0.11:10300 10.77.0.15:39998
+"""
+
+
+def test_pending_connections_are_the_ones_a_sidecar_has_not_finished_with():
+    """Queued for accept, with unread bytes (a ClientHello) or mid TCP handshake, on a held
+    port only: an established, read connection or another port's backlog is not pending."""
+    pending = rs.pending_connections(SS, [10300, 10301, 10302])
+    assert pending == ["LISTEN 0.0.0.0:10301 0.0.0.0:*",
+                       "ESTAB 10.77.0.11:10300 10.77.0.15:40002",
+                       "SYN-RECV 10.77.0.11:10302 10.77.0.14:40004"]
+    assert rs.pending_connections(SS, [10300]) == ["ESTAB 10.77.0.11:10300 10.77.0.15:40002"]
+    assert rs.pending_connections(SS, [9999]) == []
+    assert rs.pending_connections("", [10300]) == []
+    # IPv6 addresses keep their port after the last colon
+    assert rs.pending_connections("ESTAB 5 0 [fd77::11]:10300 [fd77::15]:4000", [10300]) == [
+        "ESTAB [fd77::11]:10300 [fd77::15]:4000"]
+
+
+def test_a_drain_waits_for_pending_connections_within_its_cap(monkeypatch):
+    """The agent stops once two polls in a row find nothing pending, not before its
+    minimum, never after its cap."""
+    outputs = iter([SS, SS, "", "LISTEN 1 4096 0.0.0.0:10301 0.0.0.0:*", "", ""])
+    monkeypatch.setattr(STATES, "__utils__", {
+        "apigee_mtls_restart.pending_connections": rs.pending_connections}, raising=False)
+    monkeypatch.setattr(STATES, "__salt__", {
+        "cmd.run_stdout": lambda cmd, **kw: next(outputs)}, raising=False)
+    waited = STATES._drain([10300, 10301], 0.01)  # pylint: disable=protected-access
+    assert next(outputs, "done") == "done" and waited >= 0.2
+    monkeypatch.setattr(STATES, "__salt__", {
+        "cmd.run_stdout": lambda cmd, **kw: SS}, raising=False)
+    began = time.monotonic()
+    STATES._drain([10300], 0.01, cap=0.3)  # pylint: disable=protected-access
+    assert time.monotonic() - began < 1.0
+    assert STATES._drain([], 0.01) < 0.5  # pylint: disable=protected-access
