@@ -269,7 +269,7 @@ _NODE_KEYS = ("id", "ip", "datacenter", "fqdn", "components", "retired")
 _COMPONENT_OVERRIDE_KEYS = ("ports", "target", "peer_ports")
 _TLS_KEYS = ("signer", "ca_days_valid", "cert_days_valid", "cert_days_remaining",
              "key_algo", "ca_generation", "ca_trust")
-_CONSUL_KEYS = tuple(CONSUL_DEFAULTS) + ("install",)
+_CONSUL_KEYS = tuple(CONSUL_DEFAULTS) + ("install", "servers")
 _FIREWALL_KEYS = ("protected_ports", "ipv6")
 _INSTALL_KEYS = ("method", "source", "source_hash", "name")
 _INSTALL_METHODS = ("binary", "archive", "pkg")
@@ -657,7 +657,71 @@ def _norm_nodes(raw, dcs):
 
 
 def _servers(nodes):
+    """The non-retired ZooKeeper nodes (what Consul servers are chosen from by default)."""
     return [n for n in nodes if not n["retired"] and "zookeeper" in n["components"]]
+
+
+#: Consul servers per data center: HashiCorp recommends 3 or 5 (an odd number: an even one
+#: tolerates no more failures than one server less), at most 7 (every write goes to a quorum)
+AUTO_SERVERS_MAX = 5
+SERVERS_MAX = 7
+
+
+def auto_server_count(zookeeper_nodes):
+    """
+    How many of a data center's ZooKeeper nodes become Consul servers by default: the largest
+    odd number not above :data:`AUTO_SERVERS_MAX` nor the ZooKeeper nodes there.
+
+    :param int zookeeper_nodes: the data center's non-retired ZooKeeper nodes
+    :return: int
+
+    .. code-block:: python
+
+        >>> [auto_server_count(n) for n in (1, 2, 3, 4, 5, 6, 9)]
+        [1, 1, 3, 3, 5, 5, 5]
+    """
+    count = min(int(zookeeper_nodes), AUTO_SERVERS_MAX)
+    return count if count % 2 else max(count - 1, 0)
+
+
+def _norm_servers(raw, nodes, dcs):
+    """The Consul servers (node dicts, pillar order): ``consul:servers`` (node ids), or by
+    default in each data center the first :func:`auto_server_count` ZooKeeper nodes."""
+    path = ("consul", "servers")
+    by_id = {n["id"]: n for n in nodes}
+    if raw is None:
+        chosen = []
+        for dc in dcs:
+            zk = [n for n in _servers(nodes) if n["datacenter"] == dc]
+            chosen += zk[:auto_server_count(len(zk))]
+        return chosen
+    if not isinstance(raw, (list, tuple)) or not raw:
+        _fail(path, "found {}; expected a list of node ids (or no key: the ZooKeeper "
+              "nodes, at most {} per data center)".format(_what(raw), AUTO_SERVERS_MAX))
+    chosen, seen = [], set()
+    for i, node_id in enumerate(raw):
+        if not isinstance(node_id, str) or node_id not in by_id:
+            _fail(path + (i,), "found {}, which is not a node id; expected one of "
+                  "apigee_mtls:nodes".format(_what(node_id)))
+        if by_id[node_id]["retired"]:
+            _fail(path + (i,), "node {!r} is retired; expected a non-retired node".format(
+                node_id))
+        if node_id in seen:
+            _fail(path + (i,), "node {!r} is listed twice".format(node_id))
+        seen.add(node_id)
+        chosen.append(by_id[node_id])
+    chosen = [n for n in nodes if n["id"] in seen]
+    for dc in dcs:
+        ids = [n["id"] for n in chosen if n["datacenter"] == dc]
+        if not ids:
+            _fail(path, "data center {!r} has no Consul server; expected 1, 3 or 5 of its "
+                  "nodes (3 or 5 survive the loss of 1 or 2)".format(dc))
+        if len(ids) % 2 == 0 or len(ids) > SERVERS_MAX:
+            _fail(path, "data center {!r} gets {} Consul servers ({}); expected an odd "
+                  "number, at most {} (3 or 5 as HashiCorp recommends: an even number "
+                  "tolerates no more failures than one server less, and every write waits "
+                  "for a quorum)".format(dc, len(ids), ", ".join(ids), SERVERS_MAX))
+    return chosen
 
 
 def _check_quorum(nodes, dcs):
@@ -957,16 +1021,17 @@ def _norm_ca_generations(raw, path):
     return gen, sorted(trust)
 
 
-def _norm_tls(raw, nodes, primary=None):
+def _norm_tls(raw, nodes, primary=None, servers=None):
     path = ("tls",)
     raw = _mapping(raw, path)
     _check_keys(raw, _TLS_KEYS, path)
     by_id = {n["id"]: n for n in nodes}
     signer = raw.get("signer")
+    servers = _servers(nodes) if servers is None else servers
     if signer is None:
-        # the first zookeeper node of the primary data center (nodes are checked first)
-        first = [n for n in _servers(nodes) if n["datacenter"] == primary]
-        signer = (first or _servers(nodes))[0]["id"]
+        # the first Consul server of the primary data center (nodes are checked first)
+        first = [n for n in servers if n["datacenter"] == primary]
+        signer = (first or servers)[0]["id"]
     elif not isinstance(signer, str) or signer not in by_id:
         _fail(path + ("signer",), "found {}, which is not a node id; expected the "
               "id of the node holding the CA key (one of apigee_mtls:nodes)".format(
@@ -1173,7 +1238,9 @@ def normalize(pillar):
     ranges = _norm_port_ranges(pillar.get("port_ranges"), catalog)
     flows = _norm_flows(pillar.get("flows"))
     secret = _norm_secrets(pillar.get("secrets"))
-    tls = _norm_tls(pillar.get("tls"), nodes, dcs[0])
+    consul = _norm_consul(pillar.get("consul"))
+    servers = _norm_servers((pillar.get("consul") or {}).get("servers"), nodes, dcs)
+    tls = _norm_tls(pillar.get("tls"), nodes, dcs[0], servers)
     acl = _norm_acl(pillar.get("acl"))
     connect_ca = _norm_connect_ca(pillar.get("connect_ca"), acl)
     signer_dc = next(n["datacenter"] for n in nodes if n["id"] == tls["signer"])
@@ -1182,7 +1249,6 @@ def normalize(pillar):
               "also holds the management token and writes tokens, intentions and the CA "
               "configuration, which live in the primary data center: expected a node of "
               "{!r}".format(tls["signer"], signer_dc, dcs[0]))
-    consul = _norm_consul(pillar.get("consul"))
     firewall = _norm_firewall(pillar.get("firewall"), catalog, ranges)
     # OS parameters: used by map.jinja only (not the planner); a mapping of known names
     _check_keys(_mapping(pillar.get("lookup"), ("lookup",)), LOOKUP_KEYS, ("lookup",))
@@ -1191,7 +1257,7 @@ def normalize(pillar):
         "datacenters": dcs,
         "primary_datacenter": dcs[0],
         "nodes": nodes,
-        "servers": [n["id"] for n in _servers(nodes)],
+        "servers": [n["id"] for n in servers],
         "cassandra_internode": internode,
         "components": catalog,
         "port_ranges": ranges,
@@ -1330,7 +1396,9 @@ class _Index(object):
                 continue
             for comp in node["components"]:
                 self.hosts[comp].append(node)
-            if "zookeeper" in node["components"]:
+        servers = set(model["servers"])
+        for node in model["nodes"]:
+            if node["id"] in servers:
                 self.servers_by_dc[node["datacenter"]].append(node)
         self.allocation = model.get("allocation") or allocate_ports(model)
         self._reach = {}
@@ -2046,7 +2114,7 @@ def _acl(model, node, is_server, services):
 def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
     node = index.node(node_id)
     retired = node["retired"]
-    is_server = not retired and "zookeeper" in node["components"]
+    is_server = not retired and node_id in model["servers"]
     result = {
         "node": copy.deepcopy(node),
         "servers": list(model["servers"]),

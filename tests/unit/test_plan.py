@@ -986,8 +986,11 @@ def test_bootstrap_expect_counts_servers_in_own_dc():
     node_by_id(pillar, "n1")["components"].remove("zookeeper")
     pillar["nodes"].append({"id": "z", "ip": "10.77.0.40", "datacenter": "dc-2",
                             "components": ["zookeeper"]})
-    assert amp.plan(pillar, "n2")["consul_config"]["bootstrap_expect"] == 2
-    assert amp.plan(pillar, "n8")["consul_config"]["bootstrap_expect"] == 4
+    # 2 ZooKeeper nodes in dc-1 give 1 server, 4 in dc-2 give 3: an odd number per DC
+    assert amp.plan(pillar, "n2")["consul_config"]["bootstrap_expect"] == 1
+    assert amp.plan(pillar, "n3")["consul_config"]["server"] is False
+    assert amp.plan(pillar, "n8")["consul_config"]["bootstrap_expect"] == 3
+    assert amp.plan(pillar, "z")["consul_config"]["server"] is False
     assert amp.plan(pillar, "n1")["consul_config"]["server"] is False
 
 
@@ -1285,3 +1288,35 @@ def test_garbage_anywhere_raises_only_pillar_errors():
                 errors += 1
                 assert err.key.startswith("apigee_mtls"), err
     assert errors > 500
+
+
+def test_consul_servers_default_to_an_odd_number_of_zookeeper_nodes_at_most_five():
+    pillar = load_topology("13-node")
+    zk = [n["id"] for n in pillar["nodes"] if "zookeeper" in n["components"]]
+    extra = [f"z{i}" for i in range(6)]
+    for i, name in enumerate(extra):
+        pillar["nodes"].append({"id": name, "ip": f"10.77.0.{60 + i}",
+                                "components": ["zookeeper"]})
+    model = amp.validate(pillar)
+    assert model["servers"] == (zk + extra)[:5]
+    assert amp.plan(pillar, extra[-1])["is_server"] is False
+    assert amp.plan(pillar, zk[0])["consul_config"]["bootstrap_expect"] == 5
+
+
+def test_consul_servers_by_list_and_the_errors_that_say_what_to_set():
+    pillar = load_topology("5-node")
+    pillar.setdefault("consul", {})["servers"] = ["n1", "n4", "n5"]
+    model = amp.validate(pillar)
+    assert model["servers"] == ["n1", "n4", "n5"]
+    assert amp.plan(pillar, "n4")["is_server"] and not amp.plan(pillar, "n2")["is_server"]
+    assert amp.plan(pillar, "n2")["consul_config"]["retry_join"] == [
+        amp.validate(pillar)["nodes"][i]["ip"] for i in (0, 3, 4)]
+    for servers, key, words in (
+            (["n1", "n2"], "apigee_mtls:consul:servers", "odd number"),
+            (["n1", "n2", "n3", "n4", "n5", "n1"], "apigee_mtls:consul:servers:5", "twice"),
+            (["n1", "nx", "n3"], "apigee_mtls:consul:servers:1", "not a node id"),
+            ([], "apigee_mtls:consul:servers", "a list of node ids")):
+        pillar["consul"]["servers"] = servers
+        with pytest.raises(amp.PillarError) as err:
+            amp.validate(pillar)
+        assert err.value.key == key and words in str(err.value), str(err.value)
