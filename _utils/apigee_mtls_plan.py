@@ -1302,20 +1302,62 @@ def _forbidden_ports(model):
     return reasons
 
 
-def _check_block(name, low, high, need, hosts, width, forbidden, labels):
-    """Fail when ``need`` ports do not fit ``low-high`` or hit a forbidden port."""
+def suggest_range(need, forbidden, taken, start=10000, stop=EPHEMERAL_PORTS[0] - 1):
+    """
+    The first range of ``need`` ports, starting on a multiple of 100 at or above ``start``,
+    that holds no ``forbidden`` port and overlaps none of the ``taken`` ranges: what a
+    validation error proposes to set.
+
+    :param int need: ports wanted
+    :param forbidden: ports no proxy may listen on (ints)
+    :param taken: ranges in use, ``[[low, high], ...]``
+    :param int start: the lowest port to consider
+    :param int stop: the highest port a range may reach (below Linux's ephemeral ports)
+    :return: ``[low, high]``, or None when no such range exists
+
+    .. code-block:: python
+
+        >>> suggest_range(40, {10636}, [[10600, 10699]], start=10600)
+        [10700, 10739]
+    """
+    first = -(-max(int(start), _MIN_PROXY_PORT) // 100) * 100
+    for low in range(first, stop - need + 2, 100):
+        high = low + need - 1
+        if any(low <= port <= high for port in forbidden):
+            continue
+        if any(low <= t_high and t_low <= high for t_low, t_high in taken):
+            continue
+        return [low, high]
+    return None
+
+
+def _check_block(name, low, high, need, hosts, width, forbidden, labels, taken=()):
+    """Fail when ``need`` ports do not fit ``low-high`` or hit a forbidden port; the error
+    says how many nodes the range fits and what to set instead (:func:`suggest_range`)."""
     size = high - low + 1
+    key = _key("port_ranges", name)
+    others = [r for r in taken if r != [low, high]]
+
+    def what_to_set(first_bad=None):
+        fits = min(size, (first_bad - low) if first_bad is not None else size) // width
+        hint = suggest_range(need, set(forbidden) | set(CONSUL_PORTS), others, start=low)
+        return "; {}-{} fits {} node(s) of {} port(s) each; set {} to [min, max] with at " \
+            "least {} free ports{}".format(
+                low, high, fits, width, key, need,
+                ", e.g. [{}, {}]".format(*hint) if hint else "")
+
     if need > size:
         _fail(("port_ranges", name), "needs {} ports for {} nodes, range {}-{} holds "
-              "{}; expected a larger range".format(need, len(hosts), low, high, size))
+              "{}{}".format(need, len(hosts), low, high, size, what_to_set()))
     for port in sorted(forbidden):
         if low <= port < low + need:
             offset = port - low
             host = hosts[offset // width]
             _fail(("port_ranges", name), "allocated port {} ({} on node {}) equals "
                   "{}; expected a range whose first {} ports avoid Apigee service, "
-                  "Consul, protected and meshed component ports".format(
-                      port, labels[offset % width], host["id"], forbidden[port], need))
+                  "Consul, protected and meshed component ports{}".format(
+                      port, labels[offset % width], host["id"], forbidden[port], need,
+                      what_to_set(port)))
 
 
 def _port_slots(name, ports):
@@ -1354,6 +1396,7 @@ def allocate_ports(model):
         for comp in node["components"]:
             hosts[comp].append(node)
     blocks = {}
+    taken = [list(r) for r in model["port_ranges"].values()]
     for name, spec in model["components"].items():
         ports = spec["ports"]
         if not ports:
@@ -1363,12 +1406,12 @@ def allocate_ports(model):
         width = len(slots)
         need = width * len(hosts[name])
         _check_block(name, low, high, need, hosts[name], width, forbidden,
-                     ["{} {}".format(name, p) for p in slots])
+                     ["{} {}".format(name, p) for p in slots], taken)
         for k, node in enumerate(hosts[name]):
             base = low + k * width
             blocks[(node["id"], name)] = {p: base + slots.index(p) for p in ports}
     low, high = model["port_ranges"]["egress"]
-    _check_block("egress", low, high, len(nodes), nodes, 1, forbidden, ["egress"])
+    _check_block("egress", low, high, len(nodes), nodes, 1, forbidden, ["egress"], taken)
     allocation = {}
     for k, node in enumerate(nodes):
         ingress = {}
@@ -1377,6 +1420,43 @@ def allocate_ports(model):
                 ingress[comp] = blocks[(node["id"], comp)]
         allocation[node["id"]] = {"egress": low + k, "ingress": ingress}
     return allocation
+
+
+def sizing(model):
+    """
+    How many nodes each proxy port range fits: for each component with meshed ports, its
+    range, the ports each node takes, the nodes that fit and what stops one more (the range's
+    end, or the first port in it no proxy may use); then ``egress`` (one port per node: the
+    cluster's maximum) and the Consul servers per data center.
+
+    :param dict model: a model from :func:`normalize` (the defaults: any valid pillar that
+        overrides no range)
+    :return: list of ``{"name", "range": [low, high], "ports_per_node", "nodes",
+        "limit"}`` (dicts; ``limit`` a sentence), components in catalog order, egress last
+
+    .. code-block:: python
+
+        >>> rows = sizing(validate(pillar))  # doctest: +SKIP
+        >>> [(r["name"], r["nodes"]) for r in rows][:2]  # doctest: +SKIP
+        [('router', 18), ('message-processor', 50)]
+    """
+    forbidden = _forbidden_ports(model)
+    rows = []
+    names = [n for n, spec in model["components"].items() if spec["ports"]] + ["egress"]
+    for name in names:
+        low, high = model["port_ranges"][name]
+        width = 1 if name == "egress" else len(
+            _port_slots(name, model["components"][name]["ports"]))
+        fits = (high - low + 1) // width
+        limit = "the range's end ({})".format(high)
+        for port in sorted(p for p in forbidden if low <= p <= high):
+            if (port - low) // width < fits:
+                fits = (port - low) // width
+                limit = "{} inside the range".format(forbidden[port])
+            break
+        rows.append({"name": name, "range": [low, high], "ports_per_node": width,
+                     "nodes": fits, "limit": limit})
+    return rows
 
 
 # ---------------------------------------------------------------------------
