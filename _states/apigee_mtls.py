@@ -867,18 +867,22 @@ def _drain(ports, minimum, cap=1.5):
     return round(time.monotonic() - began, 2)
 
 
-def _wait_listening(port, wait):
-    """Wait until something listens on TCP ``port`` (the restarted agent), at most ``wait``
-    seconds; True when it does."""
+def _wait_listening(ports, wait, address=None, interval=0.05):
+    """Wait until something listens on each TCP port of ``ports`` (``ss -Hltn``), at
+    ``address`` or, when None, at any address, at most ``wait`` seconds; returns the ports
+    still not listening (sorted; empty when every one is)."""
     deadline = time.monotonic() + wait
     while True:
-        out = __salt__["cmd.run_stdout"](["ss", "-Hltn", "sport = :{}".format(port)],
-                                         python_shell=False, ignore_retcode=True)
-        if out.strip():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
+        out = __salt__["cmd.run_stdout"](["ss", "-Hltn"], python_shell=False,
+                                         ignore_retcode=True)
+        local = [line.split()[3] for line in out.splitlines() if len(line.split()) > 3]
+        missing = sorted(
+            p for p in ports
+            if ("{}:{}".format(address, p) not in local if address else
+                not any(addr.rsplit(":", 1)[-1] == str(p) for addr in local)))
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(interval)
 
 
 def _agent_answers_authorize(services, token, wait):
@@ -1085,7 +1089,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             timings["restart"] = round(time.monotonic() - held, 2)
             if rpc_rules:
                 # a server: its raft peers must reach it again before it can authorize
-                _wait_listening(restart["rpc_port"], 10)
+                _wait_listening([restart["rpc_port"]], 10)
                 _hold(rpc_rules, False)
             if not _agent_answers_authorize(restart.get("authorize_services") or [], token,
                                             60):
@@ -1347,13 +1351,6 @@ def sidecars_current(name, units):
     return ret
 
 
-def _listening(ports, address="127.0.0.1"):
-    """The ``ports`` nothing listens on yet at ``address`` (``ss -Hltn``), sorted."""
-    out = __salt__["cmd.run_stdout"](["ss", "-Hltn"], python_shell=False, ignore_retcode=True)
-    local = {line.split()[3] for line in out.splitlines() if len(line.split()) > 3}
-    return sorted(p for p in ports if "{}:{}".format(address, p) not in local)
-
-
 def sidecar_listeners_managed(name, unit, listener, upstreams=None, wait=20):
     """
     Ensure a sidecar proxy serves its planned listeners with as little disruption as Consul
@@ -1418,10 +1415,7 @@ def sidecar_listeners_managed(name, unit, listener, upstreams=None, wait=20):
     if written["result"] is False:
         return dict(written, name=name)
     if not action["restart"] and action["bind"]:
-        deadline = time.monotonic() + wait
-        while _listening(action["bind"]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        missing = _listening(action["bind"])
+        missing = _wait_listening(action["bind"], wait, address="127.0.0.1", interval=0.2)
         if missing:
             action["restart"] = ["ports {} did not listen within {} s".format(missing, wait)]
             ret["changes"]["restart"] = action["restart"]

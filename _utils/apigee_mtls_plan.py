@@ -2597,46 +2597,38 @@ def verify_line(result):
         return "OK: not in apigee_mtls:nodes (nothing to check)"
     checks = result.get("checks") or {}
     if result.get("ok"):
-        words = []
-        for name, check in checks.items():
-            if name == "members":
-                stale = check.get("stale_leaving") or []
-                words.append("members all present" + (
-                    " ({} listed as leaving)".format(", ".join(stale)) if stale else ""))
-            elif name == "leader":
-                words.append("leader {}".format(check.get("leader")))
-            elif name == "services":
-                words.append("{} sidecars passing".format(check.get("count")))
-            elif name == "leaf":
-                words.append("leaf certificate issued")
-            elif name == "firewall":
-                words.append("firewall as planned (IPv6: {})".format(check.get("ipv6")))
-            elif name == "upstreams":
-                words.append("{} upstreams answer".format(check.get("count")))
-            elif name == "acl_token":
-                words.append("ACL token present")
-        return "OK: " + ", ".join(words)
-    words = []
-    for name, check in checks.items():
-        if check.get("ok"):
-            continue
-        if name == "members":
-            words.append("members missing: " + ", ".join(check.get("missing") or []))
-        elif name == "leader":
-            words.append("no leader")
-        elif name == "services":
-            words.append("sidecars: " + "; ".join(check.get("problems") or []))
-        elif name == "leaf":
-            words.append("no leaf certificate from {}: {}".format(check.get("datacenter"),
-                                                                  check.get("error")))
-        elif name == "firewall":
-            words.append("firewall drifted: " + ", ".join(check.get("drifted") or []))
-        elif name == "upstreams":
-            failed = check.get("failed") or []
-            words.append("upstreams: {} of {} fail ({})".format(
-                len(failed), check.get("count"), ", ".join(failed)))
-        elif name == "acl_token":
-            words.append("no ACL token in " + str(check.get("file")))
-        else:
-            words.append(name)
-    return "FAILED: " + "; ".join(words)
+        return "OK: " + ", ".join(_VERIFY_WORDS[name][0](check)
+                                  for name, check in checks.items() if name in _VERIFY_WORDS)
+    return "FAILED: " + "; ".join(
+        _VERIFY_WORDS[name][1](check) if name in _VERIFY_WORDS else name
+        for name, check in checks.items() if not check.get("ok"))
+
+
+def _members_ok(check):
+    stale = check.get("stale_leaving") or []
+    return "members all present" + (
+        " ({} listed as leaving)".format(", ".join(stale)) if stale else "")
+
+
+def _upstreams_failed(check):
+    failed = check.get("failed") or []
+    return "upstreams: {} of {} fail ({})".format(len(failed), check.get("count"),
+                                                  ", ".join(failed))
+
+
+#: check name -> (words when it passes, words when it fails), for :func:`verify_line`
+_VERIFY_WORDS = {
+    "acl_token": (lambda c: "ACL token present",
+                  lambda c: "no ACL token in " + str(c.get("file"))),
+    "members": (_members_ok,
+                lambda c: "members missing: " + ", ".join(c.get("missing") or [])),
+    "leader": (lambda c: "leader {}".format(c.get("leader")), lambda c: "no leader"),
+    "services": (lambda c: "{} sidecars passing".format(c.get("count")),
+                 lambda c: "sidecars: " + "; ".join(c.get("problems") or [])),
+    "leaf": (lambda c: "leaf certificate issued",
+             lambda c: "no leaf certificate from {}: {}".format(c.get("datacenter"),
+                                                                c.get("error"))),
+    "firewall": (lambda c: "firewall as planned (IPv6: {})".format(c.get("ipv6")),
+                 lambda c: "firewall drifted: " + ", ".join(c.get("drifted") or [])),
+    "upstreams": (lambda c: "{} upstreams answer".format(c.get("count")), _upstreams_failed),
+}
