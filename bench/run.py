@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py                       planner, then dataplane if the lab is up
     .venv/bin/python bench/run.py --only planner        [--sizes 100,1000,5000]
     .venv/bin/python bench/run.py --only dataplane      needs a running lab (make lab)
+    .venv/bin/python bench/run.py --only native         iperf3/sockperf, mesh vs direct (lab)
     .venv/bin/python bench/run.py --only rollout        DESTROYS and re-creates the lab
                                   [--topology 5-node|13-node|FILE] [--repeat N]
 
@@ -123,7 +124,7 @@ TOPOLOGIES = os.path.join(REPO, "tests", "topologies")
 sys.path.insert(0, os.path.join(REPO, "_utils"))
 import apigee_mtls_plan as planner  # noqa: E402  (pure planner, no Salt)
 
-SECTIONS = ("planner", "dataplane", "rollout")
+SECTIONS = ("planner", "dataplane", "native", "rollout")
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -1030,6 +1031,9 @@ def main(argv=None):
     p.add_argument("--connect-count", type=int, default=300)
     p.add_argument("--parallel", type=int, default=16)
     p.add_argument("--direct-port", type=int, default=18081)
+    p.add_argument("--native-direct-ports", default="15201,15202",
+                   type=lambda s: [int(x) for x in s.split(",")][:2],
+                   help="native: the direct path's iperf3 and sockperf ports (unmeshed)")
     p.add_argument("--force", action="store_true",
                    help="run dataplane/rollout even while tests or captures use the lab")
     p.add_argument("--topology", default="5-node", help="rollout: 5-node, 13-node or a file")
@@ -1041,7 +1045,7 @@ def main(argv=None):
         p.error("--line-bytes must be below 65536 (the stand-in's line limit)")
     out_path = os.path.abspath(args.out)
 
-    sections = [args.only] if args.only else ["planner", "dataplane"]
+    sections = [args.only] if args.only else ["planner", "dataplane", "native"]
     results, skipped, failed = {}, [], False
     for name in sections:
         if name == "planner":
@@ -1062,6 +1066,19 @@ def main(argv=None):
             if res:
                 results["dataplane"] = res
                 print_dataplane(res)
+            else:
+                skipped.append(why)
+                say("\n" + why)
+        elif name == "native":
+            import native  # pylint: disable=import-outside-toplevel
+            try:
+                res, why = native.section_native(args)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                failed = True
+                res, why = None, f"native: failed, nothing recorded: {exc}"
+            if res:
+                results["native"] = res
+                native.print_native(res)
             else:
                 skipped.append(why)
                 say("\n" + why)

@@ -6,7 +6,10 @@ set -euo pipefail
 CACHE=${LAB_CACHE:-/var/cache/apigee-mtls-lab}
 ROOTFS="$CACHE/rootfs"
 SALT_VERSION=${SALT_VERSION:-3008.4}
-STAMP="$ROOTFS/.complete-salt-$SALT_VERSION"
+# the Debian packages of every node; iperf3 and sockperf are the native endpoints of
+# `make bench` (mesh against direct). A changed list builds a new rootfs.
+PACKAGES=systemd,systemd-sysv,dbus,iproute2,iptables,python3,python3-venv,ca-certificates,procps,netcat-openbsd,tcpdump,less,iperf3,sockperf
+STAMP="$ROOTFS/.complete-salt-$SALT_VERSION-$(printf %s "$PACKAGES" | sha256sum | cut -c1-12)"
 [ -e "$STAMP" ] && { echo "rootfs: cached at $ROOTFS"; exit 0; }
 
 mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
@@ -18,7 +21,7 @@ if [ ! -e "$ROOTFS.tmp/.debootstrap-done" ]; then
 rm -rf "$ROOTFS.tmp"
 echo "rootfs: debootstrap bookworm from $mirror"
 debootstrap --variant=minbase \
-  --include=systemd,systemd-sysv,dbus,iproute2,iptables,python3,python3-venv,ca-certificates,procps,netcat-openbsd,tcpdump,less \
+  --include="$PACKAGES" \
   bookworm "$ROOTFS.tmp" "$mirror" >"$CACHE/debootstrap.log" 2>&1 \
   || { tail -20 "$CACHE/debootstrap.log"; exit 1; }
 touch "$ROOTFS.tmp/.debootstrap-done"

@@ -200,7 +200,9 @@ def write_master(topo_path, topo):
         # every node asks the signer for its certificate through the master (peer publish,
         # polled every 0.3 s): with Salt's default of 5 workers, 13 nodes applying at once
         # stalled the master (request and pillar timeouts); one worker per node does not
-        "worker_threads": max(5, len(topo.get("nodes", [])) + 2),
+        # (LAB_MASTER_WORKERS=5: Salt's default, to measure what a stock master does)
+        "worker_threads": int(os.environ.get("LAB_MASTER_WORKERS") or
+                              max(5, len(topo.get("nodes", [])) + 2)),
         "log_level_logfile": "info",
         "state_output": "mixed",
         "keep_jobs_seconds": 86400,

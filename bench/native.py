@@ -1,0 +1,226 @@
+"""The data plane measured with native endpoints (``bench/run.py --only native``): iperf3 for
+throughput, sockperf for round trips, both from Debian 12 in the lab's rootfs, so that the
+direct baseline is the network and the kernel, not a Python stand-in (the ``dataplane``
+section's servers, single-threaded Python, cap the direct path at about 235 MB/s).
+
+Between the first management-server node (client) and the first router node on another node
+(server), in one run, interleaved (direct, mesh, then mesh, direct, ...):
+
+* MESH: the client connects to ``<router node IP>:<router port>`` as an Edge component would;
+  its nat chain redirects it to its egress sidecar, which opens mTLS to the router's ingress
+  sidecar, which hands plaintext to the server on ``127.0.0.1:<port>`` (where the stand-in
+  component listens the rest of the time: the bench moves the stand-in off the router's ports
+  for the duration and puts it back, restarted, at the end). iperf3 on the router's 4527,
+  sockperf on its 8081.
+* DIRECT: the same programs on the router node's IP, on ports no proxy, component or
+  firewall rule knows (``--native-direct-ports``, default 15201 and 15202).
+
+Metrics: single-stream and 16-stream throughput (``iperf3 -t``, received bits/s), round trip
+p50/p99 (``sockperf ping-pong --full-rtt``, 64-byte messages), and the sidecars' CPU seconds
+per GiB through them (``/proc/<pid>/stat`` of the two ``consul connect proxy`` processes,
+around each mesh iperf3 run). New-connection cost stays with the ``dataplane`` section (neither
+tool opens a connection per request). Nothing is asserted: figures and ratios are printed and
+saved, medians over ``--dp-repeats``.
+"""
+import json
+import re
+import subprocess
+import time
+
+import run as h  # bench/run.py: lab helpers (lab_running, find_pids, proc_cpu_seconds, ...)
+
+MESH_PORTS = {"iperf3": 4527, "sockperf": 8081}  # the router's meshed ports (loopback target)
+_PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
+_UNIT = "amtls-bench-{}"
+
+
+def _node(labctl, node, argv, timeout=120, check=True):
+    proc = subprocess.run(labctl.node_exec_cmd(node, argv), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{node}: {' '.join(argv)}: rc {proc.returncode}: "
+                           f"{proc.stderr[-600:]}")
+    return proc
+
+
+def sockperf_percentiles(text):
+    """``{"p50_us": .., "p99_us": ..}`` from ``sockperf ping-pong`` output (microseconds)."""
+    pct = {float(p): float(v) for p, v in _PCT.findall(text)}
+    if 50.0 not in pct or 99.0 not in pct:
+        raise RuntimeError(f"sockperf: no percentiles in its output: {text[-400:]}")
+    return {"p50_us": pct[50.0], "p99_us": pct[99.0]}
+
+
+def iperf3_summary(text):
+    """Received throughput (Gbit/s) and CPU use from ``iperf3 -J`` output."""
+    data = json.loads(text)
+    if data.get("error"):
+        raise RuntimeError(f"iperf3: {data['error']}")
+    end = data["end"]
+    return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
+            "bytes": end["sum_received"]["bytes"],
+            "cpu_client_pct": end["cpu_utilization_percent"]["host_total"],
+            "cpu_server_pct": end["cpu_utilization_percent"]["remote_total"]}
+
+
+class Servers:
+    """iperf3 and sockperf servers inside the router node, as transient systemd units of its
+    own systemd (stopped by name at the end), for both paths; the stand-in's router listeners
+    are moved off meanwhile and put back after."""
+
+    CONFIG = "/etc/apigee-standin.json"
+
+    def __init__(self, labctl, node, ip, direct_ports):
+        self.labctl, self.node, self.units = labctl, node, []
+        self.original = _node(labctl, node, ["cat", self.CONFIG]).stdout
+        cfg = json.loads(self.original)
+        cfg["listeners"] = [x for x in cfg["listeners"] if x["port"] not in MESH_PORTS.values()]
+        self._write(json.dumps(cfg, indent=1))
+        _node(labctl, node, ["systemctl", "restart", "apigee-standin"])
+        specs = {
+            "iperf3-mesh": ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(MESH_PORTS["iperf3"])],
+            "iperf3-direct": ["iperf3", "-s", "-B", ip, "-p", str(direct_ports[0])],
+            "sockperf-mesh": ["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p",
+                              str(MESH_PORTS["sockperf"])],
+            "sockperf-direct": ["sockperf", "server", "--tcp", "-i", ip, "-p",
+                                str(direct_ports[1])],
+        }
+        for name, argv in specs.items():
+            unit = _UNIT.format(name)
+            _node(labctl, node, ["systemctl", "reset-failed", unit], check=False)
+            _node(labctl, node, ["systemd-run", "--unit", unit, "--collect",
+                                 "--property=RuntimeMaxSec=1800", *argv])
+            self.units.append(unit)
+        want = [MESH_PORTS["iperf3"], MESH_PORTS["sockperf"], *direct_ports]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = _node(labctl, node, ["ss", "-Hltn"]).stdout
+            if all(f":{p} " in out for p in want):
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"native servers on {node} did not listen on {want}")
+
+    def _write(self, text):
+        proc = subprocess.run(self.labctl.node_exec_cmd(
+            self.node, ["sh", "-c", f"cat > {self.CONFIG}.new && mv {self.CONFIG}.new "
+                                    f"{self.CONFIG}"]),
+            input=text, capture_output=True, text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{self.node}: cannot write {self.CONFIG}: {proc.stderr}")
+
+    def stop(self):
+        for unit in self.units:
+            _node(self.labctl, self.node, ["systemctl", "stop", unit], check=False)
+        self.units = []
+        self._write(self.original)
+        _node(self.labctl, self.node, ["systemctl", "restart", "apigee-standin"], check=False)
+
+
+def section_native(args):
+    """Run the native benchmark on the running lab; returns ``(result, None)`` or
+    ``(None, why it was skipped)``."""
+    running, msg = h.lab_running()
+    if not running:
+        return None, f"native: skipped, the lab is not running ({msg.splitlines()[0]})"
+    labctl = h.load_module("labctl", h.LABCTL)
+    users = h.lab_users(labctl.BRIDGE)
+    if users and not args.force:
+        return None, "native: skipped, the lab is in use ({})".format(
+            "; ".join(f"pid {p}: {c}" for p, c in users))
+    pillar = labctl.load_topology(labctl.load_state()["topology"])
+    model = h.planner.normalize(pillar)
+    live = [n for n in model["nodes"] if not n["retired"]]
+    src = next((n for n in live if "management-server" in n["components"]), None)
+    dst = next((n for n in live if "router" in n["components"] and n is not src), None)
+    if src is None or dst is None:
+        return None, "native: skipped, no management-server and router on two nodes"
+    missing = _node(labctl, src["id"], ["sh", "-c", "command -v iperf3; command -v sockperf"],
+                    check=False).stdout.split()
+    if len(missing) < 2:
+        return None, ("native: skipped, iperf3/sockperf are not in the lab's rootfs (a lab "
+                      "built before they were added: `make lab-down`, then `make lab`)")
+    egress = h.planner.egress_name(src["ip"])
+    pids = {}
+    for label, svc in (("egress", egress),
+                       ("ingress", h.planner.service_name("router", MESH_PORTS["iperf3"],
+                                                          dst["ip"]))):
+        found = h.find_pids(rf"consul connect proxy -sidecar-for {svc}( |$)")
+        if len(found) != 1:
+            return None, f"native: expected one sidecar process for {svc}, found {found}"
+        pids[label] = found[0]
+    direct = args.native_direct_ports
+    targets = {"direct": {"iperf3": direct[0], "sockperf": direct[1]},
+               "mesh": dict(MESH_PORTS)}
+    h.say(f"native: {src['id']} -> {dst['id']} ({dst['ip']}): MESH ports {MESH_PORTS} vs "
+          f"DIRECT ports {direct}")
+    result = {"meta": h.section_meta(), "client": src["id"], "server": dst["id"],
+              "targets": targets, "proxy_pids": pids,
+              "settings": {"repeats": args.dp_repeats, "seconds": args.dp_seconds,
+                           "parallel": args.parallel}}
+    runs = {p: {"single": [], "parallel": [], "rtt": []} for p in targets}
+    cpu = {"seconds": 0.0, "bytes": 0}
+    servers = Servers(labctl, dst["id"], dst["ip"], direct)
+    try:
+        seconds = str(max(1, int(args.dp_seconds)))
+        for rep in range(args.dp_repeats):
+            for path in (["direct", "mesh"] if rep % 2 == 0 else ["mesh", "direct"]):
+                port = targets[path]
+                for name, extra in (("single", []), ("parallel", ["-P", str(args.parallel)])):
+                    before = sum(h.proc_cpu_seconds(p) for p in pids.values())
+                    out = iperf3_summary(_node(labctl, src["id"], [
+                        "iperf3", "-c", dst["ip"], "-p", str(port["iperf3"]), "-t", seconds,
+                        "-J", *extra], timeout=int(seconds) + 60).stdout)
+                    used = sum(h.proc_cpu_seconds(p) for p in pids.values()) - before
+                    if path == "mesh" and name == "single":
+                        cpu["seconds"] += used
+                        cpu["bytes"] += out["bytes"]
+                    runs[path][name].append(out)
+                    h.say(f"  {name:8} {path:6} #{rep + 1}: {out['gbit_s']:.2f} Gbit/s")
+                rtt = sockperf_percentiles(_node(labctl, src["id"], [
+                    "sockperf", "ping-pong", "--tcp", "-i", dst["ip"], "-p",
+                    str(port["sockperf"]), "-t", seconds, "--msg-size", "64", "--full-rtt"],
+                    timeout=int(seconds) + 60).stdout)
+                runs[path]["rtt"].append(rtt)
+                h.say(f"  rtt      {path:6} #{rep + 1}: p50 {rtt['p50_us']:.0f}us "
+                      f"p99 {rtt['p99_us']:.0f}us")
+    finally:
+        servers.stop()
+    summary = {}
+    for path, r in runs.items():
+        summary[path] = {
+            "single_gbit_s": h.median(x["gbit_s"] for x in r["single"]),
+            "parallel_gbit_s": h.median(x["gbit_s"] for x in r["parallel"]),
+            "rtt_p50_us": h.median(x["p50_us"] for x in r["rtt"]),
+            "rtt_p99_us": h.median(x["p99_us"] for x in r["rtt"]),
+        }
+    summary["mesh"]["proxy_cpu_s_per_gib"] = (cpu["seconds"] / (cpu["bytes"] / h.GiB)
+                                              if cpu["bytes"] else None)
+    summary["ratio_mesh_over_direct"] = {
+        k: summary["mesh"][k] / summary["direct"][k] if summary["direct"][k] else None
+        for k in ("single_gbit_s", "parallel_gbit_s", "rtt_p50_us", "rtt_p99_us")}
+    result.update(summary=summary, runs=runs, cpu=cpu)
+    result["meta"]["loadavg_after"] = h.loadavg()
+    return result, None
+
+
+def print_native(res):
+    s = res["summary"]
+    d, m, ratio = s["direct"], s["mesh"], s["ratio_mesh_over_direct"]
+    rows = [
+        ["throughput, 1 stream (Gbit/s)", h.fmt(d["single_gbit_s"], ".2f"),
+         h.fmt(m["single_gbit_s"], ".2f"), h.fmt(ratio["single_gbit_s"], ".2f") + "x"],
+        [f"throughput, {res['settings']['parallel']} streams (Gbit/s)",
+         h.fmt(d["parallel_gbit_s"], ".2f"), h.fmt(m["parallel_gbit_s"], ".2f"),
+         h.fmt(ratio["parallel_gbit_s"], ".2f") + "x"],
+        ["round trip p50 (us)", h.fmt(d["rtt_p50_us"], ".0f"), h.fmt(m["rtt_p50_us"], ".0f"),
+         h.fmt(ratio["rtt_p50_us"], ".2f") + "x"],
+        ["round trip p99 (us)", h.fmt(d["rtt_p99_us"], ".0f"), h.fmt(m["rtt_p99_us"], ".0f"),
+         h.fmt(ratio["rtt_p99_us"], ".2f") + "x"],
+        ["sidecars' CPU s per GiB (1 stream)", "-", h.fmt(m["proxy_cpu_s_per_gib"], ".2f"),
+         ""],
+    ]
+    h.say(f"\nnative data plane ({res['client']} -> {res['server']}; iperf3, sockperf; "
+          f"medians of {res['settings']['repeats']}, load {res['meta'].get('loadavg_before')} -> "
+          f"{res['meta'].get('loadavg_after')})")
+    h.say(h.table(["metric", "direct", "mesh", "mesh/direct"], rows))
