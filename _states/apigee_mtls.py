@@ -849,17 +849,18 @@ def _hold(rules, on, timer=None):
     return timer
 
 
-def _drain(ports, minimum, cap=1.5):
+def _drain(ports, minimum, cap=0.4):
     """Once new connections to ``ports`` are held, wait until the sidecars are done with the
     ones that arrived before (``apigee_mtls_restart.pending_connections``: none queued,
-    none with unread bytes, on two polls 50 ms apart), at least ``minimum`` and at most
+    none new with unread bytes, on two polls in a row 50 ms apart), at least ``minimum`` and at most
     ``cap`` seconds: under load a sidecar may read a ClientHello late, and its authorize
-    must not meet a stopping agent. Returns the seconds waited."""
+    must not meet a stopping agent. The cap is short: the whole hold must stay under the 3 s
+    at which callers resend a dropped SYN a second time. Returns the seconds waited."""
     began = time.monotonic()
     time.sleep(minimum)
     quiet = 0
     while ports and quiet < 2 and time.monotonic() - began < cap:
-        out = __salt__["cmd.run_stdout"](["ss", "-Htan"], python_shell=False,
+        out = __salt__["cmd.run_stdout"](["ss", "-Htina"], python_shell=False,
                                          ignore_retcode=True)
         quiet = 0 if _rs("pending_connections")(out, ports) else quiet + 1
         if quiet < 2:
@@ -1018,7 +1019,10 @@ class _RestartLock:
                     why = "this server is not back in raft yet ({})".format(
                         stats.get("state", "no raft state"))
                 else:
-                    why = self.health_problem()
+                    members = self.api("GET", "/v1/agent/members", self.token, timeout=5)
+                    why = (_rs("servers_unsettled")(members, [self.node],
+                                                    self.token is not None).get(self.node)
+                           or self.health_problem())
                 if why is None:
                     return None
             except Exception as exc:  # pylint: disable=broad-except
@@ -1057,6 +1061,23 @@ def _servers_on_other_binary(servers, sha, token):
     return _rs("clients_wait_for")(sha, shas)
 
 
+def _servers_unsettled(restart, token, wait):
+    """Wait until every server of this node's data center is alive and out of legacy ACL
+    mode (``apigee_mtls_restart.servers_unsettled``), at most ``wait`` seconds; returns what
+    is still unsettled (empty dict when nothing)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            members = _acl("api")("GET", "/v1/agent/members", token, timeout=5) or []
+            unsettled = _rs("servers_unsettled")(members, restart["servers"],
+                                                 bool(restart.get("token_file")))
+        except Exception as exc:  # pylint: disable=broad-except
+            unsettled = {"members": str(exc)}
+        if not unsettled or time.monotonic() > deadline:
+            return unsettled
+        time.sleep(0.5)
+
+
 def _restart_agent(service, restart, unit_file=None, timings=None):
     """Restart the local agent as ``restart`` (the states' ``restart`` argument) says:
     a server under the data center's lock after a health check, new connections to and from
@@ -1083,7 +1104,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
         try:
             # connections accepted just before the hold may still be asking the agent (an
             # authorize, a resolve): let them finish before it stops
-            timings["drain"] = _drain(restart.get("hold_ports") or [], restart.get("drain", 0.1))
+            timings["drain"] = _drain(restart.get("hold_ports") or [], restart.get("drain", 0.2))
             if not __salt__["service.restart"](service):
                 return "systemctl restart {} failed".format(service)
             timings["restart"] = round(time.monotonic() - held, 2)
@@ -1284,6 +1305,17 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
                 return ret
             time.sleep(2)
     timings = {}
+    if not restart.get("server") and restart.get("servers"):
+        # not while a server restarts: a client's first token lookup on a server still in
+        # legacy ACL mode fails for the token's TTL (apigee_mtls_restart.servers_unsettled)
+        began = time.monotonic()
+        unsettled = _servers_unsettled(restart, token, restart.get("wait", 600))
+        timings["servers_wait"] = round(time.monotonic() - began, 2)
+        if unsettled:
+            ret["result"] = False
+            ret["comment"] = "Not restarted: servers not settled after {} s: {}".format(
+                restart.get("wait", 600), unsettled)
+            return ret
     error = _restart_agent(name, dict(restart, bin_path=bin_path), unit_file, timings)
     ret["changes"]["restarted"]["seconds"] = timings
     if error:

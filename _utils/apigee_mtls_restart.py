@@ -20,6 +20,7 @@ false, so a restarted agent does not leave the cluster and its services stay in 
 """
 
 import hashlib
+import re
 
 #: KV prefix of the formula's coordination keys (per data center: Consul's KV is not
 #: replicated across data centers, and so neither are these locks)
@@ -66,17 +67,26 @@ def hold_rules(ports):
             "DROP".format(",".join(str(p) for p in chunk), HOLD_COMMENT) for chunk in chunks]
 
 
+#: an established connection that has received no more data segments than this is still in
+#: its TLS handshake (a ClientHello, then the client's certificate flight); a long-lived one,
+#: even a quiet one, has received more
+HANDSHAKE_SEGMENTS = 3
+
+
 def pending_connections(ss_text, ports):
     """
-    The connections to ``ports`` that a sidecar has not finished with, from ``ss -Htan``:
+    The connections to ``ports`` that a sidecar has not finished with, from ``ss -Htina``:
     still in the TCP handshake (``SYN-RECV``), waiting to be accepted (a listening socket's
-    Recv-Q is its accept queue) or holding bytes the sidecar has not read yet (a TLS
-    ClientHello or client certificate: the handshake, and the authorize call the sidecar
-    makes to its agent for it, are still to come). An agent must not stop while any exists:
-    that sidecar's authorize would fail and its caller see a reset.
+    Recv-Q is its accept queue), or new and holding bytes the sidecar has not read yet
+    (Recv-Q > 0 after at most :data:`HANDSHAKE_SEGMENTS` data segments: a TLS ClientHello or
+    client certificate, so the handshake, and the authorize call the sidecar makes to its
+    agent for it, are still to come). An agent must not stop while any exists: that sidecar's
+    authorize would fail and its caller see a reset. Established connections carrying
+    traffic are not waited for.
 
-    :param str ss_text: the output of ``ss -Htan`` (no header; state, Recv-Q, Send-Q, local
-        address:port, peer address:port per line)
+    :param str ss_text: the output of ``ss -Htina`` (no header; per socket a line with state,
+        Recv-Q, Send-Q, local address:port and peer address:port, then a tab-indented line of
+        TCP information with ``data_segs_in:<n>``)
     :param ports: the held ports (ints)
     :return: the pending connections, as ``"STATE local peer"`` (list of str)
 
@@ -87,8 +97,15 @@ def pending_connections(ss_text, ports):
         ['LISTEN 0.0.0.0:10300 0.0.0.0:*']
     """
     ports = {int(p) for p in ports}
-    out = []
+    sockets = []
     for line in (ss_text or "").splitlines():
+        if line[:1].isspace():
+            if sockets:
+                sockets[-1][1] = line
+            continue
+        sockets.append([line, ""])
+    out = []
+    for line, info in sockets:
         fields = line.split()
         if len(fields) < 5 or not fields[1].isdigit():
             continue
@@ -96,7 +113,10 @@ def pending_connections(ss_text, ports):
         port = local.rsplit(":", 1)[-1]
         if not port.isdigit() or int(port) not in ports:
             continue
-        if state == "SYN-RECV" or (state in ("LISTEN", "ESTAB") and recv_q > 0):
+        segments = re.search(r"data_segs_in:(\d+)", info)
+        new = int(segments.group(1)) <= HANDSHAKE_SEGMENTS if segments else True
+        if state == "SYN-RECV" or (state == "LISTEN" and recv_q > 0) or (
+                state == "ESTAB" and recv_q > 0 and new):
             out.append("{} {} {}".format(state, local, peer))
     return out
 
@@ -201,6 +221,42 @@ def leader_waits(node, leader, pending, states, want):
         return False
     return (any(p != node for p in pending)
             or any(fp != want for other, fp in states.items() if other != node))
+
+
+#: serf tag a Consul 1.8 server advertises for its ACL mode: "1" once it uses the ACL system
+#: (a restarted server starts in legacy mode, "2", until it has seen its leader's mode)
+ACL_MODE_ENABLED = "1"
+
+
+def servers_unsettled(members, servers, acl_enabled=True):
+    """
+    The servers a client agent waits for before it restarts: those not alive in the LAN pool,
+    or, with ACLs, not yet out of the legacy ACL mode a restarted Consul 1.8 server starts in.
+    A client that restarts meanwhile and sends its first token lookup there gets "The ACL
+    system is currently in legacy mode", and Consul keeps that failure for the token's TTL
+    (30 s): the node's sidecars cannot authorize and its new connections time out (measured
+    in the lab: 33 s).
+
+    :param list members: ``GET /v1/agent/members`` (dicts with ``Name``, ``Status`` (1:
+        alive) and ``Tags``)
+    :param servers: the data center's server node names
+    :param bool acl_enabled: whether the cluster runs ACLs
+    :return: ``{server: why}`` for each unsettled server (dict; empty when all are settled)
+
+    .. code-block:: python
+
+        >>> servers_unsettled([{"Name": "n1", "Status": 1, "Tags": {"acls": "2"}}], ["n1"])
+        {'n1': 'in legacy ACL mode (just restarted)'}
+    """
+    by_name = {m.get("Name"): m for m in members or []}
+    out = {}
+    for name in servers:
+        member = by_name.get(name)
+        if member is None or member.get("Status") != 1:
+            out[name] = "not alive"
+        elif acl_enabled and (member.get("Tags") or {}).get("acls") != ACL_MODE_ENABLED:
+            out[name] = "in legacy ACL mode (just restarted)"
+    return out
 
 
 def agent_state(binary_sha, config_bytes, unit_bytes):

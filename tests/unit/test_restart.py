@@ -181,18 +181,25 @@ def test_a_unit_file_written_after_the_agent_started_restarts_it(tmp_path, curre
 
 
 SS = """LISTEN   0 4096 0.0.0.0:10300 0.0.0.0:*
+\t cubic rto:200
 LISTEN   2 4096 0.0.0.0:10301 0.0.0.0:*
 ESTAB    0 0    10.77.0.11:10300 10.77.0.15:40000
+\t cubic wscale:7,7 rto:204 bytes_sent:1200 bytes_received:900 data_segs_in:2
 ESTAB    517 0  10.77.0.11:10300 10.77.0.15:40002
+\t cubic wscale:7,7 rto:204 bytes_received:517 data_segs_in:1
+ESTAB    2048 0  10.77.0.11:10300 10.77.0.15:40006
+\t cubic wscale:7,7 rto:204 bytes_received:2100 data_segs_in:40
 SYN-RECV 0 0    10.77.0.11:10302 10.77.0.14:40004
 ESTAB    99 0   127.0.0.1:8500 127.0.0.1:50000
+\t cubic bytes_received:99 data_segs_in:1
 TIME-WAIT 0 0   10.77.0.11:10300 10.77.0.15:39998
 """
 
 
 def test_pending_connections_are_the_ones_a_sidecar_has_not_finished_with():
-    """Queued for accept, with unread bytes (a ClientHello) or mid TCP handshake, on a held
-    port only: an established, read connection or another port's backlog is not pending."""
+    """Queued for accept, new with unread bytes (a ClientHello) or mid TCP handshake, on a
+    held port only: a read connection, a long-lived one, even a quiet one (its unread bytes
+    are data, not a handshake), or another port's backlog is not pending."""
     pending = rs.pending_connections(SS, [10300, 10301, 10302])
     assert pending == ["LISTEN 0.0.0.0:10301 0.0.0.0:*",
                        "ESTAB 10.77.0.11:10300 10.77.0.15:40002",
@@ -200,7 +207,7 @@ def test_pending_connections_are_the_ones_a_sidecar_has_not_finished_with():
     assert rs.pending_connections(SS, [10300]) == ["ESTAB 10.77.0.11:10300 10.77.0.15:40002"]
     assert rs.pending_connections(SS, [9999]) == []
     assert rs.pending_connections("", [10300]) == []
-    # IPv6 addresses keep their port after the last colon
+    # IPv6 addresses keep their port after the last colon; no info line: taken as new
     assert rs.pending_connections("ESTAB 5 0 [fd77::11]:10300 [fd77::15]:4000", [10300]) == [
         "ESTAB [fd77::11]:10300 [fd77::15]:4000"]
 
@@ -208,16 +215,49 @@ def test_pending_connections_are_the_ones_a_sidecar_has_not_finished_with():
 def test_a_drain_waits_for_pending_connections_within_its_cap(monkeypatch):
     """The agent stops once two polls in a row find nothing pending, not before its
     minimum, never after its cap."""
-    outputs = iter([SS, SS, "", "LISTEN 1 4096 0.0.0.0:10301 0.0.0.0:*", "", ""])
+    outputs = iter([SS, "", "LISTEN 1 4096 0.0.0.0:10301 0.0.0.0:*", "", ""])
     monkeypatch.setattr(STATES, "__utils__", {
         "apigee_mtls_restart.pending_connections": rs.pending_connections}, raising=False)
     monkeypatch.setattr(STATES, "__salt__", {
         "cmd.run_stdout": lambda cmd, **kw: next(outputs)}, raising=False)
-    waited = STATES._drain([10300, 10301], 0.01)  # pylint: disable=protected-access
-    assert next(outputs, "done") == "done" and waited >= 0.2
+    waited = STATES._drain([10300, 10301], 0.01, cap=5)  # pylint: disable=protected-access
+    assert next(outputs, "done") == "done" and waited >= 0.15
     monkeypatch.setattr(STATES, "__salt__", {
         "cmd.run_stdout": lambda cmd, **kw: SS}, raising=False)
     began = time.monotonic()
     STATES._drain([10300], 0.01, cap=0.3)  # pylint: disable=protected-access
     assert time.monotonic() - began < 1.0
     assert STATES._drain([], 0.01) < 0.5  # pylint: disable=protected-access
+
+
+def _member(name, status=1, acls="1"):
+    return {"Name": name, "Status": status, "Tags": {"acls": acls, "role": "consul"}}
+
+
+def test_a_client_waits_for_servers_alive_and_out_of_legacy_acl_mode():
+    """Measured in the lab: a client restarted while a server was still in the legacy ACL
+    mode a restarted Consul 1.8 server starts in; its token lookup failed there and Consul
+    kept the failure for 30 s, so the node's new connections timed out."""
+    members = [_member("n1"), _member("n2", acls="2"), _member("n3", status=4),
+               _member("n4", acls="2")]
+    assert rs.servers_unsettled(members, ["n1", "n2", "n3", "nx"]) == {
+        "n2": "in legacy ACL mode (just restarted)", "n3": "not alive", "nx": "not alive"}
+    assert rs.servers_unsettled(members, ["n1", "n2"], acl_enabled=False) == {}
+    assert rs.servers_unsettled(members, ["n1"]) == {}
+
+
+def test_a_client_restart_waits_until_the_servers_settle(monkeypatch):
+    answers = iter([[_member("n1"), _member("n2", acls="2")],
+                    [_member("n1"), _member("n2")]])
+    monkeypatch.setattr(STATES, "__utils__", {
+        "apigee_mtls_restart.servers_unsettled": rs.servers_unsettled,
+        "apigee_mtls_acl.api": lambda method, path, token, **kw: next(answers)},
+        raising=False)
+    restart = {"servers": ["n1", "n2"], "token_file": "/t"}
+    assert STATES._servers_unsettled(restart, "tok", 5) == {}  # pylint: disable=protected-access
+    monkeypatch.setattr(STATES, "__utils__", {
+        "apigee_mtls_restart.servers_unsettled": rs.servers_unsettled,
+        "apigee_mtls_acl.api": lambda method, path, token, **kw: [_member("n1")]},
+        raising=False)
+    assert STATES._servers_unsettled(restart, "tok", 0.2) == {  # pylint: disable=protected-access
+        "n2": "not alive"}
