@@ -188,3 +188,15 @@ def test_each_sub_clean_alone_ends_consistent_and_sub_states_alone_restore_the_n
             assert not back[node]["failed"], (clean, sub, back[node])
         lab.wait_mesh_ready(timeout=180)
         assert lab.run(node, CONSISTENT).stdout.strip() == ""
+    # what lives in Consul's data (keyring, intentions, the Connect CA) goes with
+    # install.clean: these cleans are documented no-ops, alone too
+    for clean in ("keyring", "intentions", "connect_ca"):
+        summary = state_summary(lab.apply(node, f"apigee_mtls.{clean}.clean"))
+        assert not summary[node]["failed"] and not summary[node]["changed"], (clean, summary)
+    # the signer's own sub-states, alone on a converged signer: they change nothing
+    signer = lab.model["tls"]["signer"]
+    for sub in ("tls.ca", "intentions", "connect_ca", "keyring"):
+        ret = lab.apply(signer, f"apigee_mtls.{sub}")
+        summary = state_summary(ret).get(signer, {"failed": [], "changed": []})
+        assert not summary["failed"] and not summary["changed"], (sub, summary)
+    lab.wait_mesh_ready()
