@@ -926,6 +926,27 @@ def _wanted_state(binary_sha, restart, unit_file):
     return _rs("agent_state")(binary_sha, role.encode(), _read(unit_file or "") or b"")
 
 
+def _restart_session(node, token, ttl):
+    """A new session of ``node`` for the restart keys (ID): no health checks (the agent's own
+    restart must not end it), its keys deleted with it, expiring after ``ttl`` unrenewed."""
+    return _acl("api")("PUT", "/v1/session/create", token, body={
+        "Name": "apigee-mtls restart " + node, "Node": node, "TTL": ttl, "Behavior": "delete",
+        "LockDelay": "0s", "Checks": [], "NodeChecks": []}, timeout=5)["ID"]
+
+
+def _kv_holders(prefix, token):
+    """The names (keys without ``prefix``) of the keys under a KV ``prefix`` that a session
+    holds (a consistent read; a released key stays in the KV, unheld)."""
+    try:
+        entries = _acl("api")("GET", "/v1/kv/{}?recurse&consistent".format(prefix), token,
+                              timeout=5)
+    except Exception as exc:  # pylint: disable=broad-except
+        if getattr(exc, "status", None) == 404:
+            return []
+        raise
+    return sorted(e["Key"][len(prefix):] for e in entries or [] if e.get("Session"))
+
+
 class _RestartLock:
     """The data center's restart lock for Consul servers (see ``apigee_mtls_restart``): a
     session of this node's, a pending key, then the lock key, acquired when the cluster can
@@ -953,14 +974,19 @@ class _RestartLock:
         return None
 
     def _pending(self):
-        prefix = _rs("kv_keys")()["pending"]
-        try:
-            keys = self.api("GET", "/v1/kv/{}?keys".format(prefix), self.token, timeout=5)
-        except Exception as exc:  # pylint: disable=broad-except
-            if getattr(exc, "status", None) == 404:
-                return []
-            raise
-        return [k[len(prefix):] for k in keys or []]
+        return _kv_holders(_rs("kv_keys")()["pending"], self.token)
+
+    def _wait_clients(self, deadline):
+        """Holding the lock: wait until no client agent restarts (none holds its ``clients``
+        key); None, or the clients still restarting at ``deadline``."""
+        while True:
+            clients = _kv_holders(_rs("kv_keys")()["clients"], self.token)
+            if not clients:
+                return None
+            if time.monotonic() > deadline:
+                return "client agents restarting: " + ", ".join(clients)
+            self._renew()
+            time.sleep(0.3)
 
     def health_problem(self):
         """None when the data center's servers can lose one, else why not."""
@@ -979,10 +1005,7 @@ class _RestartLock:
         while time.monotonic() < deadline:
             try:
                 if self.session is None:
-                    self.session = self.api("PUT", "/v1/session/create", self.token, body={
-                        "Name": "apigee-mtls restart " + self.node, "Node": self.node,
-                        "TTL": "60s", "Behavior": "delete", "LockDelay": "0s",
-                        "Checks": [], "NodeChecks": []}, timeout=5)["ID"]
+                    self.session = _restart_session(self.node, self.token, "60s")
                     self._kv(_rs("kv_keys")()["pending"] + self.node, "acquire")
                 else:
                     self._renew()
@@ -994,7 +1017,10 @@ class _RestartLock:
                                        want):
                     why = "this server leads the data center: it restarts after the others"
                 elif self._kv(_rs("kv_keys")()["lock"], "acquire") is True:
-                    why = self.health_problem()
+                    why = self.health_problem() or self._wait_clients(deadline)
+                    if why is None:
+                        # the clients' restarts took time: check the cluster again
+                        why = self.health_problem()
                     if why is None:
                         return None
                     self._kv(_rs("kv_keys")()["lock"], "release")
@@ -1061,21 +1087,68 @@ def _servers_on_other_binary(servers, sha, token):
     return _rs("clients_wait_for")(sha, shas)
 
 
-def _servers_unsettled(restart, token, wait):
-    """Wait until every server of this node's data center is alive and out of legacy ACL
-    mode (``apigee_mtls_restart.servers_unsettled``), at most ``wait`` seconds; returns what
-    is still unsettled (empty dict when nothing)."""
-    deadline = time.monotonic() + wait
-    while True:
+class _RestartSlot:
+    """A client agent's slot to restart (see ``apigee_mtls_restart.client_waits``): a session
+    of this node's and its ``clients`` key, held from before the agent stops until it
+    authorizes again, taken only when no server restarts or waits to, and every server is
+    alive and out of legacy ACL mode."""
+
+    def __init__(self, restart, token):
+        self.node, self.token, self.session = restart.get("node"), token, None
+        self.servers = restart.get("servers") or []
+        self.acls = bool(restart.get("token_file"))
+        self.api = _acl("api")
+        self.key = _rs("kv_keys")()["clients"] + (self.node or "")
+
+    def _kv(self, verb):
+        return self.api("PUT", "/v1/kv/{}?{}={}".format(self.key, verb, self.session),
+                        self.token, body=self.node, timeout=5)
+
+    def _lock_holder(self):
         try:
-            members = _acl("api")("GET", "/v1/agent/members", token, timeout=5) or []
-            unsettled = _rs("servers_unsettled")(members, restart["servers"],
-                                                 bool(restart.get("token_file")))
+            entries = self.api("GET", "/v1/kv/{}?consistent".format(_rs("kv_keys")()["lock"]),
+                               self.token, timeout=5)
         except Exception as exc:  # pylint: disable=broad-except
-            unsettled = {"members": str(exc)}
-        if not unsettled or time.monotonic() > deadline:
-            return unsettled
-        time.sleep(0.5)
+            if getattr(exc, "status", None) == 404:
+                return None
+            raise
+        return (entries or [{}])[0].get("Session")
+
+    def acquire(self, wait):
+        """Take the slot; returns None, or why not within ``wait`` seconds. The key is
+        taken before the servers' state is read, and given back when they are busy."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if self.session is None:
+                    self.session = _restart_session(self.node, self.token, "120s")
+                else:
+                    self.api("PUT", "/v1/session/renew/" + self.session, self.token, timeout=5)
+                if self._kv("acquire") is not True:
+                    why = "this node's restart key is held by another session"
+                else:
+                    members = self.api("GET", "/v1/agent/members", self.token, timeout=5)
+                    why = _rs("client_waits")(
+                        self._lock_holder(), _kv_holders(_rs("kv_keys")()["pending"], self.token),
+                        _rs("servers_unsettled")(members, self.servers, self.acls))
+                    if why is None:
+                        return None
+                    self._kv("release")
+            except Exception as exc:  # pylint: disable=broad-except
+                why = str(exc)
+            if time.monotonic() > deadline:
+                return why
+            time.sleep(0.5 + (hash(self.node) % 5) / 10.0)
+
+    def release(self):
+        if self.session is None:
+            return
+        try:
+            self._kv("release")
+            self.api("PUT", "/v1/session/destroy/" + self.session, self.token, timeout=5)
+        except Exception as exc:  # pylint: disable=broad-except
+            log.warning("apigee_mtls: restart key not released (%s); its session expires", exc)
+        self.session = None
 
 
 def _restart_agent(service, restart, unit_file=None, timings=None):
@@ -1085,11 +1158,19 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
     restart = restart or {}
     timings = {} if timings is None else timings
     token = _acl("read_token")(restart["token_file"]) if restart.get("token_file") else None
-    lock = _RestartLock(restart, token) if restart.get("server") else None
     wait = restart.get("wait", 600)
+    slot = (_RestartSlot(restart, token) if not restart.get("server") and restart.get("servers")
+            else None)
+    lock = _RestartLock(restart, token) if restart.get("server") else None
     rules = _rs("hold_rules")(restart.get("hold_ports") or [])
     rpc_rules = _rs("hold_rules")([restart["rpc_port"]]) if restart.get("rpc_port") else []
     try:
+        if slot is not None:
+            began = time.monotonic()
+            why = slot.acquire(wait)
+            timings["servers_wait"] = round(time.monotonic() - began, 2)
+            if why is not None:
+                return "not restarted after waiting {} s for the servers: {}".format(wait, why)
         if lock is not None:
             bin_path = restart.get("bin_path")
             want = _wanted_state(_rs("sha256_file")(bin_path) if bin_path else "", restart,
@@ -1127,8 +1208,9 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             _record_agent(restart, token, service, unit_file)
         return None
     finally:
-        if lock is not None:
-            lock.release()
+        for held_key in (lock, slot):
+            if held_key is not None:
+                held_key.release()
 
 
 def agent_config_managed(name, config, user="root", group="consul", mode="0640",
@@ -1305,17 +1387,6 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
                 return ret
             time.sleep(2)
     timings = {}
-    if not restart.get("server") and restart.get("servers"):
-        # not while a server restarts: a client's first token lookup on a server still in
-        # legacy ACL mode fails for the token's TTL (apigee_mtls_restart.servers_unsettled)
-        began = time.monotonic()
-        unsettled = _servers_unsettled(restart, token, restart.get("wait", 600))
-        timings["servers_wait"] = round(time.monotonic() - began, 2)
-        if unsettled:
-            ret["result"] = False
-            ret["comment"] = "Not restarted: servers not settled after {} s: {}".format(
-                restart.get("wait", 600), unsettled)
-            return ret
     error = _restart_agent(name, dict(restart, bin_path=bin_path), unit_file, timings)
     ret["changes"]["restarted"]["seconds"] = timings
     if error:

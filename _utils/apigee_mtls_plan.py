@@ -2109,11 +2109,13 @@ def acl_node_rules(node_id, services, is_server=False):
     ACL rules (HCL) of a node's token: write on its own node and agent, write on its own
     services and their sidecars (registration, leaf certificates) with read on their
     intentions (Consul needs them to authorize inbound connections), read on the catalog
-    (discovery of upstreams), read on the formula's restart records (``apigee_mtls/binary/``:
-    a client restarts onto a new binary after the servers), and nothing else: no other
-    service's identity, no intentions of other services, no other KV, no keyring, no ACL.
-    A server also coordinates its restarts with the other servers: a session on its own node
-    and write on the ``apigee_mtls/`` KV prefix (the restart lock and records). No
+    (discovery of upstreams), what its agent's restarts need (``apigee_mtls_restart``): a
+    session on its own node, write on its own ``apigee_mtls/restart/clients/<node>`` key,
+    read on the restart lock and the servers' records (``apigee_mtls/restart/``,
+    ``apigee_mtls/binary/``), and nothing else: no other service's identity, no intentions
+    of other services, no other KV, no keyring, no ACL. A server also coordinates its
+    restarts with the other servers: write on the ``apigee_mtls/`` KV prefix (the restart
+    lock and records). No
     ``operator`` right: ``operator = "read"`` also reads the Connect CA configuration, the
     organisation CA's private key included.
 
@@ -2128,13 +2130,15 @@ def acl_node_rules(node_id, services, is_server=False):
         'node_prefix "" { policy = "read" }',
         'service_prefix "" { policy = "read" intentions = "deny" }',
     ]
+    lines.append('session "{}" {{ policy = "write" }}'.format(node_id))
     if is_server:
-        lines += [
-            'session "{}" {{ policy = "write" }}'.format(node_id),
-            'key_prefix "apigee_mtls/" { policy = "write" }',
-        ]
+        lines.append('key_prefix "apigee_mtls/" { policy = "write" }')
     else:
-        lines.append('key_prefix "apigee_mtls/binary/" { policy = "read" }')
+        lines += [
+            'key_prefix "apigee_mtls/binary/" { policy = "read" }',
+            'key_prefix "apigee_mtls/restart/" { policy = "read" }',
+            'key "apigee_mtls/restart/clients/{}" {{ policy = "write" }}'.format(node_id),
+        ]
     for name in sorted(services):
         lines.append('service "{}" {{ policy = "write" intentions = "read" }}'.format(name))
         lines.append('service "{}-sidecar-proxy" {{ policy = "write" }}'.format(name))

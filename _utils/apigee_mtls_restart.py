@@ -10,6 +10,13 @@ Two things keep that invisible to Apigee:
   server in the raft configuration and passing its health check. A server that needs a
   restart also holds a ``pending`` key; the leader waits while another server's pending key
   exists, so that it restarts last and the cluster elects at most once.
+- **A client restarts between server restarts, never during one.** A Consul 1.8 server
+  starts in legacy ACL mode; a client whose first token lookup meets it keeps the failure
+  for the token's TTL (:func:`servers_unsettled`). A client that needs a restart holds
+  ``<CLIENTS_PREFIX><node>`` while it restarts, taken only when no server holds or waits for
+  the lock and every server is settled (:func:`client_waits`); a server that holds the lock
+  waits until no client key exists. Each takes its own key before it reads the other's
+  (Dekker's order, on Consul's linearizable KV), so one of the two always sees the other.
 - **New inbound connections are held, not refused.** While an agent restarts, its sidecars
   cannot authorize a new inbound connection (Consul 1.8's built-in proxy asks the local agent
   for every one). For that time the node drops the SYNs to its sidecars' ports
@@ -33,6 +40,8 @@ PENDING_PREFIX = KV_PREFIX + "restart/pending/"
 #: running state (:func:`agent_state`): clients restart onto a new binary once the servers of
 #: their data center run it; the leader restarts once the others run what it will
 BINARY_PREFIX = KV_PREFIX + "binary/"
+#: a client agent holds ``<CLIENTS_PREFIX><node>`` while it restarts
+CLIENTS_PREFIX = KV_PREFIX + "restart/clients/"
 #: the comment that marks the hold rules in INPUT
 HOLD_COMMENT = "apigee-mtls-hold"
 MULTIPORT_MAX = 15
@@ -40,8 +49,9 @@ MULTIPORT_MAX = 15
 
 def kv_keys():
     """The coordination keys (a function: Salt's ``__utils__`` holds functions only):
-    ``{"lock": ..., "pending": <prefix>, "binary": <prefix>}``."""
-    return {"lock": LOCK_KEY, "pending": PENDING_PREFIX, "binary": BINARY_PREFIX}
+    ``{"lock": ..., "pending": <prefix>, "binary": <prefix>, "clients": <prefix>}``."""
+    return {"lock": LOCK_KEY, "pending": PENDING_PREFIX, "binary": BINARY_PREFIX,
+            "clients": CLIENTS_PREFIX}
 
 
 def hold_rules(ports):
@@ -257,6 +267,30 @@ def servers_unsettled(members, servers, acl_enabled=True):
         elif acl_enabled and (member.get("Tags") or {}).get("acls") != ACL_MODE_ENABLED:
             out[name] = "in legacy ACL mode (just restarted)"
     return out
+
+
+def client_waits(lock_holder, pending, unsettled):
+    """
+    Why a client agent must not restart now (it has just taken its own ``clients`` key and
+    gives it back when this is not None): a server holds the restart lock or waits for it,
+    or a server is not settled (:func:`servers_unsettled`).
+
+    :param lock_holder: the session holding :data:`LOCK_KEY` (str), or None
+    :param pending: the servers holding a ``pending`` key (list of str)
+    :param dict unsettled: :func:`servers_unsettled`'s answer
+    :return: the reason (str), or None when the client may restart
+
+    .. code-block:: python
+
+        >>> client_waits(None, ["n1"], {})
+        'servers restart first: n1'
+    """
+    if lock_holder or pending:
+        return "servers restart first: {}".format(", ".join(sorted(pending)) or "lock held")
+    if unsettled:
+        return "servers not settled: " + ", ".join(
+            "{} {}".format(name, why) for name, why in sorted(unsettled.items()))
+    return None
 
 
 def agent_state(binary_sha, config_bytes, unit_bytes):

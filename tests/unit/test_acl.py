@@ -51,24 +51,29 @@ def test_node_rules_grant_write_on_own_services_only():
     assert 'service_prefix "" { policy = "read" intentions = "deny" }' in rules
     assert 'node "n4" { policy = "write" }' in rules and 'agent "n4" { policy = "write" }' in rules
     # a client reads the servers' binary records (it restarts onto a new binary after them)
+    # and the restart lock, and writes only its own restart key, under a session of its own
     assert 'key_prefix "apigee_mtls/binary/" { policy = "read" }' in rules
-    for power in ('key_prefix "" ', 'policy = "write" }\nkey', "keyring", "operator", "acl ",
-                  "session", "node_prefix \"\" { policy = \"write"):
+    assert 'key_prefix "apigee_mtls/restart/" { policy = "read" }' in rules
+    assert re.findall(r'key(?:_prefix)? "([^"]*)" \{ policy = "write"', rules) == [
+        "apigee_mtls/restart/clients/n4"]
+    assert re.findall(r'session(?:_prefix)? "([^"]*)"', rules) == ["n4"]
+    for power in ('key_prefix "" ', "keyring", "operator", "acl ", "session_prefix",
+                  "node_prefix \"\" { policy = \"write"):
         assert power not in rules
-    assert rules.count("key_prefix") == 1
+    assert rules.count("key_prefix") == 2
 
 
 def test_server_rules_add_only_what_restart_coordination_needs():
-    """A server may hold a session on its own node and write the formula's KV prefix (the
-    restart lock and binary records); nothing more: no operator right (it would read the
-    Connect CA configuration, the organisation CA key included)."""
+    """Beyond a client's rights (a session on its own node included), a server may write the
+    formula's KV prefix (the restart lock and binary records); nothing more: no operator
+    right (it would read the Connect CA configuration, the organisation CA key included)."""
     pillar = load_topology("5-node")
     client = amp.plan(pillar, "n4")["acl"]["rules"]
     server = amp.plan(pillar, "n2")["acl"]["rules"]
     extra = set(server.splitlines()) - set(client.splitlines())
-    extra = {line for line in extra if not line.startswith(("service ", "node \"", "agent \""))}
-    assert extra == {'session "n2" { policy = "write" }',
-                     'key_prefix "apigee_mtls/" { policy = "write" }'}, extra
+    extra = {line for line in extra
+             if not line.startswith(("service ", "node \"", "agent \"", "session \"n2\""))}
+    assert extra == {'key_prefix "apigee_mtls/" { policy = "write" }'}, extra
     assert "session_prefix" not in server and "keyring" not in server
     assert "operator" not in server
 

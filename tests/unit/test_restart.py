@@ -246,18 +246,98 @@ def test_a_client_waits_for_servers_alive_and_out_of_legacy_acl_mode():
     assert rs.servers_unsettled(members, ["n1"]) == {}
 
 
-def test_a_client_restart_waits_until_the_servers_settle(monkeypatch):
-    answers = iter([[_member("n1"), _member("n2", acls="2")],
-                    [_member("n1"), _member("n2")]])
+class FakeKV:
+    """Consul's sessions and KV as the restart coordination uses them: a key acquired and
+    released with a session (a released key stays, unheld), a session's held keys deleted
+    with it (``Behavior: delete``), reads of a key or of a prefix (``recurse``; 404 when
+    nothing)."""
+
+    def __init__(self, members):
+        self.members, self.kv, self.sessions = members, {}, 0
+
+    def __call__(self, method, path, token=None, body=None, **_):
+        path, _, query = path.partition("?")
+        if path == "/v1/agent/members":
+            return self.members
+        if path == "/v1/session/create":
+            self.sessions += 1
+            return {"ID": "s{}".format(self.sessions)}
+        if path.startswith("/v1/session/destroy/"):
+            dead = path.rsplit("/", 1)[1]
+            self.kv = {k: v for k, v in self.kv.items() if v != dead}
+            return True
+        if path.startswith("/v1/session/renew/"):
+            return [{}]
+        key = path[len("/v1/kv/"):]
+        if method == "PUT":
+            verb, session = query.split("=")
+            if verb == "acquire":
+                if self.kv.get(key) not in (None, session):
+                    return False
+                self.kv[key] = session
+            elif self.kv.get(key) == session:
+                self.kv[key] = None
+            return True
+        found = [k for k in self.kv if (k.startswith(key) if "recurse" in query else k == key)]
+        if not found:
+            raise _http_error(404)
+        return [dict({"Key": k}, **({"Session": self.kv[k]} if self.kv[k] else {}))
+                for k in found]
+
+
+def _http_error(status):
+    err = Exception("HTTP {}".format(status))
+    err.status = status
+    return err
+
+
+def test_a_client_restarts_between_server_restarts_never_during_one(monkeypatch):
+    """Dekker's order on the KV: a client takes its key, then reads the lock and the pending
+    servers, and gives the key back when a server is busy; a server that holds the lock
+    waits until no client key is left. So a client restart and a server restart never
+    overlap, whatever their timing (CI, 2026-11-30: a client restarted while a server that
+    had just taken the lock was draining, and its new connections timed out for 33 s)."""
+    # pylint: disable=protected-access
+    kv = FakeKV([_member("n1"), _member("n2"), _member("n4")])
     monkeypatch.setattr(STATES, "__utils__", {
         "apigee_mtls_restart.servers_unsettled": rs.servers_unsettled,
-        "apigee_mtls_acl.api": lambda method, path, token, **kw: next(answers)},
-        raising=False)
-    restart = {"servers": ["n1", "n2"], "token_file": "/t"}
-    assert STATES._servers_unsettled(restart, "tok", 5) == {}  # pylint: disable=protected-access
-    monkeypatch.setattr(STATES, "__utils__", {
-        "apigee_mtls_restart.servers_unsettled": rs.servers_unsettled,
-        "apigee_mtls_acl.api": lambda method, path, token, **kw: [_member("n1")]},
-        raising=False)
-    assert STATES._servers_unsettled(restart, "tok", 0.2) == {  # pylint: disable=protected-access
-        "n2": "not alive"}
+        "apigee_mtls_restart.client_waits": rs.client_waits,
+        "apigee_mtls_restart.kv_keys": rs.kv_keys,
+        "apigee_mtls_acl.api": kv}, raising=False)
+    restart = {"node": "n4", "servers": ["n1", "n2"], "token_file": "/t"}
+    mine = rs.CLIENTS_PREFIX + "n4"
+    # a server holds the lock: the client waits, and does not keep its key meanwhile
+    kv.kv[rs.LOCK_KEY] = "server-session"
+    slot = STATES._RestartSlot(restart, "tok")
+    assert slot.acquire(0.2) == "servers restart first: lock held"
+    assert not kv.kv.get(mine)
+    slot.release()
+    # a server waits for the lock (pending): the client waits too
+    del kv.kv[rs.LOCK_KEY]
+    kv.kv[rs.PENDING_PREFIX + "n2"] = "server-session"
+    assert STATES._RestartSlot(restart, "tok").acquire(0.2) == "servers restart first: n2"
+    # a server just restarted, still in legacy ACL mode
+    kv.kv[rs.PENDING_PREFIX + "n2"] = None  # released, still in the KV
+    kv.members[1] = _member("n2", acls="2")
+    assert "n2 in legacy ACL mode" in STATES._RestartSlot(restart, "tok").acquire(0.2)
+    assert not kv.kv.get(mine)
+    # all settled: the client holds its key while it restarts; a server with the lock waits
+    kv.members[1] = _member("n2")
+    slot = STATES._RestartSlot(restart, "tok")
+    assert slot.acquire(5) is None and kv.kv[mine] == slot.session
+    lock = STATES._RestartLock({"node": "n1", "servers": ["n1", "n2"]}, "tok")
+    lock.session = "server-session"
+    assert lock._wait_clients(time.monotonic() + 0.3) == "client agents restarting: n4"
+    slot.release()
+    assert not kv.kv.get(mine)
+    assert lock._wait_clients(time.monotonic() + 0.3) is None
+    # a client that backed off leaves its key released, not held: no server waits for it
+    kv.kv[mine] = None
+    assert lock._wait_clients(time.monotonic() + 0.3) is None
+
+
+def test_client_waits_names_what_it_waits_for():
+    assert rs.client_waits(None, [], {}) is None
+    assert rs.client_waits("s1", [], {}) == "servers restart first: lock held"
+    assert rs.client_waits(None, ["n3", "n1"], {}) == "servers restart first: n1, n3"
+    assert rs.client_waits(None, [], {"n2": "not alive"}) == "servers not settled: n2 not alive"
