@@ -197,3 +197,24 @@ print(json.dumps([leaf.issuer.rfc4514_string(), ca.subject.rfc4514_string()]))
     assert keys[signer], "the signer has no connect_ca_key"
     assert all(not keys[n] for n in lab.nodes if n != signer), {n: bool(v) for n, v in
                                                                   keys.items()}
+
+
+def test_a_client_writes_only_its_own_restart_key(acl_lab):
+    """A client's token takes its own restart key (apigee_mtls/restart/clients/<node>) and
+    reads the restart lock, but cannot take the lock, another node's key or a server's
+    records: a rogue client cannot stall or reorder the servers' restarts."""
+    lab = acl_lab
+    prefix = "/v1/kv/apigee_mtls/"
+    own = call(lab, A, "PUT", f"{prefix}restart/clients/{A}", AGENT_TOKEN, A)
+    assert own["status"] == 200 and own["body"] is True, own  # the control
+    try:
+        assert call(lab, A, "GET", f"{prefix}restart/?recurse", AGENT_TOKEN)["status"] in (
+            200, 404)
+        for key in ("restart/lock", f"restart/clients/{B}", f"restart/pending/{A}",
+                    f"binary/{A}"):
+            res = call(lab, A, "PUT", prefix + key, AGENT_TOKEN, A)
+            assert res["status"] == 403, (key, res)
+        res = call(lab, A, "PUT", "/v1/session/create", AGENT_TOKEN, {"Node": B, "TTL": "10s"})
+        assert res["status"] == 403, res
+    finally:
+        call(lab, A, "DELETE", f"{prefix}restart/clients/{A}", AGENT_TOKEN)
