@@ -656,7 +656,7 @@ def _norm_nodes(raw, dcs):
     return nodes
 
 
-def _servers(nodes):
+def _zookeeper_nodes(nodes):
     """The non-retired ZooKeeper nodes (what Consul servers are chosen from by default)."""
     return [n for n in nodes if not n["retired"] and "zookeeper" in n["components"]]
 
@@ -692,13 +692,13 @@ def _norm_servers(raw, nodes, dcs):
     if raw is None:
         chosen = []
         for dc in dcs:
-            zk = [n for n in _servers(nodes) if n["datacenter"] == dc]
+            zk = [n for n in _zookeeper_nodes(nodes) if n["datacenter"] == dc]
             chosen += zk[:auto_server_count(len(zk))]
         return chosen
     if not isinstance(raw, (list, tuple)) or not raw:
         _fail(path, "found {}; expected a list of node ids (or no key: the ZooKeeper "
               "nodes, at most {} per data center)".format(_what(raw), AUTO_SERVERS_MAX))
-    chosen, seen = [], set()
+    seen = set()
     for i, node_id in enumerate(raw):
         if not isinstance(node_id, str) or node_id not in by_id:
             _fail(path + (i,), "found {}, which is not a node id; expected one of "
@@ -709,7 +709,6 @@ def _norm_servers(raw, nodes, dcs):
         if node_id in seen:
             _fail(path + (i,), "node {!r} is listed twice".format(node_id))
         seen.add(node_id)
-        chosen.append(by_id[node_id])
     chosen = [n for n in nodes if n["id"] in seen]
     for dc in dcs:
         ids = [n["id"] for n in chosen if n["datacenter"] == dc]
@@ -725,7 +724,7 @@ def _norm_servers(raw, nodes, dcs):
 
 
 def _check_quorum(nodes, dcs):
-    servers = _servers(nodes)
+    servers = _zookeeper_nodes(nodes)
     if len(servers) < _MIN_SERVERS:
         _fail(("nodes",), "found {} non-retired zookeeper node(s){}; expected at "
               "least {}: Consul servers run on the zookeeper nodes".format(
@@ -1027,7 +1026,7 @@ def _norm_tls(raw, nodes, primary=None, servers=None):
     _check_keys(raw, _TLS_KEYS, path)
     by_id = {n["id"]: n for n in nodes}
     signer = raw.get("signer")
-    servers = _servers(nodes) if servers is None else servers
+    servers = _zookeeper_nodes(nodes) if servers is None else servers
     if signer is None:
         # the first Consul server of the primary data center (nodes are checked first)
         first = [n for n in servers if n["datacenter"] == primary]
@@ -1449,11 +1448,10 @@ def sizing(model):
             _port_slots(name, model["components"][name]["ports"]))
         fits = (high - low + 1) // width
         limit = "the range's end ({})".format(high)
-        for port in sorted(p for p in forbidden if low <= p <= high):
-            if (port - low) // width < fits:
-                fits = (port - low) // width
-                limit = "{} inside the range".format(forbidden[port])
-            break
+        first = min((p for p in forbidden if low <= p <= high), default=None)
+        if first is not None and (first - low) // width < fits:
+            fits = (first - low) // width
+            limit = "{} inside the range".format(forbidden[first])
         rows.append({"name": name, "range": [low, high], "ports_per_node": width,
                      "nodes": fits, "limit": limit})
     return rows
