@@ -1090,13 +1090,14 @@ def _servers_on_other_binary(servers, sha, token):
 class _RestartSlot:
     """A client agent's slot to restart (see ``apigee_mtls_restart.client_waits``): a session
     of this node's and its ``clients`` key, held from before the agent stops until it
-    authorizes again, taken only when no server restarts or waits to, and every server is
-    alive and out of legacy ACL mode."""
+    authorizes again, taken only when no server restarts or waits to, every server is
+    alive and out of legacy ACL mode and, for a new binary (``binary_sha``), runs it."""
 
-    def __init__(self, restart, token):
+    def __init__(self, restart, token, binary_sha=None):
         self.node, self.token, self.session = restart.get("node"), token, None
         self.servers = restart.get("servers") or []
         self.acls = bool(restart.get("token_file"))
+        self.binary_sha = binary_sha
         self.api = _acl("api")
         self.key = _rs("kv_keys")()["clients"] + (self.node or "")
 
@@ -1130,7 +1131,9 @@ class _RestartSlot:
                     members = self.api("GET", "/v1/agent/members", self.token, timeout=5)
                     why = _rs("client_waits")(
                         self._lock_holder(), _kv_holders(_rs("kv_keys")()["pending"], self.token),
-                        _rs("servers_unsettled")(members, self.servers, self.acls))
+                        _rs("servers_unsettled")(members, self.servers, self.acls),
+                        _servers_on_other_binary(self.servers, self.binary_sha, self.token)
+                        if self.binary_sha else [])
                     if why is None:
                         return None
                     self._kv("release")
@@ -1159,8 +1162,8 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
     timings = {} if timings is None else timings
     token = _acl("read_token")(restart["token_file"]) if restart.get("token_file") else None
     wait = restart.get("wait", 600)
-    slot = (_RestartSlot(restart, token) if not restart.get("server") and restart.get("servers")
-            else None)
+    slot = (_RestartSlot(restart, token, restart.get("binary_sha"))
+            if not restart.get("server") and restart.get("servers") else None)
     lock = _RestartLock(restart, token) if restart.get("server") else None
     rules = _rs("hold_rules")(restart.get("hold_ports") or [])
     rpc_rules = _rs("hold_rules")([restart["rpc_port"]]) if restart.get("rpc_port") else []
@@ -1170,7 +1173,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             why = slot.acquire(wait)
             timings["servers_wait"] = round(time.monotonic() - began, 2)
             if why is not None:
-                return "not restarted after waiting {} s for the servers: {}".format(wait, why)
+                return "waited {} s for the servers: {}".format(wait, why)
         if lock is not None:
             bin_path = restart.get("bin_path")
             want = _wanted_state(_rs("sha256_file")(bin_path) if bin_path else "", restart,
@@ -1373,22 +1376,16 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
         ret["comment"] = f"Would restart {name} ({', '.join(why)} changed)" + (
             ": servers one at a time, the leader last" if restart.get("server") else "")
         return ret
-    if "binary" in why and not restart.get("server") and restart.get("servers"):
-        deadline = time.monotonic() + restart.get("wait", 600)
-        while True:
-            behind = _servers_on_other_binary(restart["servers"], new_sha, token)
-            if not behind:
-                break
-            if time.monotonic() > deadline:
-                ret["changes"] = {}
-                ret["result"] = False
-                ret["comment"] = (f"Not restarted onto the new binary: servers {', '.join(behind)}"
-                                  " still run another one; apply apigee_mtls on them first")
-                return ret
-            time.sleep(2)
     timings = {}
-    error = _restart_agent(name, dict(restart, bin_path=bin_path), unit_file, timings)
+    error = _restart_agent(name, dict(restart, bin_path=bin_path,
+                                      binary_sha=new_sha if "binary" in why else None),
+                           unit_file, timings)
     ret["changes"]["restarted"]["seconds"] = timings
+    if error and "drain" not in timings:
+        ret["changes"] = {}  # it waited in vain: nothing was held nor restarted
+        ret["result"] = False
+        ret["comment"] = f"Not restarted {name}: {error}"
+        return ret
     if error:
         ret["result"] = False
         ret["comment"] = f"Restarting {name} failed: {error}"

@@ -269,15 +269,17 @@ def servers_unsettled(members, servers, acl_enabled=True):
     return out
 
 
-def client_waits(lock_holder, pending, unsettled):
+def client_waits(lock_holder, pending, unsettled, behind=()):
     """
     Why a client agent must not restart now (it has just taken its own ``clients`` key and
     gives it back when this is not None): a server holds the restart lock or waits for it,
-    or a server is not settled (:func:`servers_unsettled`).
+    a server is not settled (:func:`servers_unsettled`), or, when the client restarts onto a
+    new binary, a server still runs another one (:func:`clients_wait_for`).
 
     :param lock_holder: the session holding :data:`LOCK_KEY` (str), or None
     :param pending: the servers holding a ``pending`` key (list of str)
     :param dict unsettled: :func:`servers_unsettled`'s answer
+    :param behind: :func:`clients_wait_for`'s answer (list of str; empty for no new binary)
     :return: the reason (str), or None when the client may restart
 
     .. code-block:: python
@@ -285,6 +287,9 @@ def client_waits(lock_holder, pending, unsettled):
         >>> client_waits(None, ["n1"], {})
         'servers restart first: n1'
     """
+    if behind:
+        return "servers {} still run another binary; apply apigee_mtls on them first".format(
+            ", ".join(sorted(behind)))
     if lock_holder or pending:
         return "servers restart first: {}".format(", ".join(sorted(pending)) or "lock held")
     if unsettled:

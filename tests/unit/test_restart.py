@@ -101,7 +101,7 @@ class _Node:
 
 @pytest.fixture
 def current(monkeypatch):
-    def _run(node, test=False, restart=None, binary_hash=None, show="1000000"):
+    def _run(node, test=False, restart=None, binary_hash=None, show="1000000", fails=None):
         sha = rs.sha256_file
 
         def sha_of(path):
@@ -116,7 +116,7 @@ def current(monkeypatch):
             "cmd.run_stdout": lambda cmd, **kw: "42" if "MainPID" in cmd else show,
         }, raising=False)
         monkeypatch.setattr(STATES, "_restart_agent",
-                            lambda name, r, unit, timings: node.restarts.append(name))
+                            lambda name, r, unit, timings: fails or node.restarts.append(name))
         return STATES.agent_current("consul", str(node.bin), str(node.unit), restart=restart,
                                     restart_marker=str(node.marker), binary_hash=binary_hash)
     return _run
@@ -137,6 +137,19 @@ def test_a_new_binary_restarts_the_agent_and_test_mode_previews_it(tmp_path, cur
     node.bin.write_bytes(b"consul-2")
     ret = current(node)
     assert ret["result"] is True and node.restarts == ["consul"]
+
+
+def test_a_restart_that_waited_in_vain_reports_no_change(tmp_path, current):
+    """Nothing held nor restarted (no drain timing): result False, no changes, and why; the
+    marker stays, so that the next run restarts."""
+    node = _Node(tmp_path)
+    node.marker.parent.mkdir()
+    node.marker.write_text(json.dumps(["addresses"]))
+    ret = current(node, restart={"node": "n4", "servers": ["n1"]},
+                  fails="waited 600 s for the servers: x")
+    assert ret["result"] is False and ret["changes"] == {}, ret
+    assert ret["comment"] == "Not restarted consul: waited 600 s for the servers: x"
+    assert node.marker.exists()
 
 
 def test_a_marked_configuration_change_restarts_once(tmp_path, current):
@@ -253,7 +266,7 @@ class FakeKV:
     nothing)."""
 
     def __init__(self, members):
-        self.members, self.kv, self.sessions = members, {}, 0
+        self.members, self.kv, self.sessions, self.records = members, {}, 0, {}
 
     def __call__(self, method, path, token=None, body=None, **_):
         path, _, query = path.partition("?")
@@ -269,6 +282,10 @@ class FakeKV:
         if path.startswith("/v1/session/renew/"):
             return [{}]
         key = path[len("/v1/kv/"):]
+        if query == "raw":
+            if key not in self.records:
+                raise _http_error(404)
+            return self.records[key]
         if method == "PUT":
             verb, session = query.split("=")
             if verb == "acquire":
@@ -341,3 +358,32 @@ def test_client_waits_names_what_it_waits_for():
     assert rs.client_waits("s1", [], {}) == "servers restart first: lock held"
     assert rs.client_waits(None, ["n3", "n1"], {}) == "servers restart first: n1, n3"
     assert rs.client_waits(None, [], {"n2": "not alive"}) == "servers not settled: n2 not alive"
+
+
+def test_a_client_restarts_onto_a_new_binary_once_every_server_runs_it(monkeypatch):
+    """The same slot: a client waits while a server recorded another binary; past ``wait``
+    it reports that it did not restart, with no change, and names the servers to apply on."""
+    kv = FakeKV([_member("n1"), _member("n2"), _member("n4")])
+    kv.records = {rs.BINARY_PREFIX + "n1": {"sha256": "new"},
+                  rs.BINARY_PREFIX + "n2": {"sha256": "old"}}
+    monkeypatch.setattr(STATES, "__utils__", {
+        "apigee_mtls_restart.servers_unsettled": rs.servers_unsettled,
+        "apigee_mtls_restart.client_waits": rs.client_waits,
+        "apigee_mtls_restart.clients_wait_for": rs.clients_wait_for,
+        "apigee_mtls_restart.kv_keys": rs.kv_keys,
+        "apigee_mtls_restart.hold_rules": rs.hold_rules,
+        "apigee_mtls_acl.read_token": lambda path: "tok",
+        "apigee_mtls_acl.api": kv}, raising=False)
+    restart = {"node": "n4", "servers": ["n1", "n2"], "token_file": "/t", "wait": 0.2}
+    timings = {}
+    # pylint: disable=protected-access
+    why = STATES._restart_agent("consul", dict(restart, binary_sha="new"), None, timings)
+    assert why == ("waited 0.2 s for the servers: servers n2 still run another binary; "
+                   "apply apigee_mtls on them first"), why
+    assert "drain" not in timings and not kv.kv.get(rs.CLIENTS_PREFIX + "n4")
+    # the binary the servers already run: no wait for it
+    assert STATES._RestartSlot(restart, "tok", "old").acquire(0.2) is not None  # n1: new
+    kv.records[rs.BINARY_PREFIX + "n2"] = {"sha256": "new"}
+    slot = STATES._RestartSlot(restart, "tok", "new")
+    assert slot.acquire(1) is None
+    slot.release()
