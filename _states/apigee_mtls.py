@@ -955,6 +955,7 @@ class _RestartLock:
     def __init__(self, restart, token):
         self.node, self.token, self.session = restart.get("node"), token, None
         self.servers = restart.get("servers") or []
+        self.acls = bool(restart.get("token_file"))
         self.leader_wait = restart.get("leader_wait", 120)
         self.api = _acl("api")
 
@@ -1047,7 +1048,7 @@ class _RestartLock:
                 else:
                     members = self.api("GET", "/v1/agent/members", self.token, timeout=5)
                     why = (_rs("servers_unsettled")(members, [self.node],
-                                                    self.token is not None).get(self.node)
+                                                    self.acls).get(self.node)
                            or self.health_problem())
                 if why is None:
                     return None
