@@ -7,16 +7,18 @@ Mostly thin wrappers around the pure planner (``_utils/apigee_mtls_plan.py``) th
 - the pillar: :py:func:`validate`, :py:func:`plan`, :py:func:`intentions`,
   :py:func:`ports` (alias ``report``), :py:func:`rollout_stage`,
   :py:func:`management_token_file`, :py:func:`gossip_keygen`;
-- the signer, answering other minions through peer publish:
-  :py:func:`sign_agent_certificate`, :py:func:`issue_acl_token`, and its CA files
-  (:py:func:`ca_files`, :py:func:`ca_ready`);
+- the signer, answering other minions: :py:func:`sign_agent_certificate`,
+  :py:func:`issue_acl_token`, and its CA files (:py:func:`ca_files`, :py:func:`ca_ready`);
+- the requests to the signer, through Salt's event bus and the master's reactor:
+  :py:func:`ask_signer` (a node), :py:func:`answer_request` (the signer),
+  :py:func:`accept_answer` (the node again);
 - the node, read only: :py:func:`firewall_status`, :py:func:`chain_drifted`,
   :py:func:`ipv6_skip_reason`, :py:func:`verify` (Consul, the chains, the mesh end to end).
 
 Errors: bad input, a bad pillar included, raises ``CommandExecutionError`` with one line
 (``apigee_mtls: invalid pillar: <key>: <what is wrong>``): the CLI exits non-zero, and a
-template calling the function stops rendering with that line. The two peer-published
-functions answer ``{"error": ...}`` dicts instead, which the requesting states parse.
+template calling the function stops rendering with that line. The two functions the signer
+answers requests with ``{"error": ...}`` dicts instead, which the requesting states parse.
 :py:func:`verify` returns its verdict and sets a non-zero exit code when a check fails.
 
 Sync it to the minions before use (``state.apply`` does not sync custom modules):
@@ -29,11 +31,14 @@ Sync it to the minions before use (``state.apply`` does not sync custom modules)
 """
 
 import concurrent.futures
+import json
 import logging
 import os
 import pwd
 import re
 import socket
+import time
+import uuid
 
 from salt.exceptions import CommandExecutionError
 
@@ -415,11 +420,12 @@ def _signer_request(kwargs, what):
 def sign_agent_certificate(public_key=None, bundle_only=False, **kwargs):
     """
     Sign a Consul agent certificate for the requesting minion. Runs on the signer only; other
-    minions reach it through peer publish (master config
-    ``peer: {'.*': [apigee_mtls.sign_agent_certificate]}``).
+    minions reach it through :py:func:`ask_signer` (the master's reactor runs
+    :py:func:`answer_request`, which calls this).
 
     The identity is not taken from the request: the signer computes the certificate's CN and
-    SANs for the *requesting minion id* (``__pub_id``, set by the master) from its own copy of
+    SANs for the *requesting minion id* (``__pub_id``: the id the master stamped on the
+    request event, passed by :py:func:`answer_request`) from its own copy of
     the topology pillar. A minion can therefore only obtain its own identity, and only a
     Consul server gets ``server.<dc>.consul``. The CA private key never leaves this host.
     The signing CA generation and the trusted ones come from this minion's pillar too
@@ -552,11 +558,11 @@ def management_token_file():
 def issue_acl_token(public_key=None, **kwargs):
     """
     Issue (or re-issue) the Consul ACL tokens of the requesting minion. Runs on the signer,
-    which holds the management token; other minions reach it through peer publish (master
-    config ``peer: {'.*': [apigee_mtls.sign_agent_certificate, apigee_mtls.issue_acl_token]}``).
+    which holds the management token; other minions reach it through :py:func:`ask_signer`
+    (the master's reactor runs :py:func:`answer_request`, which calls this).
 
     Like :py:func:`sign_agent_certificate`, the identity is the requesting minion id
-    (``__pub_id``, set by the master), and the token's policy comes from the signer's own
+    (``__pub_id``, stamped by the master), and the token's policy comes from the signer's own
     pillar: write on that node's own services and sidecars only. The tokens are returned
     sealed to ``public_key`` (the requester's agent key; see ``apigee_mtls_acl.seal``): the
     master's job cache only ever holds ciphertext. Refusals and a bad pillar are answered as
@@ -604,6 +610,169 @@ def issue_acl_token(public_key=None, **kwargs):
         return {"error": f"Consul: {exc}", "retry": exc.status != 403}
     log.info("apigee_mtls: issued the ACL token of %s (policy %s)", requester, acl["policy"])
     return answer
+
+
+#: what a node may ask the signer, through :py:func:`answer_request`
+SIGNER_FUNCTIONS = ("sign_agent_certificate", "issue_acl_token")
+#: the arguments a request may carry (the requester's identity is never one of them)
+REQUEST_ARGS = ("public_key", "bundle_only", "view")
+REQUEST_TAG = "apigee_mtls/request"
+ANSWER_TAG = "apigee_mtls/answer"
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _answers_dir():
+    return os.path.join(__opts__["cachedir"], "apigee_mtls", "answers")
+
+
+def ask_signer(fun, signer=None, timeout=20, **kwargs):
+    """
+    Ask the signer ``fun`` (``sign_agent_certificate`` or ``issue_acl_token``) for this
+    minion, and wait for its answer. The signer answers its own requests directly. Another
+    minion sends one event to the master (``apigee_mtls/request``, Salt's ``event.fire_master``:
+    one cheap request); the master's reactor runs :py:func:`answer_request` on the signer, whose
+    answer comes back as a job of :py:func:`accept_answer` on this minion, which leaves it in
+    ``<cachedir>/apigee_mtls/answers/<request id>`` (0600) for this call to pick up. Nothing
+    polls the master meanwhile: with peer publish (``publish.publish``) every waiting node
+    polled it every 0.3 s, and a master worker that handles ``minion_pub`` blocks on a nested
+    request to its own workers, so as many nodes asking at once as the master has workers
+    (Salt's default: 4 in its ``default`` pool) stalled it for the request timeout.
+
+    The master needs the two reactor entries of README ("Using it on a real cluster", step 2).
+    Only an answer sent by ``signer`` (the id the master stamps on the answer event) to a
+    request this call made is taken.
+
+    :param str fun: ``sign_agent_certificate`` or ``issue_acl_token``
+    :param str signer: minion id of the signer (default ``None``: this minion's plan's
+        ``tls:signer``)
+    :param int timeout: seconds to wait for the answer (default 20)
+    :param kwargs: the request's arguments: ``public_key`` (PEM), ``bundle_only`` (bool),
+        ``view`` (the pillar fingerprint the answer must be computed from); Salt's own
+        ``__pub_*`` arguments are dropped
+    :return: the signer's answer (a dict, see the two functions), or a string saying why
+        there is none (no answer within ``timeout``: the reactor is not configured, or the
+        master or the signer is busy or down); the caller asks again
+    :raises CommandExecutionError: ``fun`` is not one of the two, or the pillar is invalid
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call apigee_mtls.ask_signer sign_agent_certificate bundle_only=True
+    """
+    if fun not in SIGNER_FUNCTIONS:
+        raise CommandExecutionError(
+            f"apigee_mtls: fun: the signer answers only {', '.join(SIGNER_FUNCTIONS)}, not {fun!r}")
+    request = {k: v for k, v in kwargs.items() if k in REQUEST_ARGS}
+    signer = signer or _model()["tls"]["signer"]
+    if signer == __opts__["id"]:
+        return globals()[fun](**request)
+    request_id = uuid.uuid4().hex
+    folder = _answers_dir()
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    pending = os.path.join(folder, request_id + ".pending")
+    path = os.path.join(folder, request_id)
+    with open(pending, "w", encoding="utf-8"):
+        pass
+    try:
+        if not __salt__["event.fire_master"](
+                {"request_id": request_id, "signer": signer, "fun": fun, "request": request},
+                REQUEST_TAG):
+            return "the master did not take the request event"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as fh:
+                    got = json.load(fh)
+                if got.get("sender") == signer:
+                    return got.get("answer")
+                log.warning("apigee_mtls: dropped an answer from %s (the signer is %s)",
+                            got.get("sender"), signer)
+                os.unlink(path)
+            time.sleep(0.25)
+        return (f"no answer from {signer} within {timeout} s (does the master react to "
+                f"{REQUEST_TAG} and {ANSWER_TAG}? README, step 2; is {signer} up?)")
+    finally:
+        for leftover in (pending, path):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def answer_request(requester, fun, request_id, request=None, **kwargs):
+    """
+    Answer one node's request and send the answer back to the master
+    (``apigee_mtls/answer``), whose reactor hands it to the requester
+    (:py:func:`accept_answer`). Runs on the signer, started by the master's reactor for an
+    ``apigee_mtls/request`` event; ``requester`` is the minion id the master stamped on that
+    event, never a field of the request.
+
+    :param str requester: the requesting minion id (the reactor passes the event's ``id``)
+    :param str fun: ``sign_agent_certificate`` or ``issue_acl_token``
+    :param str request_id: the request's id (32 hex digits), echoed in the answer
+    :param dict request: the request's arguments (``public_key``, ``bundle_only``, ``view``;
+        others are ignored)
+    :param kwargs: Salt's job arguments; a job published by a minion (``__pub_id``, peer
+        publish) is refused: only the master's reactor may name a requester
+    :return: ``{"requester": id, "request_id": id, "fun": fun, "sent": bool}`` (the answer
+        itself goes to the requester only), or ``{"error": ...}``
+    :raises: nothing; refusals are returned
+
+    CLI Example (what the reactor runs):
+
+    .. code-block:: bash
+
+        salt n1 apigee_mtls.answer_request n5 sign_agent_certificate 0123...ef \\
+            request='{"bundle_only": true}'
+    """
+    if kwargs.get("__pub_id"):
+        log.warning("apigee_mtls: refused answer_request published by minion %s",
+                    kwargs["__pub_id"])
+        return {"error": "answer_request is started by the master's reactor, not by a minion"}
+    if fun not in SIGNER_FUNCTIONS or not _REQUEST_ID.fullmatch(str(request_id)):
+        return {"error": f"not a request: fun {fun!r}, request_id {request_id!r}"}
+    args = {k: v for k, v in (request or {}).items() if k in REQUEST_ARGS}
+    try:
+        answer = globals()[fun](__pub_id=requester, **args)
+    except CommandExecutionError as exc:
+        answer = {"error": str(exc)}
+    sent = __salt__["event.fire_master"](
+        {"requester": requester, "request_id": request_id, "answer": answer}, ANSWER_TAG)
+    return {"requester": requester, "request_id": request_id, "fun": fun, "sent": bool(sent)}
+
+
+def accept_answer(sender, request_id, answer=None):
+    """
+    Take the signer's answer to a request of this minion (started by the master's reactor
+    for an ``apigee_mtls/answer`` event; ``sender`` is the minion id the master stamped on
+    it). The answer is left for the waiting :py:func:`ask_signer` call, which checks
+    ``sender``; an answer to no pending request of this minion is dropped.
+
+    :param str sender: the minion that sent the answer
+    :param str request_id: the request's id (32 hex digits)
+    :param dict answer: the signer's answer (a certificate, or ACL tokens sealed to this
+        node's agent key: nothing secret in clear)
+    :return: ``True`` when a pending request took it, ``False`` otherwise
+    :raises: nothing
+
+    CLI Example (what the reactor runs):
+
+    .. code-block:: bash
+
+        salt n5 apigee_mtls.accept_answer n1 0123...ef answer='{"error": "test"}'
+    """
+    if not _REQUEST_ID.fullmatch(str(request_id)):
+        return False
+    folder = _answers_dir()
+    if not os.path.exists(os.path.join(folder, request_id + ".pending")):
+        log.info("apigee_mtls: dropped an answer to no pending request (%s from %s)",
+                 request_id, sender)
+        return False
+    tmp = os.path.join(folder, request_id + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"sender": sender, "answer": answer}, fh)
+    os.rename(tmp, os.path.join(folder, request_id))
+    return True
 
 
 def _replication_rules():

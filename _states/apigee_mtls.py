@@ -2,7 +2,8 @@
 States for the apigee_mtls formula.
 
 - :py:func:`agent_certificate_managed`: this node's Consul agent certificate and CA bundle,
-  signed by the cluster signer through peer publish (the CA key never leaves the signer;
+  signed by the cluster signer, asked through Salt's event bus and the master's reactor (the
+  CA key never leaves the signer;
   the node's private key never leaves the node).
 - :py:func:`acl_bootstrapped`: the Consul ACL system bootstrapped once, its management
   token on the signer only; tokens of nodes that left the pillar deleted.
@@ -48,6 +49,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import time
 
 from salt.exceptions import CommandExecutionError
@@ -213,15 +215,17 @@ def _view():
 
 
 def _ask_signer(signer, pub, bundle_only):
-    """The signer's answer (a dict), or what came back instead."""
-    if signer == __opts__["id"]:
-        return __salt__["apigee_mtls.sign_agent_certificate"](pub, bundle_only=bundle_only,
-                                                               view=_view())
-    arg = [pub, f"view={_view()}"] + (["bundle_only=True"] if bundle_only else [])
-    res = __salt__["publish.publish"](
-        signer, "apigee_mtls.sign_agent_certificate", arg=arg, timeout=60
-    )
-    return res.get(signer) if isinstance(res, dict) else res
+    """The signer's answer (a dict), or what came back instead (``apigee_mtls.ask_signer``:
+    the event bus and the master's reactor, no polling of the master)."""
+    return __salt__["apigee_mtls.ask_signer"]("sign_agent_certificate", signer=signer,
+                                              public_key=pub, bundle_only=bundle_only,
+                                              view=_view())
+
+
+def _retry_pause(attempt):
+    """Seconds before asking the signer again: 2, 4, then 8 at most, each +-25 % at random,
+    so that nodes that started together do not ask together again."""
+    return min(2 * 2 ** attempt, 8) * random.uniform(0.75, 1.25)
 
 
 def _gens(generations):
@@ -319,6 +323,7 @@ def agent_certificate_managed(
         return ret
     pub = __salt__["x509.get_public_key"](private_key)
     deadline = time.monotonic() + wait
+    attempt = 0
     while True:
         answer = _ask_signer(signer, pub, bundle_only=not need_cert)
         retry = True
@@ -348,7 +353,8 @@ def agent_certificate_managed(
             ret["changes"] = {}
             ret["comment"] = f"signer {signer} did not sign: {last or 'no answer'}"
             return ret
-        time.sleep(3)
+        time.sleep(_retry_pause(attempt))
+        attempt += 1
     if answer["ca_bundle"].encode() != bundle_pem:
         _write(ca_bundle, answer["ca_bundle"], mode, user, group)
         ret["changes"].setdefault("ca_bundle", {
@@ -611,11 +617,8 @@ def local_token_managed(name, user="consul", group="consul", mode="0600"):
 
 
 def _ask_for_token(signer, pub):
-    if signer == __opts__["id"]:
-        return __salt__["apigee_mtls.issue_acl_token"](pub, view=_view())
-    res = __salt__["publish.publish"](signer, "apigee_mtls.issue_acl_token",
-                                      arg=[pub, f"view={_view()}"], timeout=60)
-    return res.get(signer) if isinstance(res, dict) else res
+    return __salt__["apigee_mtls.ask_signer"]("issue_acl_token", signer=signer, public_key=pub,
+                                              view=_view())
 
 
 def _agent_answers():
@@ -635,11 +638,12 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
     ``policy`` (write on its own services only; see the planner's ``acl_node_rules``); for a
     server of a secondary data center, ``replication_file`` the replication token too.
 
-    A missing, unknown or stale token is asked from ``signer`` (peer publish,
-    ``apigee_mtls.issue_acl_token``), which answers sealed to this node's agent public key;
-    it is opened here with ``private_key``. Neither the token nor its ciphertext is in the
-    return. Token files are written by ``apigee_mtls_acl.write_secret`` (created with their
-    final mode); a wrong owner or mode is fixed with ``file.chown``/``file.set_mode``. With
+    A missing, unknown or stale token is asked from ``signer`` (``apigee_mtls.ask_signer``:
+    the event bus and the master's reactor, then ``apigee_mtls.issue_acl_token``), which
+    answers sealed to this node's agent public key; it is opened here with ``private_key``.
+    Neither the token nor its ciphertext is in the return. Token files are written by
+    ``apigee_mtls_acl.write_secret`` (created with their final mode); a wrong owner or mode
+    is fixed with ``file.chown``/``file.set_mode``. With
     ``test=True`` and a local agent that does not answer, an existing token is reported as
     present but not checked.
 
@@ -747,6 +751,7 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
             return ret
         pub = __salt__["x509.get_public_key"](private_key)
         deadline = time.monotonic() + wait
+        attempt = 0
         while True:
             answer = _ask_for_token(signer, pub)
             if isinstance(answer, dict) and answer.get("agent") and \
@@ -766,7 +771,8 @@ def acl_token_managed(name, private_key, replication_file=None, user="consul", g
                 ret["changes"] = {}
                 ret["comment"] = f"signer {signer} issued no token: {last or 'no answer'}"
                 return ret
-            time.sleep(3)
+            time.sleep(_retry_pause(attempt))
+            attempt += 1
         os.makedirs(os.path.dirname(name), exist_ok=True)
         try:
             for kind, (path, _) in files.items():

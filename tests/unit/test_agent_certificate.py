@@ -1,6 +1,6 @@
 """The agent certificate state (``_states/apigee_mtls.py``) without Salt: its pure check
 ``_cert_problems`` on throwaway CAs, and ``agent_certificate_managed`` driven through a CA
-rotation against a fake signer (peer publish replaced by a function call).
+rotation against a fake signer (``apigee_mtls.ask_signer`` replaced by a function call).
 
 A rotation from CA generation 1 to 2 is three applies (README "CA rotation"):
 ``ca_trust: [2]`` (bundle 1+2, certificates kept), ``ca_generation: 2, ca_trust: [1]``
@@ -235,19 +235,17 @@ def node(tmp_path, agent_key, monkeypatch):
     pub = agent_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
-    def publish(tgt, fun, arg=(), timeout=5):
-        assert (tgt, fun) == ("n1", "apigee_mtls.sign_agent_certificate")
-        kwargs = dict(a.split("=", 1) for a in arg[1:])
+    def ask_signer(fun, signer=None, public_key=None, bundle_only=False, view=None):
+        assert (signer, fun) == ("n1", "sign_agent_certificate")
         # the node's view of the pillar goes with every request (the signer refreshes its
         # own pillar when it differs)
-        env["views"].append(kwargs.pop("view"))
-        assert kwargs in ({}, {"bundle_only": "True"})
-        return {tgt: env["signer"](arg[0], bundle_only=bool(kwargs))}
+        env["views"].append(view)
+        return env["signer"](public_key, bundle_only=bundle_only)
 
     monkeypatch.setattr(STATES, "__salt__", {
         "apigee_mtls.plan": lambda: _plan(env["tls"]),
         "x509.get_public_key": lambda path: pub,
-        "publish.publish": publish,
+        "apigee_mtls.ask_signer": ask_signer,
         "pillar.get": lambda key, default=None, unmask=False: {"tls": env["tls"]},
         **salt_file_functions(env["chowned"]),
     }, raising=False)

@@ -1,8 +1,8 @@
 """The execution module's CLI contract (``_modules/apigee_mtls.py``): bad input, a bad pillar
 included, makes every public function raise ``CommandExecutionError`` with one line (Salt
-prints it and exits non-zero) instead of returning an error dict with exit code 0. The two
-peer-published functions keep answering other minions with ``{"error": ...}`` dicts, which the
-requesting states parse."""
+prints it and exits non-zero) instead of returning an error dict with exit code 0. The
+functions that answer other minions' requests keep answering with ``{"error": ...}`` dicts,
+which the requesting states parse."""
 
 import inspect
 
@@ -58,6 +58,8 @@ CASES = {
              (lambda: MODULE.plan(lockdown="no"), ("lockdown",)),
              (lambda: MODULE.plan(node_id=7), ("node_id",))],
     "intentions": [(lambda: MODULE.intentions(), BAD_PILLAR)],
+    "ask_signer": [(lambda: MODULE.ask_signer("issue_acl_token"), BAD_PILLAR),
+                   (lambda: MODULE.ask_signer("cmd.run", signer="n1"), ("fun:",))],
     "ports": [(lambda: MODULE.ports(), BAD_PILLAR)],
     "report": [(lambda: MODULE.report(), BAD_PILLAR)],
     "ca_ready": [(lambda: MODULE.ca_ready(), BAD_PILLAR),
@@ -77,7 +79,7 @@ CASES = {
 }
 #: functions without input (nothing to get wrong) and the peer-published ones (dict protocol)
 NO_INPUT = {"gossip_keygen", "ipv6_skip_reason", "rollout_stage"}
-PEER = {"sign_agent_certificate", "issue_acl_token"}
+PEER = {"sign_agent_certificate", "issue_acl_token", "answer_request", "accept_answer"}
 
 
 def _public():
@@ -128,7 +130,7 @@ def test_rollout_stage_names_the_key(pillars):
 
 
 def test_peer_functions_answer_a_bad_pillar_with_an_error_dict(pillars):
-    """Other minions' states parse these answers: no exception crosses peer publish."""
+    """Other minions' states parse these answers: no exception crosses the request."""
     for fun in (MODULE.sign_agent_certificate, MODULE.issue_acl_token):
         answer = fun("PUBLIC KEY", __pub_id="n4")
         assert answer["key"] == BAD_KEY and answer["error"].startswith(BAD_KEY + ":")

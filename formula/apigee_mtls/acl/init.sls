@@ -2,7 +2,8 @@
     appear in the rendered SLS). The signer bootstraps the ACL system once and keeps the
     management token (0600, owned by the service user) there and nowhere else; it also
     deletes the tokens of nodes that left the pillar. Every node asks the signer for its own
-    token (peer publish, answered sealed to its agent key): write on its own services only.
+    token (through the master's reactor, answered sealed to its agent key): write on its own
+    services only.
     acl-tokens.json gives it to the agent, rendered here on the node from the token file. -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
 {%- if plan.member and plan.acl.enabled %}

@@ -1,5 +1,5 @@
 {#- Agent TLS: this node's key is generated here and never leaves it; the certificate is
-    signed by the cluster signer (peer publish), whose CA key never leaves the signer. The
+    signed by the cluster signer (asked through the master's reactor), whose CA key never leaves the signer. The
     CA bundle holds the trusted CA generations (a CA rotation trusts two for a while); a new
     certificate or bundle reloads Consul (service/init.sls). -#}
 {%- from "apigee_mtls/map.jinja" import plan with context %}
