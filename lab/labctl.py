@@ -192,21 +192,27 @@ def write_master(topo_path, topo):
         # custom modules (tools/dist.py); files/ holds the lab's consul binary and top.sls
         "file_roots": {"base": [FORMULA_ROOT, files]},
         "pillar_roots": {"base": [os.path.join(STATE, "pillar")]},
-        # peer publish: agents ask the signer to sign their CSR; nothing else is allowed
-        # and for its Consul ACL token (answered sealed to the node's agent key)
-        "peer": {".*": ["apigee_mtls.sign_agent_certificate", "apigee_mtls.issue_acl_token"]},
+        # nodes ask the signer for their certificate and their Consul ACL token (sealed to
+        # the node's agent key) through the event bus: README, "Using it on a real cluster",
+        # step 2. No peer publish.
+        "reactor": [
+            {"apigee_mtls/request": ["salt://apigee_mtls/reactor/request.sls"]},
+            {"apigee_mtls/answer": ["salt://apigee_mtls/reactor/answer.sls"]},
+        ],
         "timeout": 20,
         "gather_job_timeout": 15,
-        # every node asks the signer for its certificate through the master (peer publish,
-        # polled every 0.3 s): with Salt's default of 5 workers, 13 nodes applying at once
-        # stalled the master (request and pillar timeouts); one worker per node does not
-        # (LAB_MASTER_WORKERS=5: Salt's default, to measure what a stock master does)
-        "worker_threads": int(os.environ.get("LAB_MASTER_WORKERS") or
-                              max(5, len(topo.get("nodes", [])) + 2)),
         "log_level_logfile": "info",
+        # per-command request counts and mean times on the event bus (salt/stats/<worker>),
+        # read by bench/rollout.py
+        "master_stats": True,
+        "master_stats_event_iter": 5,
         "state_output": "mixed",
         "keep_jobs_seconds": 86400,
     }
+    if os.environ.get("LAB_MASTER_WORKERS"):
+        # Salt's default (none set): an "auth" pool of 1 worker and a "default" pool of 4,
+        # as operators run it. LAB_MASTER_WORKERS=N sets worker_threads: N to compare.
+        master_conf["worker_threads"] = int(os.environ["LAB_MASTER_WORKERS"])
     with open(os.path.join(SALT_CONF, "master"), "w", encoding="utf-8") as fh:
         yaml.safe_dump(master_conf, fh, default_flow_style=False)
     write_pillar(topo, sha)

@@ -43,6 +43,20 @@ def test_first_apply_succeeds_everywhere(applied):
     for node in applied.nodes:
         assert summary[node]["total"] > 10
         assert summary[node]["changed"], f"{node}: first apply changed nothing"
+    # ... on a stock master: Salt's default workers (no worker_threads, no worker_pools), no
+    # peer publish; the nodes asked the signer through the event bus and the reactor
+    with open(os.path.join(labctl.SALT_CONF, "master"), encoding="utf-8") as fh:
+        master = yaml.safe_load(fh)
+    if not os.environ.get("LAB_MASTER_WORKERS"):
+        assert not {"worker_threads", "worker_pools", "peer"} & set(master), master
+    assert master["reactor"] == [
+        {"apigee_mtls/request": ["salt://apigee_mtls/reactor/request.sls"]},
+        {"apigee_mtls/answer": ["salt://apigee_mtls/reactor/answer.sls"]}]
+    log = os.path.join(labctl.STATE, "master", "var", "log", "salt", "master")
+    with open(log, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    assert "Published command apigee_mtls.answer_request" in text
+    assert "SaltReqTimeoutError" not in text, "the master timed out on a request"
 
 
 def _members(lab, node):
