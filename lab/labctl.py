@@ -318,6 +318,21 @@ def ipv6_of(ip):
     return "{}::{}".format(HOST_IP6.split("::")[0], ip.rsplit(".", 1)[1])
 
 
+def raise_inotify_limit(nodes):
+    """Each machine's systemd, journald and udev take inotify instances from root's
+    ``fs.inotify.max_user_instances`` (128 by default on Debian): past about 25 machines a new
+    one fails to boot ("Failed to allocate manager object: Too many open files"). Raise it (to
+    16 per machine and 512 at least), never lower it."""
+    path = "/proc/sys/fs/inotify/max_user_instances"
+    with open(path, encoding="ascii") as fh:
+        have = int(fh.read())
+    want = max(512, 16 * nodes)
+    if have < want:
+        step(f"fs.inotify.max_user_instances {have} -> {want} ({nodes} machines)")
+        with open(path, "w", encoding="ascii") as fh:
+            fh.write(f"{want}\n")
+
+
 def setup_bridge():
     if run(["ip", "link", "show", BRIDGE], check=False, capture=True).returncode != 0:
         run(["ip", "link", "add", BRIDGE, "type", "bridge"])
@@ -459,6 +474,7 @@ def cmd_up(args):
     state.update({"topology": topo_path, "bridge": BRIDGE})
     state.setdefault("nodes", {})
     save_state(state)
+    raise_inotify_limit(len(model["nodes"]))
     setup_bridge()
     start_master(state)
     nodes = [n for n in model["nodes"] if not args.only or n["id"] in args.only.split(",")]
