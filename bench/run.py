@@ -865,6 +865,102 @@ def topology_path(name):
     return path
 
 
+class MasterWatch:
+    """What the lab's salt-master spends while a step runs: its requests per command (the
+    ``salt/stats/<worker>`` events that ``master_stats: True`` makes each worker fire every
+    ``master_stats_event_iter`` s, read from the master's event bus), the CPU seconds of its
+    process tree (psutil, children that exited included) and the peak of their summed PSS
+    (sampled every 0.5 s). Requests a worker handled in its last interval are only counted
+    once it fires again, so ``stop()`` waits ``master_stats_event_iter`` + 1 s and pings every
+    minion twice, then subtracts what those pings cost (two ``_return`` per node)."""
+
+    def __init__(self, labctl):
+        import threading  # pylint: disable=import-outside-toplevel
+
+        import psutil  # pylint: disable=import-outside-toplevel
+        import salt.config  # pylint: disable=import-outside-toplevel
+        import salt.utils.event  # pylint: disable=import-outside-toplevel
+
+        self.labctl = labctl
+        path = os.path.join(labctl.SALT_CONF, "master")
+        self.opts = salt.config.master_config(path)
+        with open(path, encoding="utf-8") as fh:
+            self.raw = yaml.safe_load(fh) or {}
+        with open(os.path.join(labctl.STATE, "master", "salt-master.pid"),
+                  encoding="utf-8") as fh:
+            self.master = psutil.Process(int(fh.read().strip()))
+        self.psutil = psutil
+        self.requests = {}
+        self.peak_pss = 0
+        self.done = threading.Event()
+        self.event = salt.utils.event.get_master_event(self.opts, self.opts["sock_dir"],
+                                                       listen=True)
+        self.cpu0 = self._cpu()
+        self.threads = [threading.Thread(target=self._stats, daemon=True),
+                        threading.Thread(target=self._memory, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _tree(self):
+        procs = [self.master]
+        try:
+            procs += self.master.children(recursive=True)
+        except self.psutil.Error:
+            pass
+        return procs
+
+    def _cpu(self):
+        total = 0.0
+        for proc in self._tree():
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except self.psutil.Error:
+                pass
+        return total
+
+    def _memory(self):
+        while not self.done.wait(0.5):
+            pss = 0
+            for proc in self._tree():
+                try:
+                    pss += proc.memory_full_info().pss
+                except self.psutil.Error:
+                    pass
+            self.peak_pss = max(self.peak_pss, pss)
+
+    def _stats(self):
+        while not self.done.is_set():
+            event = self.event.get_event(wait=0.5, tag="salt/stats", full=True)
+            if not event:
+                continue
+            for cmd, stat in event["data"].get("stats", {}).items():
+                runs, secs = self.requests.get(cmd, (0, 0.0))
+                self.requests[cmd] = (runs + stat["runs"],
+                                      secs + stat["runs"] * stat["mean"])
+
+    def stop(self, lab, nodes):
+        cpu = self._cpu() - self.cpu0
+        time.sleep(self.opts.get("master_stats_event_iter", 60) + 1)
+        for _ in range(2):
+            lab.salt("*", "test.ping", timeout=120)
+        time.sleep(2)
+        self.done.set()
+        for thread in self.threads:
+            thread.join(5)
+        self.event.destroy()
+        runs, secs = self.requests.get("_return", (0, 0.0))
+        self.requests["_return"] = (max(0, runs - 2 * nodes), secs)
+        total = sum(r for r, _ in self.requests.values())
+        return {"master_cpu_s": cpu, "master_peak_pss_mib": self.peak_pss / 2 ** 20,
+                "master_requests": total, "master_requests_per_node": total / nodes,
+                "master_requests_by_cmd": {k: {"runs": r, "worker_s": round(t, 2)}
+                                           for k, (r, t) in sorted(self.requests.items())},
+                # as set in the master's config file; None: Salt's default pools
+                "master_worker_threads": self.raw.get("worker_threads"),
+                "master_worker_pools": self.raw.get("worker_pools")}
+
+
 def timed_apply(conftest, lab, prefix, target="*", fn="state.apply", *extra):
     """Run one state run, timed; returns {prefix_s, prefix_states, prefix_changed, ...}."""
     t = time.monotonic()
@@ -925,7 +1021,10 @@ def section_rollout(args):
         run["boot_s"] = labctl("up", "--topology", topo, "--no-apply")
         lab = conftest.Lab(topo)
         result["runs"].append(run)
-        if not applied(lab, run, "first_apply"):
+        watch = MasterWatch(conftest.labctl)
+        ok = applied(lab, run, "first_apply")
+        run.update(watch.stop(lab, len(lab.nodes)))
+        if not ok:
             break
         ready(lab, run, "mesh_ready_s")
         run["cold_total_s"] = run["boot_s"] + run["first_apply_s"] + run["mesh_ready_s"]
@@ -956,7 +1055,8 @@ def section_rollout(args):
             for k, v in run.items() if not isinstance(v, dict)))
     keys = ("down_s", "boot_s", "first_apply_s", "mesh_ready_s", "apply_to_flows_s",
             "cold_total_s", "rerun_s", "rerun_changed", "first_apply_states",
-            "first_apply_changed", "add_boot_s", "add_highstate_s", "add_peers_s",
+            "first_apply_changed", "master_cpu_s", "master_peak_pss_mib", "master_requests",
+            "master_requests_per_node", "add_boot_s", "add_highstate_s", "add_peers_s",
             "add_peers_changed", "add_mesh_ready_s", "add_node_s")
     complete = [r for r in result["runs"] if "rerun_s" in r]
     result["median"] = {k: median(r.get(k) for r in complete if r.get(k) is not None)
@@ -978,6 +1078,10 @@ def print_rollout(res):
               ("rerun_s", "idempotent rerun s"), ("rerun_changed", "rerun changed states"),
               ("first_apply_states", "states (all nodes)"),
               ("first_apply_changed", "first apply changed states"),
+              ("master_cpu_s", "first apply: salt-master CPU s"),
+              ("master_peak_pss_mib", "first apply: salt-master peak memory (PSS) MiB"),
+              ("master_requests", "first apply: requests to the master"),
+              ("master_requests_per_node", "first apply: requests per node"),
               ("add_boot_s", "add a node: boot its machine s"),
               ("add_highstate_s", "add a node: targeted highstate s"),
               ("add_peers_s", "add a node: peers' state.apply s"),
@@ -988,6 +1092,13 @@ def print_rollout(res):
     runs = [r for r in res["runs"] if "rerun_s" in r]
     say(f"\nROLLOUT ({res['topology']}, {res.get('nodes')} nodes, median of {len(runs)} run(s))")
     say(table(["step", "value"], rows))
+    if runs and runs[0].get("master_requests_by_cmd"):
+        first = runs[0]
+        workers = first.get("master_worker_threads") or "not set: Salt's default pools"
+        say(f"first apply, run 1: requests to the master by command (worker_threads: {workers})")
+        by_cmd = sorted(first["master_requests_by_cmd"].items(), key=lambda kv: -kv[1]["runs"])
+        say(table(["command", "requests", "worker s"],
+                  [[cmd, str(v["runs"]), f"{v['worker_s']:.1f}"] for cmd, v in by_cmd]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1034,6 +1145,9 @@ def main(argv=None):
     p.add_argument("--native-direct-ports", default="15201,15202",
                    type=lambda s: [int(x) for x in s.split(",")][:2],
                    help="native: the direct path's iperf3 and sockperf ports (unmeshed)")
+    p.add_argument("--native-profile", action="store_true",
+                   help="native: perf-record the two sidecars during one more mesh run "
+                        "(needs perf on the host: apt-get install linux-perf)")
     p.add_argument("--force", action="store_true",
                    help="run dataplane/rollout even while tests or captures use the lab")
     p.add_argument("--topology", default="5-node", help="rollout: 5-node, 13-node or a file")
