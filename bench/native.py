@@ -23,7 +23,9 @@ tool opens a connection per request). Nothing is asserted: figures and ratios ar
 saved, medians over ``--dp-repeats``.
 """
 import json
+import os
 import re
+import shutil
 import subprocess
 import time
 
@@ -59,6 +61,7 @@ def iperf3_summary(text):
     end = data["end"]
     return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
             "bytes": end["sum_received"]["bytes"],
+            "seconds": end["sum_received"]["seconds"],
             "cpu_client_pct": end["cpu_utilization_percent"]["host_total"],
             "cpu_server_pct": end["cpu_utilization_percent"]["remote_total"]}
 
@@ -160,6 +163,7 @@ def section_native(args):
                            "parallel": args.parallel}}
     runs = {p: {"single": [], "parallel": [], "rtt": []} for p in targets}
     cpu = {"seconds": 0.0, "bytes": 0}
+    budget = {p: {"bytes": 0, "client": 0.0, "server": 0.0, "sidecars": 0.0} for p in targets}
     servers = Servers(labctl, dst["id"], dst["ip"], direct)
     try:
         seconds = str(max(1, int(args.dp_seconds)))
@@ -172,9 +176,16 @@ def section_native(args):
                         "iperf3", "-c", dst["ip"], "-p", str(port["iperf3"]), "-t", seconds,
                         "-J", *extra], timeout=int(seconds) + 60).stdout)
                     used = sum(h.proc_cpu_seconds(p) for p in pids.values()) - before
-                    if path == "mesh" and name == "single":
-                        cpu["seconds"] += used
-                        cpu["bytes"] += out["bytes"]
+                    if name == "single":
+                        # CPU seconds each process spent (iperf3 reports its ends' CPU as
+                        # a percentage of the test's wall time)
+                        budget[path]["bytes"] += out["bytes"]
+                        for end in ("client", "server"):
+                            budget[path][end] += out[f"cpu_{end}_pct"] / 100 * out["seconds"]
+                        if path == "mesh":
+                            budget[path]["sidecars"] += used
+                            cpu["seconds"] += used
+                            cpu["bytes"] += out["bytes"]
                     runs[path][name].append(out)
                     h.say(f"  {name:8} {path:6} #{rep + 1}: {out['gbit_s']:.2f} Gbit/s")
                 rtt = sockperf_percentiles(_node(labctl, src["id"], [
@@ -184,6 +195,8 @@ def section_native(args):
                 runs[path]["rtt"].append(rtt)
                 h.say(f"  rtt      {path:6} #{rep + 1}: p50 {rtt['p50_us']:.0f}us "
                       f"p99 {rtt['p99_us']:.0f}us")
+        if getattr(args, "native_profile", False):
+            result["profile"] = profile_sidecars(labctl, src, dst, pids, seconds)
     finally:
         servers.stop()
     summary = {}
@@ -196,12 +209,52 @@ def section_native(args):
         }
     summary["mesh"]["proxy_cpu_s_per_gib"] = (cpu["seconds"] / (cpu["bytes"] / h.GiB)
                                               if cpu["bytes"] else None)
+    summary["cpu_s_per_gib"] = {
+        path: {k: (b[k] / (b["bytes"] / h.GiB) if b["bytes"] else None)
+               for k in ("client", "server", "sidecars")} for path, b in budget.items()}
     summary["ratio_mesh_over_direct"] = {
         k: summary["mesh"][k] / summary["direct"][k] if summary["direct"][k] else None
         for k in ("single_gbit_s", "parallel_gbit_s", "rtt_p50_us", "rtt_p99_us")}
     result.update(summary=summary, runs=runs, cpu=cpu)
     result["meta"]["loadavg_after"] = h.loadavg()
     return result, None
+
+
+def perf_shares(text):
+    """``[(share %, dso or symbol), ...]`` from ``perf report --stdio`` output (its
+    percentage lines, in the order printed)."""
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(.+?)\s*$", line)
+        if m and not line.lstrip().startswith("#"):
+            rows.append((float(m.group(1)), re.sub(r"\s+", " ", m.group(2))))
+    return rows
+
+
+def profile_sidecars(labctl, src, dst, pids, seconds):
+    """``perf record`` (host side, 999 Hz) on the egress and ingress sidecars during one more
+    1-stream mesh iperf3 run: the share of their samples per DSO (the kernel against the
+    consul binary, which is stripped: Go functions are not named) and the top kernel symbols.
+    ``None`` when ``perf`` is not installed (``apt-get install linux-perf``)."""
+    if not shutil.which("perf"):
+        return None
+    data = "/tmp/amtls-bench-sidecars.perf"
+    rec = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-o", data,
+                            "-p", ",".join(str(p) for p in pids.values()),
+                            "--", "sleep", str(int(seconds) + 1)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    _node(labctl, src["id"], ["iperf3", "-c", dst["ip"], "-p", str(MESH_PORTS["iperf3"]),
+                              "-t", seconds, "-J"], timeout=int(seconds) + 60)
+    rec.wait(timeout=int(seconds) + 60)
+    out = {}
+    for key, sort in (("dso", "dso"), ("symbols", "dso,sym")):
+        rep = subprocess.run(["perf", "report", "--stdio", "-i", data, "--no-children",
+                              "--sort", sort, "--percent-limit", "1"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        out[key] = perf_shares(rep.stdout)
+    os.unlink(data)
+    return out
 
 
 def print_native(res):
@@ -224,3 +277,22 @@ def print_native(res):
           f"medians of {res['settings']['repeats']}, load {res['meta'].get('loadavg_before')} -> "
           f"{res['meta'].get('loadavg_after')})")
     h.say(h.table(["metric", "direct", "mesh", "mesh/direct"], rows))
+    per = s.get("cpu_s_per_gib")
+    if per:
+        rows = []
+        for path in ("direct", "mesh"):
+            b = per[path]
+            total = sum(v for v in b.values() if v)
+            rows.append([path, h.fmt(b["client"], ".2f"), h.fmt(b["server"], ".2f"),
+                         h.fmt(b["sidecars"] if path == "mesh" else None, ".2f"),
+                         h.fmt(total, ".2f")])
+        h.say("CPU seconds per GiB moved, 1 stream (iperf3's own figures; sidecars from /proc)")
+        h.say(h.table(["path", "iperf3 client", "iperf3 server", "both sidecars", "total"],
+                      rows))
+    prof = res.get("profile")
+    if prof:
+        h.say("sidecars' perf samples (1 stream, mesh): by DSO, then the top symbols")
+        h.say(h.table(["share %", "where"],
+                      [[f"{pct:.1f}", what] for pct, what in prof["dso"][:6]]
+                      + [["", ""]]
+                      + [[f"{pct:.1f}", what] for pct, what in prof["symbols"][:12]]))

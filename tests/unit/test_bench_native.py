@@ -34,3 +34,25 @@ def test_iperf3_summary_reads_received_throughput_and_cpu():
     assert 0 < out["cpu_client_pct"] <= 100 and 0 < out["cpu_server_pct"] <= 100
     with pytest.raises(RuntimeError):
         native.iperf3_summary(json.dumps({"error": "unable to connect to server"}))
+
+
+PERF_DSO = """# To display the perf.data header info, please use --header/--header-only options.
+#
+# Total Lost Samples: 0
+#
+# Samples: 5K of event 'cpu-clock:ppp'
+# Event count (approx.): 5005005000
+#
+# Overhead  Shared Object
+# ........  .................
+#
+    61.52%  [kernel.kallsyms]
+    37.10%  consul
+     1.38%  [vdso]
+"""
+
+
+def test_perf_shares_reads_the_percentage_lines_only():
+    assert native.perf_shares(PERF_DSO) == [(61.52, "[kernel.kallsyms]"), (37.10, "consul"),
+                                            (1.38, "[vdso]")]
+    assert native.perf_shares("# Overhead  Symbol\n#\n") == []
