@@ -940,30 +940,44 @@ def _restart_session(node, token, ttl):
         "LockDelay": "0s", "Checks": [], "NodeChecks": []}, timeout=5)["ID"]
 
 
-def _kv_holders(prefix, token):
-    """The names (keys without ``prefix``) of the keys under a KV ``prefix`` that a session
-    holds (a consistent read; a released key stays in the KV, unheld)."""
+def _kv_entries(query, token):
+    """The entries of a KV read (``GET /v1/kv/<query>``), ``[]`` when there is no such key."""
     try:
-        entries = _acl("api")("GET", "/v1/kv/{}?recurse&consistent".format(prefix), token,
-                              timeout=5)
+        return _acl("api")("GET", "/v1/kv/" + query, token, timeout=5) or []
     except Exception as exc:  # pylint: disable=broad-except
         if getattr(exc, "status", None) == 404:
             return []
         raise
-    return sorted(e["Key"][len(prefix):] for e in entries or [] if e.get("Session"))
 
 
-class _RestartLock:
-    """The data center's restart lock for Consul servers (see ``apigee_mtls_restart``): a
-    session of this node's, a pending key, then the lock key, acquired when the cluster can
-    lose this server and this node is not a leader with other servers still to restart."""
+def _kv_holders(prefix, token):
+    """The names (keys without ``prefix``) of the keys under a KV ``prefix`` that a session
+    holds (a consistent read; a released key stays in the KV, unheld)."""
+    return sorted(e["Key"][len(prefix):]
+                  for e in _kv_entries(prefix + "?recurse&consistent", token)
+                  if e.get("Session"))
+
+
+class _RestartKeys:
+    """What a server's restart lock and a client's restart slot share: a session of this
+    node's (``_restart_session``, ``ttl``) that takes and gives back KV keys, renewed while
+    it waits, destroyed at the end."""
+
+    ttl = "60s"
 
     def __init__(self, restart, token):
         self.node, self.token, self.session = restart.get("node"), token, None
         self.servers = restart.get("servers") or []
         self.acls = bool(restart.get("token_file"))
-        self.leader_wait = restart.get("leader_wait", 120)
         self.api = _acl("api")
+
+    def _session(self):
+        """Open the session, or renew it; True when it was just opened."""
+        if self.session is None:
+            self.session = _restart_session(self.node, self.token, self.ttl)
+            return True
+        self._renew()
+        return False
 
     def _kv(self, key, verb):
         return self.api("PUT", "/v1/kv/{}?{}={}".format(key, verb, self.session), self.token,
@@ -971,6 +985,26 @@ class _RestartLock:
 
     def _renew(self):
         self.api("PUT", "/v1/session/renew/" + self.session, self.token, timeout=5)
+
+    def _give_back(self, key, what):
+        if self.session is None:
+            return
+        try:
+            self._kv(key, "release")
+            self.api("PUT", "/v1/session/destroy/" + self.session, self.token, timeout=5)
+        except Exception as exc:  # pylint: disable=broad-except
+            log.warning("apigee_mtls: %s not released (%s); its session expires", what, exc)
+        self.session = None
+
+
+class _RestartLock(_RestartKeys):
+    """The data center's restart lock for Consul servers (see ``apigee_mtls_restart``): a
+    session of this node's, a pending key, then the lock key, acquired when the cluster can
+    lose this server and this node is not a leader with other servers still to restart."""
+
+    def __init__(self, restart, token):
+        super().__init__(restart, token)
+        self.leader_wait = restart.get("leader_wait", 120)
 
     def _leader(self):
         addr = self.api("GET", "/v1/status/leader", timeout=5) or ""
@@ -1011,11 +1045,8 @@ class _RestartLock:
         why = "not tried"
         while time.monotonic() < deadline:
             try:
-                if self.session is None:
-                    self.session = _restart_session(self.node, self.token, "60s")
+                if self._session():
                     self._kv(_rs("kv_keys")()["pending"] + self.node, "acquire")
-                else:
-                    self._renew()
                 states = {}
                 if time.monotonic() - start < self.leader_wait:
                     states = {n: _agent_record(_rs("kv_keys")()["binary"] + n, self.token)
@@ -1064,14 +1095,7 @@ class _RestartLock:
         return why
 
     def release(self):
-        if self.session is None:
-            return
-        try:
-            self._kv(_rs("kv_keys")()["lock"], "release")
-            self.api("PUT", "/v1/session/destroy/" + self.session, self.token, timeout=5)
-        except Exception as exc:  # pylint: disable=broad-except
-            log.warning("apigee_mtls: restart lock not released (%s); its session expires", exc)
-        self.session = None
+        self._give_back(_rs("kv_keys")()["lock"], "restart lock")
 
 
 def _record_agent(restart, token, service, unit_file):
@@ -1094,32 +1118,21 @@ def _servers_on_other_binary(servers, sha, token):
     return _rs("clients_wait_for")(sha, shas)
 
 
-class _RestartSlot:
+class _RestartSlot(_RestartKeys):
     """A client agent's slot to restart (see ``apigee_mtls_restart.client_waits``): a session
     of this node's and its ``clients`` key, held from before the agent stops until it
     authorizes again, taken only when no server restarts or waits to, every server is
     alive and out of legacy ACL mode and, for a new binary (``binary_sha``), runs it."""
 
+    ttl = "120s"
+
     def __init__(self, restart, token, binary_sha=None):
-        self.node, self.token, self.session = restart.get("node"), token, None
-        self.servers = restart.get("servers") or []
-        self.acls = bool(restart.get("token_file"))
+        super().__init__(restart, token)
         self.binary_sha = binary_sha
-        self.api = _acl("api")
         self.key = _rs("kv_keys")()["clients"] + (self.node or "")
 
-    def _kv(self, verb):
-        return self.api("PUT", "/v1/kv/{}?{}={}".format(self.key, verb, self.session),
-                        self.token, body=self.node, timeout=5)
-
     def _lock_holder(self):
-        try:
-            entries = self.api("GET", "/v1/kv/{}?consistent".format(_rs("kv_keys")()["lock"]),
-                               self.token, timeout=5)
-        except Exception as exc:  # pylint: disable=broad-except
-            if getattr(exc, "status", None) == 404:
-                return None
-            raise
+        entries = _kv_entries(_rs("kv_keys")()["lock"] + "?consistent", self.token)
         return (entries or [{}])[0].get("Session")
 
     def acquire(self, wait):
@@ -1128,11 +1141,8 @@ class _RestartSlot:
         deadline = time.monotonic() + wait
         while True:
             try:
-                if self.session is None:
-                    self.session = _restart_session(self.node, self.token, "120s")
-                else:
-                    self.api("PUT", "/v1/session/renew/" + self.session, self.token, timeout=5)
-                if self._kv("acquire") is not True:
+                self._session()
+                if self._kv(self.key, "acquire") is not True:
                     why = "this node's restart key is held by another session"
                 else:
                     members = self.api("GET", "/v1/agent/members", self.token, timeout=5)
@@ -1143,7 +1153,7 @@ class _RestartSlot:
                         if self.binary_sha else [])
                     if why is None:
                         return None
-                    self._kv("release")
+                    self._kv(self.key, "release")
             except Exception as exc:  # pylint: disable=broad-except
                 why = str(exc)
             if time.monotonic() > deadline:
@@ -1151,14 +1161,7 @@ class _RestartSlot:
             time.sleep(0.5 + (hash(self.node) % 5) / 10.0)
 
     def release(self):
-        if self.session is None:
-            return
-        try:
-            self._kv("release")
-            self.api("PUT", "/v1/session/destroy/" + self.session, self.token, timeout=5)
-        except Exception as exc:  # pylint: disable=broad-except
-            log.warning("apigee_mtls: restart key not released (%s); its session expires", exc)
-        self.session = None
+        self._give_back(self.key, "restart key")
 
 
 def _restart_agent(service, restart, unit_file=None, timings=None):
