@@ -4,8 +4,9 @@ Consul ACL helpers for the ``apigee_mtls`` formula: a minimal client for the loc
 HTTP API (tokens travel in the ``X-Consul-Token`` header, never in a URL, an argument or an
 error), and the sealing of tokens for one node.
 
-Sealing: the signer answers a node's token request through peer publish, and every return
-of a peer call is kept in the master's job cache. The token is therefore encrypted to the
+Sealing: the signer answers a node's token request through the master's reactor (an
+``apigee_mtls/answer`` event, then a job of ``apigee_mtls.accept_answer`` on the node), and
+the master's event bus and job cache carry the answer. The token is therefore encrypted to the
 requesting node's agent public key (the EC key whose certificate the signer signs; its
 private half never leaves the node): ECIES with an ephemeral key on the same curve, ECDH,
 HKDF-SHA256 and AES-256-GCM. Only that node can open it.
