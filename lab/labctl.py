@@ -434,6 +434,7 @@ def cmd_boot(args):
     if node is None:
         raise SystemExit(f"lab: {args.node} is not in {args.topology}")
     state = load_state()
+    raise_inotify_limit(len(set(state.get("nodes", {})) | {node["id"]}))
     add_machine(node, model, state)
     wait_minions([node["id"]])
     step(f"{node['id']} booted, minion answers")
