@@ -3,7 +3,9 @@
 include:
   - apigee_mtls.service.clean
 
-{%- for f in ["consul.json", "encrypt.json", "apigee-mtls-services.json", "acl-tokens.json", "acl-agent-master.json"] %}
+{#- apigee-mtls-services.json is the mesh's file: apigee_mtls.mesh.clean (included through
+    apigee_mtls.service.clean) removes it #}
+{%- for f in ["consul.json", "encrypt.json", "acl-tokens.json", "acl-agent-master.json"] %}
 apigee-mtls-config-{{ f }}-absent:
   file.absent:
     - name: {{ config_dir }}/{{ f }}

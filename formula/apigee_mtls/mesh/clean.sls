@@ -1,8 +1,17 @@
 {#- Sidecars stop after the redirect rules are gone (apigee_mtls.firewall.clean): traffic
     goes direct again instead of to a stopped sidecar. -#}
-{%- from "apigee_mtls/map.jinja" import params with context %}
+{%- from "apigee_mtls/map.jinja" import params, plan with context %}
+{%- set config_dir = (plan.get("consul") or {}).get("config_dir", "/etc/consul.d") %}
 include:
   - apigee_mtls.firewall.clean
+
+{#- the service definitions (apigee_mtls.mesh's file); a running agent keeps their
+    registrations until its next reload or stop #}
+apigee-mtls-mesh-services-file-absent:
+  file.absent:
+    - name: {{ config_dir }}/apigee-mtls-services.json
+    - require:
+      - sls: apigee_mtls.firewall.clean
 
 {%- set wants = salt["file.find"](params.systemd_unit_dir ~ "/multi-user.target.wants", name="apigee-mtls-proxy@*.service", type="l") if salt["file.directory_exists"](params.systemd_unit_dir ~ "/multi-user.target.wants") else [] %}
 {%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
