@@ -17,8 +17,9 @@ Mostly thin wrappers around the pure planner (``_utils/apigee_mtls_plan.py``) th
 
 Errors: bad input, a bad pillar included, raises ``CommandExecutionError`` with one line
 (``apigee_mtls: invalid pillar: <key>: <what is wrong>``): the CLI exits non-zero, and a
-template calling the function stops rendering with that line. The two functions the signer
-answers requests with ``{"error": ...}`` dicts instead, which the requesting states parse.
+template calling the function stops rendering with that line. The two functions that answer
+other minions' requests return ``{"error": ...}`` dicts instead, which the requesting states
+parse.
 :py:func:`verify` returns its verdict and sets a non-zero exit code when a check fails.
 
 Sync it to the minions before use (``state.apply`` does not sync custom modules):

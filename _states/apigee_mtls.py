@@ -3,8 +3,7 @@ States for the apigee_mtls formula.
 
 - :py:func:`agent_certificate_managed`: this node's Consul agent certificate and CA bundle,
   signed by the cluster signer, asked through Salt's event bus and the master's reactor (the
-  CA key never leaves the signer;
-  the node's private key never leaves the node).
+  CA key never leaves the signer; the node's private key never leaves the node).
 - :py:func:`acl_bootstrapped`: the Consul ACL system bootstrapped once, its management
   token on the signer only; tokens of nodes that left the pillar deleted.
 - :py:func:`local_token_managed`: the agent's local ``agent_master`` token, made here.

@@ -881,7 +881,6 @@ class MasterWatch:
         import salt.config  # pylint: disable=import-outside-toplevel
         import salt.utils.event  # pylint: disable=import-outside-toplevel
 
-        self.labctl = labctl
         path = os.path.join(labctl.SALT_CONF, "master")
         self.opts = salt.config.master_config(path)
         with open(path, encoding="utf-8") as fh:

@@ -203,7 +203,7 @@ def write_master(topo_path, topo):
         "gather_job_timeout": 15,
         "log_level_logfile": "info",
         # per-command request counts and mean times on the event bus (salt/stats/<worker>),
-        # read by bench/rollout.py
+        # read by the rollout benchmark (bench/run.py --only rollout)
         "master_stats": True,
         "master_stats_event_iter": 5,
         "state_output": "mixed",
