@@ -13,7 +13,8 @@ Mostly thin wrappers around the pure planner (``_utils/apigee_mtls_plan.py``) th
   :py:func:`ask_signer` (a node), :py:func:`answer_request` (the signer),
   :py:func:`accept_answer` (the node again);
 - the node, read only: :py:func:`firewall_status`, :py:func:`chain_drifted`,
-  :py:func:`ipv6_skip_reason`, :py:func:`verify` (Consul, the chains, the mesh end to end).
+  :py:func:`ipv6_skip_reason`, :py:func:`verify` (Consul, the chains, the mesh end to end),
+  :py:func:`probe_upstream` (one upstream through the egress proxy).
 
 Errors: bad input, a bad pillar included, raises ``CommandExecutionError`` with one line
 (``apigee_mtls: invalid pillar: <key>: <what is wrong>``): the CLI exits non-zero, and a
@@ -32,6 +33,7 @@ Sync it to the minions before use (``state.apply`` does not sync custom modules)
 """
 
 import concurrent.futures
+import ipaddress
 import json
 import logging
 import os
@@ -238,8 +240,10 @@ def plan(node_id=None, pillar=None, secrets=False, lockdown=None):
 
 def intentions(pillar=None):
     """
-    The intentions the cluster should have: ``* -> *`` deny first, then one allow
-    ``egress-<A> -> <service on B>`` per upstream, in a stable order.
+    The intentions the cluster should have: ``* -> *`` deny first, then one allow per
+    (egress identity, ingress service) that a node of that role reaches (its upstreams):
+    ``egress-<role> -> <service on B>``, roles sorted, in a stable order. Their number grows
+    linearly with the nodes.
 
     :param dict pillar: the value of the ``apigee_mtls`` pillar key (default ``None``: this
         minion's pillar)
@@ -915,21 +919,50 @@ def firewall_status(node_plan=None):
     return out
 
 
-def _probe(port, timeout):
-    """Connect to an egress upstream listener and see whether the mesh keeps the connection:
-    a denied or unroutable connection is accepted locally, then closed by the proxy."""
+def probe_upstream(port, address="127.0.0.1", timeout=1.5):
+    """
+    Connect to an egress upstream listener and see whether the mesh keeps the connection: a
+    denied (no intention for this node's identity) or unroutable connection is accepted
+    locally, then closed by the proxy; an allowed one is held open or answered.
+
+    :param int port: the upstream's local port (its proxy port)
+    :param str address: the listener's address (the plan's ``local_bind_address``; default
+        ``127.0.0.1``)
+    :param float timeout: seconds to wait for the mesh to close the connection
+    :return: ``{"ok": bool, "detail": "held open" | "component spoke first" | "closed by the
+        mesh" | "connect: <error>"}``
+    :raises CommandExecutionError: ``port`` is not a TCP port, ``address`` not an IPv4
+        address, ``timeout`` not a positive number
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt n1 apigee_mtls.probe_upstream 10001 address=127.108.152.23
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise CommandExecutionError(f"port: expected a TCP port, got {port!r}")
     try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        ipaddress.IPv4Address(address)
+    except ValueError as exc:
+        raise CommandExecutionError(
+            f"address: expected an IPv4 address, got {address!r}") from exc
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise CommandExecutionError(
+            f"timeout: expected a positive number of seconds, got {timeout!r}")
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
     except OSError as exc:
-        return False, f"connect: {exc}"
+        return {"ok": False, "detail": f"connect: {exc}"}
     try:
         sock.settimeout(timeout)
         data = sock.recv(1)
-        return (True, "component spoke first") if data else (False, "closed by the mesh")
+        return ({"ok": True, "detail": "component spoke first"} if data else
+                {"ok": False, "detail": "closed by the mesh"})
     except socket.timeout:
-        return True, "held open"
+        return {"ok": True, "detail": "held open"}
     except OSError as exc:
-        return False, str(exc)
+        return {"ok": False, "detail": str(exc)}
     finally:
         sock.close()
 
@@ -1057,12 +1090,10 @@ def _verify(probe_timeout, http_port, firewall, lockdown):
         checks["firewall"] = {"ok": not drift, "drifted": drift, "ipv6": _ipv6_word(fw)}
     # all upstreams at once: each probe holds its connection for probe_timeout
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
-        futures = {up["service"]: pool.submit(_probe, up["proxy_port"], probe_timeout)
+        futures = {up["service"]: pool.submit(probe_upstream, up["proxy_port"],
+                                              up["local_bind_address"], probe_timeout)
                    for up in node_plan["upstreams"]}
-    probes = {}
-    for svc, fut in futures.items():
-        ok, why = fut.result()
-        probes[svc] = {"ok": ok, "detail": why}
+    probes = {svc: fut.result() for svc, fut in futures.items()}
     failed = sorted(k for k, v in probes.items() if not v["ok"])
     checks["upstreams"] = {"ok": not failed, "count": len(probes), "failed": failed}
     result = {"ok": all(c["ok"] for c in checks.values()), "checks": checks}

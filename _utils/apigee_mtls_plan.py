@@ -57,9 +57,21 @@ Flows
 Node A reaches port ``p`` of component ``D`` on node B (A != B, neither
 retired) when some component ``S`` on A has ``S -> D`` in the flow table and
 ``p`` is not a peer-only port of ``D`` or ``S == D``.  Each such (B, D, p) is an
-*upstream* of A's egress proxy, listening on ``127.0.0.1:<B's proxy port for
-D/p>``; A's nat chain redirects ``B:p`` there; an intention allows
-``egress-<A>`` to reach the ingress service of ``D/p`` on B.
+*upstream* of A's egress proxy, listening on ``<bind address>:<B's proxy port
+for D/p>``; A's nat chain redirects ``B:p`` there.
+
+Identities are per *role*, not per node: A's egress service is named after A's
+component set (``egress-ms-ldap``: :func:`egress_identity`), the name its Connect
+leaf certificate carries, and one intention allows that role to reach the
+ingress service of ``D/p`` on B.  So the intentions grow with the number of
+ingress services (linear in nodes), not with the pairs of nodes; a node still
+reaches only what its own components may reach, because a role is its exact
+component set.  The egress service *instance* stays per node
+(:func:`egress_service_id`), and its upstreams bind a loopback address of the
+identity's own (:func:`egress_bind_address`): a node whose identity changes
+(the move from the per-node ``egress-<ip>`` names, or a new component set) runs
+the new proxy next to the old one, moves new connections to it, and stops the
+old one once its connections have closed.
 
 Errors
 ======
@@ -443,11 +455,61 @@ def service_name(component, port, ip):
 
 def egress_name(ip):
     """
-    Name of the egress service of the node at ``ip``.
+    The per-node egress name of releases before role identities (0.x): the service name,
+    ID and identity of the node at ``ip``. Kept to recognise what a migration replaces.
 
     :return: e.g. ``egress-10-77-0-11``
     """
     return "egress-{}".format(_dashed(ip))
+
+
+def egress_identity(components, catalog=None):
+    """
+    The egress identity (Consul service name, hence the SPIFFE ID of the Connect leaf
+    certificate) of a node hosting ``components``: one per role, i.e. per component set.
+
+    :param components: the node's component keys, any order
+    :param dict catalog: the model's components (``short`` names after pillar overrides);
+        default the built-in :data:`COMPONENTS`
+    :return: ``egress-`` and the components' short names in catalog order, e.g.
+        ``egress-ms-ldap``
+    :raises KeyError: for a component not in the catalog
+
+    .. code-block:: python
+
+        >>> egress_identity(["openldap", "management-server"])
+        'egress-ms-ldap'
+    """
+    catalog = catalog or COMPONENTS
+    wanted = set(components)
+    return "-".join(["egress"] + [spec["short"] for name, spec in catalog.items()
+                                  if name in wanted])
+
+
+def egress_service_id(identity, ip):
+    """
+    The ID of a node's egress service instance (and of its sidecar unit,
+    ``apigee-mtls-proxy@<id>``): the identity and the node's address.
+
+    :return: e.g. ``egress-ms-ldap-10-77-0-11``
+    """
+    return "{}-{}".format(identity, _dashed(ip))
+
+
+def egress_bind_address(identity):
+    """
+    The loopback address the upstream listeners of ``identity``'s egress proxy bind: a fixed
+    function of the identity, in ``127.1.0.1``-``127.254.255.254`` (never ``127.0.0.1``,
+    what the per-node proxies of earlier releases bind, nor Debian's ``127.0.1.1``). Two
+    identities on one node (old and new, while the old proxy drains) therefore listen on
+    the same ports without a clash; a clash of two hashes (1 in 16 million) only delays the
+    new proxy's listeners until the old one stops.
+
+    :param str identity: an egress identity (:func:`egress_identity`)
+    :return: an IPv4 address (str), e.g. ``127.108.152.23``
+    """
+    digest = hashlib.sha256(identity.encode("utf-8")).digest()
+    return "127.{}.{}.{}".format(1 + digest[0] % 254, digest[1], 1 + digest[2] % 254)
 
 
 def gossip_keygen():
@@ -1510,10 +1572,15 @@ class _Index(object):
         self._reach[signature] = result
         return result
 
+    def identity(self, node):
+        """``node``'s egress identity (:func:`egress_identity`)."""
+        return egress_identity(node["components"], self.model["components"])
+
     def upstreams(self, node):
         """Upstreams of ``node``'s egress, sorted by (node index, proxy port)."""
         if node["retired"]:
             return []
+        bind = egress_bind_address(self.identity(node))
         keyed = []
         for dest, ports in self.reach(node["components"]).items():
             short = self.model["components"][dest]["short"]
@@ -1531,6 +1598,7 @@ class _Index(object):
                         "component": dest,
                         "component_port": port,
                         "proxy_port": block[port],
+                        "local_bind_address": bind,
                     }))
         keyed.sort(key=lambda pair: pair[0])
         return [entry for _, entry in keyed]
@@ -1870,27 +1938,30 @@ def _services(model, index, node, upstreams):
             })
     ingress.sort(key=lambda s: s["connect"]["sidecar_service"]["port"])
     egress_port = alloc["egress"]
-    name = egress_name(ip)
+    name = index.identity(node)
+    egress_id = egress_service_id(name, ip)
     bindings = []
     for up in upstreams:
         binding = {
             "destination_name": up["service"],
-            "local_bind_address": "127.0.0.1",
+            "local_bind_address": up["local_bind_address"],
             "local_bind_port": up["proxy_port"],
         }
         if up["datacenter"] != node["datacenter"]:
             binding["datacenter"] = up["datacenter"]
         bindings.append(binding)
     egress = {
-        "id": name,
+        "id": egress_id,
         "name": name,
         "address": ip,
         "port": egress_port,
-        "meta": {"apigee_mtls": "egress", "node": node["id"]},
+        "meta": {"apigee_mtls": "egress", "node": node["id"],
+                 "bind_address": egress_bind_address(name)},
         "connect": {"sidecar_service": {
             "address": ip,
             "port": egress_port,
-            "checks": _sidecar_checks(name, ip, egress_port, listening=False),
+            # the alias check names the instance (service ID), not the identity
+            "checks": _sidecar_checks(egress_id, ip, egress_port, listening=False),
             "proxy": {
                 "local_service_address": "127.0.0.1",
                 "local_service_port": egress_port,
@@ -1952,10 +2023,13 @@ def _member_ports(sidecar):
 def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
     out, inp = NAT_CHAIN, FILTER_CHAIN
     nat = ["-A {} -m owner --uid-owner {} -j RETURN".format(out, proxy_owner)]
+    # DNAT, not REDIRECT (which can only reach 127.0.0.1): the upstream listeners bind the
+    # identity's own loopback address. An identity change moves new connections to the new
+    # proxy; conntrack keeps the open ones on the old one
     for up in upstreams:
-        nat.append("-A {} -d {}/32 -p tcp -m tcp --dport {} -j REDIRECT "
-                   "--to-ports {}".format(out, up["ip"], up["component_port"],
-                                          up["proxy_port"]))
+        nat.append("-A {} -d {}/32 -p tcp -m tcp --dport {} -j DNAT "
+                   "--to-destination {}:{}".format(out, up["ip"], up["component_port"],
+                                                  up["local_bind_address"], up["proxy_port"]))
     alloc = index.allocation[node["id"]]
     sidecar = _sidecar_ports(index, node)
     meshed = sorted(p for block in alloc["ingress"].values() for p in block)
@@ -2162,7 +2236,12 @@ def _acl(model, node, is_server, services):
     if not model["acl"]["enabled"]:
         return {"enabled": False}
     base = model["consul"]["config_dir"] + "/acl"
-    rules = acl_node_rules(node["id"], [s["name"] for s in services], is_server)
+    # + the node's per-node egress name of earlier releases: while its proxy drains after the
+    # move to role identities it stays registered (the signer keeps its intentions while it
+    # is), and its agent must still be allowed to sync that registration. Nothing else
+    # can use it: no intention names it once it is gone
+    names = [s["name"] for s in services] + [egress_name(node["ip"])]
+    rules = acl_node_rules(node["id"], names, is_server)
     replication = is_server and node["datacenter"] != model["primary_datacenter"]
     return {
         "enabled": True,
@@ -2215,11 +2294,11 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         result.update({
             "acl": {"enabled": False},
             "consul_config": None, "encrypt_config": None, "services": [],
-            "upstreams": [], "proxies": [],
+            "upstreams": [], "proxies": [], "listeners": [],
             "firewall": {"nat": [], "filter": [], "member_ports": [], "members": [],
                          "ip6": _firewall6(model, index, node, lockdown)},
             "certificate": None, "signing_policy": None, "leaf_check": None,
-            "keyring": None,
+            "keyring": None, "egress": None,
         })
         return result
     upstreams = index.upstreams(node)
@@ -2237,11 +2316,13 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "services": services,
         "upstreams": upstreams,
         "proxies": [s["id"] for s in services],
+        "listeners": _listeners(services),
         "firewall": firewall,
         "certificate": _certificate(node, is_server),
         "signing_policy": "apigee_mtls_{}".format(node["id"]),
         "acl": _acl(model, node, is_server, services),
         "leaf_check": _leaf_check(model, index, node, is_server),
+        "egress": _egress(model, services),
         "restart": _restart(model, index, node, is_server, services, upstreams),
         "keyring": _keyring(model, node, is_server),
     })
@@ -2276,6 +2357,41 @@ def _restart(model, index, node, is_server, services, upstreams):
     }
 
 
+def _listeners(services):
+    """Each sidecar's planned listeners (``apigee_mtls.sidecar_listeners_managed``): ``id``,
+    ``listener`` (its public listener; an egress sidecar's also carries its upstream
+    listeners' ``local_bind_address``) and ``upstreams`` ({destination: local port})."""
+    result = []
+    for svc in services:
+        sidecar = svc["connect"]["sidecar_service"]
+        proxy = sidecar["proxy"]
+        listener = {"address": sidecar["address"], "port": sidecar["port"],
+                    "local_service_address": proxy["local_service_address"],
+                    "local_service_port": proxy["local_service_port"]}
+        if svc["meta"]["apigee_mtls"] == "egress":
+            listener["local_bind_address"] = svc["meta"]["bind_address"]
+        result.append({"id": svc["id"], "listener": listener, "upstreams": {
+            up["destination_name"]: up["local_bind_port"] for up in proxy.get("upstreams", [])}})
+    return result
+
+
+def _egress(model, services):
+    """What the egress proxy's identity change needs (``apigee_mtls.egress_*`` states): the
+    planned egress instance (the last service), its identity and bind address, its unit, and
+    the agent config files: the services file, and the draining file where the previous
+    instances stay registered while their proxies still hold connections."""
+    egress = services[-1]
+    config_dir = model["consul"]["config_dir"]
+    return {
+        "id": egress["id"],
+        "identity": egress["name"],
+        "unit": "apigee-mtls-proxy@" + egress["id"],
+        "bind_address": egress["meta"]["bind_address"],
+        "services_file": config_dir + "/apigee-mtls-services.json",
+        "draining_file": config_dir + "/apigee-mtls-draining.json",
+    }
+
+
 def _keyring(model, node, is_server):
     """What a node's local gossip keyring check needs (see :func:`local_keyring_action`):
     the other members of its LAN pool it should see alive (its data center's non-retired
@@ -2295,7 +2411,7 @@ def _leaf_check(model, index, node, is_server):
     ``tokens_before_start`` in :func:`_acl`): Consul re-initialises it on a leader change."""
     dc = node["datacenter"]
     return {
-        "service": egress_name(node["ip"]),
+        "service": index.identity(node),
         "datacenter": dc,
         "primary_datacenter": model["primary_datacenter"],
         "servers": [s["id"] for s in index.servers_by_dc[dc]],
@@ -2522,23 +2638,45 @@ def ss_kill_args(sock):
 
 def intentions(pillar):
     """
-    Consul intentions for the whole cluster.
+    Consul intentions for the whole cluster: one allow per (egress identity, ingress service)
+    that some node of that role reaches (its upstreams), so their number grows with the
+    roles times the ingress services, linearly in nodes (a role is a component set; a
+    cluster has a handful).
 
-    :return: ``[{"source": "*", "destination": "*", "action": "deny"}]``
-        followed by one allow per (egress of A, ingress service on B) upstream,
-        in node order then upstream order; no duplicates
+    :param dict pillar: the value of the ``apigee_mtls`` pillar key
+    :return: ``[{"source": "*", "destination": "*", "action": "deny"}]`` followed by the
+        allows, roles sorted, each role's destinations by (node order, proxy port), as
+        upstreams are; no duplicates
+    :raises PillarError: for a bad pillar
+
+    .. code-block:: python
+
+        >>> intentions(pillar)[1]
+        {'source': 'egress-ms-ldap', 'destination': 'zk-2181-10-77-0-11', 'action': 'allow'}
     """
     model = normalize(pillar)
     index = _Index(model)
-    result = [{"source": "*", "destination": "*", "action": "deny"}]
+    roles = {}
     for node in model["nodes"]:
-        if node["retired"]:
-            continue
-        source = egress_name(node["ip"])
-        # Unique by construction: one egress per node, and a component port
-        # belongs to one component, so (node, port) names one service.
-        for name in index.upstream_names(node):
-            result.append({"source": source, "destination": name, "action": "allow"})
+        if not node["retired"]:
+            roles.setdefault(index.identity(node), []).append(node)
+    result = [{"source": "*", "destination": "*", "action": "deny"}]
+    for identity in sorted(roles):
+        members = roles[identity]
+        # the union of its nodes' upstreams: every instance of what the role reaches, but
+        # its one node's own (a node never dials itself through the mesh)
+        alone = members[0] if len(members) == 1 else None
+        keyed = []
+        for dest, ports in index.reach(members[0]["components"]).items():
+            for other in index.hosts[dest]:
+                if other is alone:
+                    continue
+                block = index.allocation[other["id"]]["ingress"][dest]
+                keyed += [(other["index"], block[port], service_name(dest, port, other["ip"]))
+                          for port in ports]
+        keyed.sort()
+        result.extend({"source": identity, "destination": name, "action": "allow"}
+                      for _, _, name in keyed)
     return result
 
 

@@ -143,7 +143,7 @@ def section_native(args):
     if len(missing) < 2:
         return None, ("native: skipped, iperf3/sockperf are not in the lab's rootfs (a lab "
                       "built before they were added: `make lab-down`, then `make lab`)")
-    egress = h.planner.egress_name(src["ip"])
+    egress = h.planner.plan(pillar, src["id"])["egress"]["id"]
     pids = {}
     for label, svc in (("egress", egress),
                        ("ingress", h.planner.service_name("router", MESH_PORTS["iperf3"],

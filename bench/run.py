@@ -52,9 +52,9 @@ dataplane (needs the running lab; ``labctl status`` must say it is up)
     another node (e.g. n2), over the router port 8081, both measured in the same run:
 
     * MESH: the client connects to <router node IP>:8081, as an Edge component would; n1's nat
-      chain redirects it to n1's egress sidecar upstream (127.0.0.1:<proxy port>, from the
-      planner), which opens mTLS to n2's ``rt-8081-<ip>`` ingress sidecar, which hands
-      plaintext to the stand-in component (lab/standin.py) on 127.0.0.1:8081.
+      chain sends it to n1's egress sidecar upstream (<its role's loopback address>:<proxy
+      port>, from the planner), which opens mTLS to n2's ``rt-8081-<ip>`` ingress sidecar,
+      which hands plaintext to the stand-in component (lab/standin.py) on 127.0.0.1:8081.
     * DIRECT: the same stand-in program (the node's installed /usr/local/bin/apigee-standin,
       checked identical to lab/standin.py), started by this script inside n2 bound to
       <n2 IP>:18081 (``--direct-port``: no proxy range, no component port, so neither the nat
@@ -76,7 +76,7 @@ dataplane (needs the running lab; ``labctl status`` must say it is up)
     * parallel: 16 connections (asyncio, one process) doing round trips for 3 s, total round
       trips/s, x3, median;
     * proxy CPU: utime+stime (/proc/<pid>/stat, host PIDs found with pgrep on
-      ``-sidecar-for egress-<n1>`` and ``-sidecar-for rt-8081-<n2>``) before/after each MESH
+      ``-sidecar-for egress-<role>-<n1>`` and ``-sidecar-for rt-8081-<n2>``) before/after each MESH
       throughput run, summed over the runs, divided by the bytes both ways through the proxy
       (GiB = 2^30). The servers' CPU per GiB is shown for both paths as a control.
 
@@ -247,17 +247,21 @@ def role_samples(pillar):
 
 
 def predicted_upstreams(model):
-    """Number of (egress of A -> service on B) pairs, i.e. intentions minus the deny-all,
-    counted without materialising them (uses the planner's internal _Index; None when that
-    internal changed)."""
+    """Number of (role identity -> ingress service) allows, i.e. intentions minus the
+    deny-all, counted without materialising them (uses the planner's internal _Index; None
+    when that internal changed). A role's allows are the union of its nodes' upstreams: every
+    instance of a destination it reaches, but its own when the role has one node."""
     try:
         index = planner._Index(model)
-        total = 0
+        roles = {}
         for node in model["nodes"]:
-            if node["retired"]:
-                continue
-            for dest, ports in index.reach(node["components"]).items():
-                others = len(index.hosts[dest]) - (1 if dest in node["components"] else 0)
+            if not node["retired"]:
+                roles.setdefault(frozenset(node["components"]), []).append(node)
+        total = 0
+        for components, members in roles.items():
+            for dest, ports in index.reach(sorted(components)).items():
+                others = len(index.hosts[dest]) - (
+                    1 if dest in components and len(members) == 1 else 0)
                 total += others * len(ports)
         return total
     except Exception:  # private API: never let the bench die on it
@@ -628,7 +632,7 @@ def section_dataplane(args):
                       f"management-server and router on two different nodes")
     port = 8081
     service = planner.service_name("router", port, dst["ip"])
-    egress = planner.egress_name(src["ip"])
+    egress = planner.plan(pillar, src["id"])["egress"]["id"]
     upstream = next((u for u in planner.plan(pillar, src["id"])["upstreams"]
                      if u["service"] == service), None)
     if upstream is None:
@@ -657,7 +661,7 @@ def section_dataplane(args):
               "client": src["id"], "server": dst["id"], "component_port": port,
               "mesh": {"target": f"{dst['ip']}:{port}", "service": service,
                        "egress_service": egress,
-                       "upstream": f"127.0.0.1:{upstream['proxy_port']}",
+                       "upstream": f"{upstream['local_bind_address']}:{upstream['proxy_port']}",
                        "proxy_pids": proxy_pids},
               "direct": {"target": f"{dst['ip']}:{direct_port}"},
               "server_code_identical_to_lab_standin": identical,
@@ -666,7 +670,8 @@ def section_dataplane(args):
                            "connect_count": args.connect_count, "parallel": args.parallel}}
     targets = {"direct": (dst["ip"], direct_port), "mesh": (dst["ip"], port)}
     say(f"dataplane: {src['id']} -> {dst['id']}: MESH {dst['ip']}:{port} "
-        f"(via 127.0.0.1:{upstream['proxy_port']}, {egress} -> {service}) vs DIRECT "
+        f"(via {upstream['local_bind_address']}:{upstream['proxy_port']}, {egress} -> "
+        f"{service}) vs DIRECT "
         f"{dst['ip']}:{direct_port} (same stand-in code: {identical})")
 
     server = NodeServer(labctl, dst["id"], dst["ip"], direct_port)

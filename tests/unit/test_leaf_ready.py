@@ -32,7 +32,8 @@ def test_only_secondary_servers_get_their_tokens_before_the_agent_starts():
 def test_leaf_check_names_the_data_center_and_heals_only_on_secondary_servers():
     pillar = load_topology("12-node-2dc")
     n8, n10, n2 = (amp.plan(pillar, n)["leaf_check"] for n in ("n8", "n10", "n2"))
-    assert n8 == {"service": "egress-10-77-0-18", "datacenter": "dc-2",
+    role = amp.plan(pillar, "n8")["egress"]["identity"]
+    assert n8 == {"service": role, "datacenter": "dc-2",
                   "primary_datacenter": "dc-1", "servers": ["n7", "n8", "n9"],
                   "heal_secondary_ca": True, "address": "10.77.0.18"}
     assert n10["heal_secondary_ca"] is False and n10["servers"] == ["n7", "n8", "n9"]

@@ -589,7 +589,7 @@ def test_ui_only_node_reaches_nothing():
     pillar["nodes"].append({"id": "web", "ip": "10.77.0.20", "components": ["ui"]})
     plan = amp.plan(pillar, "web")
     assert plan["upstreams"] == []
-    assert [s["id"] for s in plan["services"]] == ["egress-10-77-0-20"]
+    assert [s["id"] for s in plan["services"]] == ["egress-ui-10-77-0-20"]
     assert plan["firewall"]["nat"] == [OUT + "-m owner --uid-owner consul -j RETURN"]
 
 
@@ -662,17 +662,28 @@ def test_intentions_default_deny_then_exact_allows(any_topology):
     assert len(pairs) == len(set(pairs))
     expected = set()
     for plan in all_plans(any_topology).values():
-        src = amp.egress_name(plan["node"]["ip"])
+        src = plan["egress"]["identity"] if plan["egress"] else None
         expected |= {(src, u["service"]) for u in plan["upstreams"]}
     assert set(pairs) == expected
+    # one source per role: a component set
+    roles = {amp.egress_identity(n["components"]) for n in any_topology["nodes"]
+             if not n.get("retired")}
+    assert {i["source"] for i in allows} <= roles
 
 
-def test_intentions_follow_node_then_upstream_order(topo12):
-    expected = []
-    for node in topo12["nodes"]:
-        plan = amp.plan(topo12, node["id"])
-        expected += [(amp.egress_name(node["ip"]), u["service"]) for u in plan["upstreams"]]
-    got = [(i["source"], i["destination"]) for i in amp.intentions(topo12)[1:]]
+def test_intentions_are_each_role_s_upstreams_in_upstream_order(any_topology):
+    """A role's allows are the union of its nodes' upstreams, sorted as upstreams are (node
+    order, then proxy port); roles sorted."""
+    by_role = {}
+    for node in any_topology["nodes"]:
+        plan = amp.plan(any_topology, node["id"])
+        if plan["egress"]:
+            order = {n["id"]: i for i, n in enumerate(any_topology["nodes"])}
+            by_role.setdefault(plan["egress"]["identity"], set()).update(
+                (order[u["node"]], u["proxy_port"], u["service"]) for u in plan["upstreams"])
+    expected = [(role, dest) for role in sorted(by_role)
+                for _, _, dest in sorted(by_role[role])]
+    got = [(i["source"], i["destination"]) for i in amp.intentions(any_topology)[1:]]
     assert got == expected
 
 
@@ -696,9 +707,12 @@ def test_intentions_are_deterministic(topo13):
 
 def test_intention_sample(topo5):
     allows = amp.intentions(topo5)
-    assert {"source": "egress-10-77-0-14", "destination": "pg-5432-10-77-0-15",
+    # n4 and n5 are both qpid + postgres: one identity, each reaching the other's Postgres
+    assert {"source": "egress-qpid-pg", "destination": "pg-5432-10-77-0-15",
             "action": "allow"} in allows
-    assert {"source": "egress-10-77-0-14", "destination": "zk-2888-10-77-0-11",
+    assert {"source": "egress-qpid-pg", "destination": "pg-5432-10-77-0-14",
+            "action": "allow"} in allows
+    assert {"source": "egress-qpid-pg", "destination": "zk-2888-10-77-0-11",
             "action": "allow"} not in allows
 
 
@@ -712,7 +726,8 @@ _RULE_RE = re.compile(
     r"(?: -p (?:tcp|udp))?"
     r"(?: -m owner --uid-owner \w+| -m conntrack --ctstate RELATED,ESTABLISHED"
     r"| -m (?:tcp|udp) --dport \d+| -m multiport --[ds]ports [\d,:]+)?"
-    r" -j (?:RETURN|DROP|REJECT --reject-with tcp-reset|REDIRECT --to-ports \d+)")
+    r" -j (?:RETURN|DROP|REJECT --reject-with tcp-reset"
+    r"|DNAT --to-destination 127\.\d+\.\d+\.\d+:\d+)")
 
 
 def test_rules_use_the_canonical_iptables_s_form(any_topology):
@@ -726,10 +741,12 @@ def test_nat_chain(topo5):
     nat = plan["firewall"]["nat"]
     assert nat[0] == OUT + "-m owner --uid-owner consul -j RETURN"
     assert len(nat) == 1 + len(plan["upstreams"])
-    assert OUT + ("-d 10.77.0.15/32 -p tcp -m tcp --dport 5432 -j REDIRECT "
-                  "--to-ports 10303") in nat
-    assert OUT + ("-d 10.77.0.11/32 -p tcp -m tcp --dport 2181 -j REDIRECT "
-                  "--to-ports 10001") in nat
+    bind = amp.egress_bind_address("egress-qpid-pg")
+    assert plan["egress"]["bind_address"] == bind
+    assert OUT + ("-d 10.77.0.15/32 -p tcp -m tcp --dport 5432 -j DNAT "
+                  f"--to-destination {bind}:10303") in nat
+    assert OUT + ("-d 10.77.0.11/32 -p tcp -m tcp --dport 2181 -j DNAT "
+                  f"--to-destination {bind}:10001") in nat
     assert not any("--dport 2888" in r for r in nat)
 
 
@@ -1009,7 +1026,7 @@ def test_ingress_services(topo5):
     assert set(services) == {
         "cass-9042-10-77-0-11", "cass-9160-10-77-0-11", "cass-7000-10-77-0-11",
         "ldap-10389-10-77-0-11", "zk-2181-10-77-0-11", "zk-2888-10-77-0-11",
-        "zk-3888-10-77-0-11", "egress-10-77-0-11"}
+        "zk-3888-10-77-0-11", "egress-ms-zk-cass-ldap-ui-10-77-0-11"}
     zk = services["zk-2888-10-77-0-11"]
     assert zk == {
         "id": "zk-2888-10-77-0-11", "name": "zk-2888-10-77-0-11",
@@ -1042,11 +1059,22 @@ def test_ingress_services(topo5):
 def test_egress_service(topo12):
     plan = amp.plan(topo12, "n10")
     egress = plan["services"][-1]
-    assert egress["id"] == egress["name"] == "egress-10-77-0-20"
+    role = amp.egress_identity(amp.plan(topo12, "n10")["node"]["components"])
+    assert egress["name"] == role and role.startswith("egress-")
+    assert egress["id"] == role + "-10-77-0-20"
     assert egress["port"] == 10709
-    assert egress["meta"] == {"apigee_mtls": "egress", "node": "n10"}
+    bind = amp.egress_bind_address(role)
+    assert egress["meta"] == {"apigee_mtls": "egress", "node": "n10", "bind_address": bind}
+    assert plan["egress"] == {
+        "id": egress["id"], "identity": role, "unit": "apigee-mtls-proxy@" + egress["id"],
+        "bind_address": bind,
+        "services_file": "/etc/consul.d/apigee-mtls-services.json",
+        "draining_file": "/etc/consul.d/apigee-mtls-draining.json"}
     sidecar = egress["connect"]["sidecar_service"]
     assert sidecar["port"] == 10709
+    # Consul's alias check names the instance (its ID), not the identity
+    assert sidecar["checks"] == [{"name": f"Connect Sidecar Aliasing {egress['id']}",
+                                  "alias_service": egress["id"], "status": "passing"}]
     proxy = sidecar["proxy"]
     assert proxy["local_service_address"] == "127.0.0.1"
     assert proxy["local_service_port"] == 10709
@@ -1054,7 +1082,7 @@ def test_egress_service(topo12):
     assert len(proxy["upstreams"]) == len(ups) > 0
     for binding, up in zip(proxy["upstreams"], ups):
         assert binding["destination_name"] == up["service"]
-        assert binding["local_bind_address"] == "127.0.0.1"
+        assert binding["local_bind_address"] == bind == up["local_bind_address"]
         assert binding["local_bind_port"] == up["proxy_port"]
         if up["datacenter"] == "dc-2":
             assert "datacenter" not in binding
@@ -1320,3 +1348,79 @@ def test_consul_servers_by_list_and_the_errors_that_say_what_to_set():
         with pytest.raises(amp.PillarError) as err:
             amp.validate(pillar)
         assert err.value.key == key and words in str(err.value), str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# Intentions at scale: one identity per role
+# ---------------------------------------------------------------------------
+
+SCALE_RANGES = {
+    "zookeeper": [20000, 20299], "cassandra": [20300, 20599], "openldap": [20600, 20699],
+    "postgres": [20700, 20899], "qpid": [20900, 21099], "message-processor": [21100, 21299],
+    "router": [21300, 21499], "egress": [21500, 21999],
+}
+
+
+def scaled_13(k):
+    """The 13-node layout repeated ``k`` times (``13 * k`` nodes), with ranges wide enough."""
+    pillar = load_topology("13-node")
+    base = pillar["nodes"]
+    pillar["nodes"] = [
+        {"id": f"{n['id']}x{i}", "ip": f"10.77.{i}.{int(n['ip'].rsplit('.', 1)[1])}",
+         "components": list(n["components"])}
+        for i in range(k) for n in base]
+    pillar["port_ranges"] = dict(SCALE_RANGES)
+    return pillar
+
+
+@pytest.fixture(scope="module")
+def scaled_counts():
+    """{nodes: (intentions, ingress services)} at 13, 52 and 208 nodes."""
+    counts = {}
+    for k in (1, 4, 16):
+        pillar = scaled_13(k)
+        ingress = sum(len(block) for alloc in amp.allocate_ports(amp.normalize(pillar)).values()
+                      for block in alloc["ingress"].values())
+        counts[13 * k] = (len(amp.intentions(pillar)), ingress)
+    return counts
+
+
+def test_intentions_grow_linearly_in_nodes(scaled_counts):
+    n13, n52, n208 = (scaled_counts[n][0] for n in (13, 52, 208))
+    # per-node identities gave 12,721 at 104 nodes and 51,297 at 208 (quadratic)
+    assert n52 <= 4 * n13 and n208 <= 16 * n13, scaled_counts
+    # exactly linear here: each role's allows grow with the ingress services
+    assert (n208 - 1) * 4 == (n52 - 1) * 16 == (n13 - 1) * 64, scaled_counts
+    for intentions, ingress in scaled_counts.values():
+        roles = {amp.egress_identity(n["components"])
+                 for n in load_topology("13-node")["nodes"]}
+        assert intentions - 1 <= len(roles) * ingress
+
+
+def test_a_role_reaches_only_its_flow_table_row(topo13):
+    """Planner-level least privilege: every allow of a role is a flow of one of its own
+    components, and an identity of a role the flow table does not let reach a destination
+    (the UI/Management Server role towards Cassandra's peer port, ZooKeeper's quorum ports
+    for anyone but ZooKeeper, Postgres's role towards the routers) has no allow for it."""
+    model = amp.normalize(topo13)
+    components_of = {amp.egress_identity(n["components"]): n["components"]
+                     for n in model["nodes"]}
+    services = {}
+    for node in model["nodes"]:
+        for comp, block in model["allocation"][node["id"]]["ingress"].items():
+            for port in block:
+                services[amp.service_name(comp, port, node["ip"])] = (comp, port)
+    allows = {(i["source"], i["destination"]) for i in amp.intentions(topo13)[1:]}
+    for source, dest in allows:
+        comp, port = services[dest]
+        sources = [c for c in components_of[source] if comp in model["flows"].get(c, ())]
+        assert sources, (source, dest)
+        assert port not in model["components"][comp]["peer_ports"] or comp in sources
+    ms, pg, zk = "egress-ms-ui", "egress-pg", "egress-zk-cass"
+    assert {ms, pg, zk} <= set(components_of)
+    assert (ms, "cass-7000-10-77-0-11") not in allows
+    assert (ms, "zk-2888-10-77-0-11") not in allows and (ms, "zk-2181-10-77-0-11") in allows
+    assert not any(s == pg and d.startswith("rt-") for s, d in allows)
+    assert (zk, "zk-2888-10-77-0-12") in allows
+    # a role no node has gets nothing: an identity outside the cluster's roles is denied
+    assert not any(s == "egress-rt" for s, _ in allows)
