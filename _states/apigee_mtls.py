@@ -15,8 +15,9 @@ States for the apigee_mtls formula.
 - :py:func:`acl_token_managed`: this node's ACL token (and a secondary data center
   server's replication token), issued by the signer, sealed to the node's key.
 - :py:func:`connect_ca_managed`: the organisation's CA as the Connect (mesh) root.
-- :py:func:`intentions_managed`: the cluster's Consul intentions (default deny + allows),
-  through py-consul against the local agent; creates missing, fixes wrong, removes stale.
+- :py:func:`intentions_managed`: the cluster's Consul intentions (default deny + one allow per
+  role identity and ingress service), through py-consul against the local agent; creates
+  missing, fixes wrong, removes stale (keeping those of identities still registered).
 - :py:func:`firewall_managed`: the formula's own iptables and ip6tables chains, compared rule
   by rule with the live ones and rebuilt only when they differ.
 - :py:func:`stale_connections_closed`: established connections from hosts that are no
@@ -31,6 +32,11 @@ States for the apigee_mtls formula.
   are restarted onto it.
 - :py:func:`sidecar_listeners_managed`: a sidecar follows new and moved upstream ports live;
   stopped (started again on its new listeners) only when Consul 1.8's proxy cannot.
+- :py:func:`egress_draining`, :py:func:`egress_switch_ready`, :py:func:`egress_drained`: an
+  egress identity change (the move to role identities, a new component set) without a failed
+  connection: the previous instance stays registered while its proxy drains; new connections
+  move to the new proxy once it reaches every upstream the old one reaches; the old proxy
+  stops once it carries no connection.
 - :py:func:`connect_leaf_ready`: the end of a run: the local agent obtains a Connect leaf
   certificate, or the run fails saying why.
 
@@ -43,6 +49,7 @@ with its one-line error on a bad pillar. Every state fills ``changes`` before lo
 :depends: cryptography, py-consul (intentions and keyring)
 """
 
+import concurrent.futures
 import datetime
 import ipaddress
 import json
@@ -58,6 +65,8 @@ log = logging.getLogger(__name__)
 __virtualname__ = "apigee_mtls"
 
 MANAGED_BY = "apigee_mtls"
+#: intentions written at once (each is one raft write on the servers)
+INTENTION_WRITERS = 8
 
 try:
     from cryptography import x509 as cx509
@@ -88,14 +97,22 @@ def _ret(name):
     return {"name": name, "result": True, "changes": {}, "comment": ""}
 
 
-def _member_plan(ret):
-    """This minion's plan (``apigee_mtls.plan``), or None with ``ret`` set to a failure: a
-    bad pillar (the execution module's one-line error) or a minion not in the pillar."""
+def _pillar_call(ret, fun):
+    """``__salt__[fun]()`` (a function of this minion's pillar), or None with ``ret`` set to
+    a failure on a bad pillar (the execution module's one-line error)."""
     try:
-        plan = __salt__["apigee_mtls.plan"]()
+        return __salt__[fun]()
     except CommandExecutionError as exc:
         ret["result"] = False
         ret["comment"] = str(exc)
+        return None
+
+
+def _member_plan(ret):
+    """This minion's plan (``apigee_mtls.plan``), or None with ``ret`` set to a failure: a
+    bad pillar (the execution module's one-line error) or a minion not in the pillar."""
+    plan = _pillar_call(ret, "apigee_mtls.plan")
+    if plan is None:
         return None
     if not plan.get("member"):
         ret["result"] = False
@@ -1477,7 +1494,9 @@ def sidecar_listeners_managed(name, unit, listener, upstreams=None, wait=20):
     :param str name: the sidecar's listener record (JSON, 0644)
     :param str unit: the sidecar's systemd unit (``apigee-mtls-proxy@<service>``)
     :param dict listener: its public listener: ``address``, ``port``,
-        ``local_service_address``, ``local_service_port``
+        ``local_service_address``, ``local_service_port``; for an egress sidecar also
+        ``local_bind_address``, its upstream listeners' address (kept in the record: what
+        ``apigee_mtls.egress_drained`` counts connections on)
     :param dict upstreams: {destination service: local port (int)}, empty for an ingress
         sidecar
     :param int wait: seconds to wait for new upstream ports to listen
@@ -1524,7 +1543,8 @@ def sidecar_listeners_managed(name, unit, listener, upstreams=None, wait=20):
     if written["result"] is False:
         return dict(written, name=name)
     if not action["restart"] and action["bind"]:
-        missing = _wait_listening(action["bind"], wait, address="127.0.0.1", interval=0.2)
+        missing = _wait_listening(action["bind"], wait, interval=0.2,
+                                  address=listener.get("local_bind_address", "127.0.0.1"))
         if missing:
             action["restart"] = ["ports {} did not listen within {} s".format(missing, wait)]
             ret["changes"]["restart"] = action["restart"]
@@ -1541,6 +1561,286 @@ def sidecar_listeners_managed(name, unit, listener, upstreams=None, wait=20):
         return ret
     ret["comment"] = "Updated {}'s listeners live{}".format(
         unit, ": {} listen".format(action["bind"]) if action["bind"] else "")
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# An egress identity change without a failed connection: the new proxy starts next to the old
+# one (its upstreams bind another loopback address); the nat rules move new connections to it
+# once it reaches everything the old one reaches; the old one stops when it carries none
+def _read_json(path):
+    """A JSON file's content, None when missing or unreadable."""
+    text = _read(path)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _egress_units():
+    """The egress sidecar units that run or are enabled, as service IDs."""
+    prefix = "apigee-mtls-proxy@egress-"
+    units = set(__salt__["service.get_running"]()) | set(__salt__["service.get_enabled"]())
+    return sorted(u[len("apigee-mtls-proxy@"):].replace(".service", "")
+                  for u in units if u.startswith(prefix))
+
+
+def _write_draining(path, services, group):
+    """Write (or remove, when empty) the draining file; its definitions carry the node's ACL
+    token as the services file's do, so its content is never shown."""
+    if not services:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    _write(path, json.dumps({"services": services}, indent=4, sort_keys=True), "0640", "root",
+           group)
+
+
+def egress_draining(name, services_file, planned_id, group="consul"):
+    """
+    Ensure a previous egress instance of this node stays registered while its proxy still
+    runs: before the services file is rewritten for a new egress identity (the move from
+    per-node to role identities, a new component set), its definition is copied from the
+    services file into the draining file ``name``, which the agent loads too. Its proxy keeps
+    serving the connections it carries, and the signer keeps its intentions
+    (``apigee_mtls.intentions_managed`` keeps those of registered identities);
+    ``apigee_mtls.egress_drained`` stops it once it carries none. The decision is
+    ``apigee_mtls_restart.draining_egress``.
+
+    :param str name: the draining file (a Consul config file, 0640, in the config dir)
+    :param str services_file: the mesh's services file, as the previous run left it
+    :param str planned_id: the planned egress instance ID
+    :param str group: the file's group (the Consul agent's)
+    :raises: nothing; a failed write is ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-mesh-egress-draining:
+          apigee_mtls.egress_draining:
+            - name: /etc/consul.d/apigee-mtls-draining.json
+            - services_file: /etc/consul.d/apigee-mtls-services.json
+            - planned_id: egress-ms-ui-10-77-0-16
+    """
+    ret = _ret(name)
+    active = [sid for sid in _egress_units()
+              if __salt__["service.status"]("apigee-mtls-proxy@" + sid)]
+    old = _read_json(name)
+    keep = _rs("draining_egress")(_read_json(services_file), old, planned_id, active)
+    before = sorted(svc["id"] for svc in (old or {}).get("services") or [])
+    after = [svc["id"] for svc in keep]
+    if before == after:
+        ret["comment"] = ("{} stay registered while their proxies drain".format(
+            ", ".join(after)) if after else "No previous egress instance to keep registered")
+        return ret
+    ret["changes"] = {"draining": {"old": before, "new": after}}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Would keep {} registered while their proxies drain".format(
+            ", ".join(after) or "nothing")
+        return ret
+    try:
+        _write_draining(name, keep, group)
+    except OSError as exc:
+        ret["result"] = False
+        ret["changes"] = {}
+        ret["comment"] = f"Could not write {name}: {exc}"
+        return ret
+    ret["comment"] = "Keeping {} registered while their proxies drain".format(
+        ", ".join(after) or "nothing")
+    return ret
+
+
+def _probe_all(targets, timeout):
+    """{key: ok} of ``apigee_mtls.probe_upstream`` for {key: (address, port)}, in parallel."""
+    if not targets:
+        return {}
+    probe = __salt__["apigee_mtls.probe_upstream"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
+        futures = {key: pool.submit(probe, port, address, timeout)
+                   for key, (address, port) in targets.items()}
+    return {key: future.result()["ok"] for key, future in futures.items()}
+
+
+def _nat_targets(chain):
+    """The addresses the live nat chain sends connections to (``--to-destination``)."""
+    out = __salt__["cmd.run_stdout"](["iptables", "-w", "-t", "nat", "-S", chain],
+                                     python_shell=False, ignore_retcode=True)
+    return {line.split("--to-destination ", 1)[1].rsplit(":", 1)[0]
+            for line in out.splitlines() if "--to-destination " in line} | (
+        {"127.0.0.1"} if " REDIRECT " in out else set())
+
+
+def egress_switch_ready(name, bind_address, upstreams, draining_file, chain="APIGEE-MTLS-OUT",
+                        wait=120, probe_timeout=1.0):
+    """
+    Ensure new connections can move to this node's egress proxy ``name`` without one
+    failing: when a previous egress proxy still carries this node's connections (the draining
+    file lists it) and the nat rules still send new ones to it, wait until every upstream
+    that answers through the old proxy answers through the new one too (the signer has
+    written the new identity's intentions), probing both with ``apigee_mtls.probe_upstream``.
+    Requisite of the firewall state: if it fails, the rules do not move and the old proxy
+    keeps serving. Nothing to wait for on a fresh node or once the rules have moved.
+
+    :param str name: the planned egress instance ID
+    :param str bind_address: its upstream listeners' address
+    :param dict upstreams: {destination service: local port}
+    :param str draining_file: the draining file (``apigee_mtls.egress_draining``)
+    :param str chain: the formula's nat chain
+    :param int wait: seconds to wait for the new proxy's listeners and intentions
+    :param float probe_timeout: seconds each probe waits for the mesh to close it
+    :raises: nothing; ``result: False`` names the upstreams still refused
+
+    .. code-block:: yaml
+
+        apigee-mtls-firewall-egress-switch-ready:
+          apigee_mtls.egress_switch_ready:
+            - name: egress-ms-ui-10-77-0-16
+            - bind_address: 127.108.152.23
+            - upstreams: {zk-2181-10-77-0-11: 10001}
+            - draining_file: /etc/consul.d/apigee-mtls-draining.json
+    """
+    ret = _ret(name)
+    upstreams = {dest: int(port) for dest, port in (upstreams or {}).items()}
+    old = [svc for svc in (_read_json(draining_file) or {}).get("services") or []]
+    old_binds = {}
+    for svc in old:
+        proxy = ((svc.get("connect") or {}).get("sidecar_service") or {}).get("proxy") or {}
+        for up in proxy.get("upstreams") or []:
+            old_binds.setdefault(up["destination_name"], (
+                up.get("local_bind_address") or "127.0.0.1", int(up["local_bind_port"])))
+    if not old or not upstreams:
+        ret["comment"] = "No previous egress proxy carries this node's connections"
+        return ret
+    targets = _nat_targets(chain)
+    if targets and targets <= {bind_address}:
+        ret["comment"] = f"New connections already go to {name} ({bind_address})"
+        return ret
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = ("Would wait until {} reaches every upstream that {} reaches, then let "
+                          "the nat rules move new connections to it".format(
+                              name, ", ".join(svc["id"] for svc in old)))
+        return ret
+    deadline = time.monotonic() + wait
+    missing = _wait_listening(sorted(upstreams.values()), wait, address=bind_address,
+                              interval=0.2)
+    if missing:
+        ret["result"] = False
+        ret["comment"] = (f"{name}'s upstream listeners {missing} did not listen on "
+                          f"{bind_address} within {wait} s; new connections stay on the "
+                          "previous egress proxy")
+        return ret
+    while True:
+        new = _probe_all({d: (bind_address, p) for d, p in upstreams.items()}, probe_timeout)
+        refused = [d for d in sorted(new) if not new[d]]
+        if refused:
+            before = _probe_all({d: old_binds[d] for d in refused if d in old_binds},
+                                probe_timeout)
+            refused = _rs("switch_refusals")({d: new[d] for d in refused}, before)
+        if not refused:
+            ret["comment"] = (f"{name} reaches all {len(upstreams)} upstreams the previous "
+                              "proxy reaches: new connections can move to it")
+            return ret
+        if time.monotonic() > deadline:
+            ret["result"] = False
+            ret["comment"] = (
+                "{} is still refused by {} of its upstreams ({}) that the previous proxy "
+                "reaches: its intentions are not written yet (the signer writes them: apply "
+                "apigee_mtls there). New connections stay on the previous egress proxy".format(
+                    name, len(refused), ", ".join(refused[:5])))
+            return ret
+        time.sleep(1)
+
+
+def egress_drained(name, planned_id, listener_dir, bin_path, token_file=None,
+                   chain="APIGEE-MTLS-OUT", group="consul"):
+    """
+    Ensure no egress proxy of this node other than the planned one (``planned_id``) runs once
+    it carries no connection: after the nat rules moved new connections to the planned one,
+    each previous egress proxy is stopped and disabled as soon as no established connection
+    uses its upstream listeners (``apigee_mtls_restart.egress_connections``), its listener
+    record removed and its definition dropped from the draining file ``name`` (the agent
+    reloads: the instance leaves the catalog, and the signer's next run removes its
+    intentions). One that still carries connections keeps running; a later run stops it.
+    A proxy the nat rules still send connections to is never stopped.
+
+    :param str name: the draining file (``apigee_mtls.egress_draining``)
+    :param str planned_id: the planned egress instance ID
+    :param str listener_dir: the sidecars' listener records' directory
+    :param str bin_path: the consul binary (``consul reload``)
+    :param str token_file: the token ``consul reload`` uses (the agent's local master token)
+    :param str chain: the formula's nat chain
+    :param str group: the draining file's group (the Consul agent's)
+    :raises: nothing; a failed stop is ``result: False``
+
+    .. code-block:: yaml
+
+        apigee-mtls-firewall-egress-drained:
+          apigee_mtls.egress_drained:
+            - name: /etc/consul.d/apigee-mtls-draining.json
+            - planned_id: egress-ms-ui-10-77-0-16
+            - listener_dir: /var/lib/apigee-mtls/listeners
+            - bin_path: /usr/bin/consul
+    """
+    ret = _ret(name)
+    draining = (_read_json(name) or {}).get("services") or []
+    ids = sorted(set(sid for sid in _egress_units() if sid != planned_id)
+                 | {svc["id"] for svc in draining})
+    if not ids:
+        ret["comment"] = "No previous egress proxy runs"
+        return ret
+    sockets = _established(ret)
+    if sockets is None:
+        return ret
+    targets = _nat_targets(chain)
+    stop, busy = [], {}
+    for sid in ids:
+        record = _read_json(os.path.join(listener_dir, sid + ".json"))
+        address, _ = _rs("egress_listeners")(record)
+        count = _rs("egress_connections")(record, sockets)
+        if address in targets:
+            busy[sid] = "the nat rules still send new connections to it"
+        elif count:
+            busy[sid] = f"{count} connections open"
+        else:
+            stop.append(sid)
+    note = "; ".join(f"{sid} keeps running: {why}" for sid, why in sorted(busy.items()))
+    if not stop:
+        ret["comment"] = note
+        return ret
+    ret["changes"] = {"stopped": ["apigee-mtls-proxy@" + sid for sid in stop]}
+    if __opts__["test"]:
+        ret["result"] = None
+        ret["comment"] = "Would stop {} (no connection left){}".format(
+            ", ".join(ret["changes"]["stopped"]), "; " + note if note else "")
+        return ret
+    failed = []
+    for sid in stop:
+        unit = "apigee-mtls-proxy@" + sid
+        if not __salt__["service.stop"](unit):
+            failed.append(unit)
+            continue
+        __salt__["service.disable"](unit)
+        record = os.path.join(listener_dir, sid + ".json")
+        if os.path.exists(record):
+            os.remove(record)
+    left = [svc for svc in draining if svc["id"] not in stop or
+            "apigee-mtls-proxy@" + svc["id"] in failed]
+    if len(left) != len(draining):
+        try:
+            _write_draining(name, left, group)
+        except OSError as exc:
+            failed.append(f"{name}: {exc}")
+        problem = _consul_reload(bin_path, token_file)
+        if problem:
+            failed.append(f"consul reload: {problem}")
+    if failed:
+        ret["result"] = False
+        ret["changes"] = {"stopped": [u for u in ret["changes"]["stopped"] if u not in failed]}
+        ret["comment"] = "Could not stop or deregister: " + ", ".join(failed)
+        return ret
+    ret["comment"] = "Stopped {} (no connection left){}".format(
+        ", ".join(ret["changes"]["stopped"]), "; " + note if note else "")
     return ret
 
 
@@ -1851,8 +2151,22 @@ def _list_intentions(client, token=None):
                            headers=headers) or []
 
 
-def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, token=None,
-                       token_file=None):
+def _registered_sources(client, token, names, members=None):
+    """Which of ``names`` have an instance in some data center's catalog, on one of
+    ``members`` (node names; None: on any node)."""
+    headers = client.prepare_headers(token)
+    found = set()
+    for dc in client.http.get(CB.json(), "/v1/catalog/datacenters", headers=headers) or []:
+        for name in sorted(set(names) - found):
+            instances = client.http.get(CB.json(), f"/v1/catalog/service/{name}",
+                                        params=[("dc", dc)], headers=headers) or []
+            if any(members is None or i.get("Node") in members for i in instances):
+                found.add(name)
+    return found
+
+
+def intentions_managed(name, intentions=None, url="http://127.0.0.1:8500", wait=120,
+                       token=None, token_file=None, keep_registered=True, members=None):
     """
     Ensure the cluster has exactly the given intentions among those managed by this formula
     (marked with ``Meta: {managed-by: apigee_mtls}``). Missing ones are created (allows first,
@@ -1861,9 +2175,22 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
     pair are adopted; other unmanaged intentions are left alone. A write Consul refuses fails
     the state with its error; ``changes`` then lists what was written before it.
 
+    A stale allow whose source identity is no longer planned but still has instances in a
+    catalog is kept (the comment counts them): an egress proxy whose node moved to a new
+    identity (the move from per-node to role identities, a node's new component set) keeps
+    its old instance registered until its connections have closed, and must still reach its
+    upstreams until then. The next run after that removes it. A planned identity's stale
+    allow (its destination left the plan) is removed at once.
+
     :param str name: an identifier for the state (not a path)
     :param list intentions: ``[{"source", "destination", "action"}, ...]`` (``action``:
-        ``allow`` or ``deny``), e.g. ``apigee_mtls.intentions``
+        ``allow`` or ``deny``); default ``None``: computed here from this minion's pillar
+        (``apigee_mtls.intentions``), so that the rendered SLS does not carry them
+    :param bool keep_registered: keep stale allows of identities with registered instances
+        (default ``True``)
+    :param list members: the cluster's nodes (Consul node names): only an instance on one of
+        them keeps its identity's allows (a node removed from the pillar, never cleaned,
+        stays in the catalog until it is forced out); default ``None``: any node
     :param str url: the local Consul agent's HTTP address (default
         ``http://127.0.0.1:8500``)
     :param int wait: seconds to wait for a Consul leader (default 120)
@@ -1876,10 +2203,13 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
 
         apigee-mtls-intentions-managed:
           apigee_mtls.intentions_managed:
-            - intentions: {{ salt['apigee_mtls.intentions']() | json }}
             - token_file: /etc/consul.d/acl/management.token
     """
     ret = _ret(name)
+    if intentions is None:
+        intentions = _pillar_call(ret, "apigee_mtls.intentions")
+        if intentions is None:
+            return ret
     if token_file:
         token = _acl("read_token")(token_file)
     client = _client(ret, url)
@@ -1917,6 +2247,28 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
     for pair, have in by_pair.items():
         if pair not in want and (have.get("Meta") or {}).get("managed-by") == MANAGED_BY:
             delete.append(pair)
+    kept = []
+    # only identities the plan no longer has: a planned role's stale allow (a destination
+    # that left) goes at once
+    planned = {source for source, _ in want}
+    candidates = {p[0] for p in delete if p[0] not in planned
+                  and by_pair[p]["Action"] == "allow"}
+    if candidates and keep_registered:
+        try:
+            registered = _registered_sources(client, token, candidates,
+                                             None if members is None else set(members))
+        except Exception as exc:  # pylint: disable=broad-except
+            ret["result"] = False
+            ret["comment"] = f"Could not read the catalog to see which identities drain: {exc}"
+            return ret
+        kept = [p for p in delete if p[0] in candidates and p[0] in registered]
+        delete = [p for p in delete if p not in kept]
+    kept_note = ""
+    if kept:
+        kept_note = "; kept {} allows of {} still registered (draining): {}".format(
+            len(kept), "identity" if len({p[0] for p in kept}) == 1 else "identities",
+            ", ".join(sorted({p[0] for p in kept})))
+
     def fmt(pairs):
         return sorted(f"{s} -> {d} ({want.get((s, d), 'remove')})" for s, d in pairs)
 
@@ -1924,12 +2276,13 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
         if pairs:
             ret["changes"][key] = fmt(pairs)
     if not ret["changes"]:
-        ret["comment"] = f"{len(want)} intentions in place"
+        ret["comment"] = f"{len(want)} intentions in place{kept_note}"
         return ret
     if __opts__["test"]:
         ret["result"] = None
         ret["comment"] = (
-            f"Would create {len(create)}, update {len(update)}, remove {len(delete)} intentions"
+            f"Would create {len(create)}, update {len(update)}, remove {len(delete)} "
+            f"intentions{kept_note}"
         )
         return ret
     headers = client.prepare_headers(token)
@@ -1959,13 +2312,26 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
         else:
             client.http.post(CB.json(), "/v1/connect/intentions", data=body(pair), headers=headers)
 
-    # allows before denies: a new default deny must never precede the allows it guards
+    # in waves, each written in parallel (Consul 1.8 has no batch write for intentions; its
+    # transaction API does not cover them): allows, then denies (a new default deny must
+    # never precede the allows it guards), then removals
+    writes = create + update
+    waves = [sorted(p for p in writes if want[p] != "deny"),
+             sorted(p for p in writes if want[p] == "deny"), sorted(delete)]
     done = []
-    for pair in sorted(create + update, key=lambda p: (want[p] == "deny", p)) + delete:
-        try:
-            write(pair)
-        except Exception as exc:  # pylint: disable=broad-except
+    for wave in waves:
+        failed = None
+        with concurrent.futures.ThreadPoolExecutor(max_workers=INTENTION_WRITERS) as pool:
+            futures = [(pair, pool.submit(write, pair)) for pair in wave]
+            for pair, future in futures:
+                try:
+                    future.result()
+                    done.append(pair)
+                except Exception as exc:  # pylint: disable=broad-except
+                    failed = failed or (pair, exc)
+        if failed:
             # report what was written, and what failed: the next run does the rest
+            pair, exc = failed
             ret["result"] = False
             ret["changes"] = {}
             for key, pairs in (("created", create), ("updated", update), ("removed", delete)):
@@ -1976,9 +2342,9 @@ def intentions_managed(name, intentions, url="http://127.0.0.1:8500", wait=120, 
                               f"{len(done)} of {len(create) + len(update) + len(delete)} "
                               "written")
             return ret
-        done.append(pair)
     ret["comment"] = (
-        f"Created {len(create)}, updated {len(update)}, removed {len(delete)} intentions"
+        f"Created {len(create)}, updated {len(update)}, removed {len(delete)} "
+        f"intentions{kept_note}"
     )
     return ret
 

@@ -377,3 +377,87 @@ def sidecar_listener_action(old, listener, upstreams, running):
         return {"restart": restart, "record": dict(record, bound=fresh), "bind": []}
     bind = sorted(int(port) for port in fresh if port not in bound)
     return {"restart": [], "record": dict(record, bound=dict(bound, **fresh)), "bind": bind}
+
+
+# ---------------------------------------------------------------------------------------------
+# An egress identity change (the move to role identities, a node's new component set): the
+# new proxy runs next to the old one; new connections move, open ones drain
+
+#: the upstream listeners' address of the per-node egress proxies of earlier releases
+LEGACY_BIND_ADDRESS = "127.0.0.1"
+
+
+def draining_egress(services_doc, draining_doc, planned_id, active):
+    """
+    The previous egress instances of a node to keep registered while their proxies drain:
+    every egress definition (``meta.apigee_mtls == "egress"``) of the services file and of
+    the draining file whose ID is not the planned one and whose proxy still runs. Registered,
+    it keeps its intentions (``apigee_mtls.intentions_managed`` keeps those of identities
+    that still have instances).
+
+    :param dict services_doc: the services file as it is on disk (``{"services": [...]}``),
+        or None
+    :param dict draining_doc: the draining file (same shape), or None
+    :param str planned_id: the planned egress instance's ID
+    :param active: IDs whose proxy unit (``apigee-mtls-proxy@<id>``) is active
+    :return: the definitions (list, by ID, first copy of each), tokens kept as they were
+
+    .. code-block:: python
+
+        >>> old = {"id": "egress-10-77-0-11", "meta": {"apigee_mtls": "egress"}}
+        >>> draining_egress({"services": [old]}, None, "egress-zk-10-77-0-11",
+        ...                 {"egress-10-77-0-11"}) == [old]
+        True
+    """
+    found = {}
+    for doc in (services_doc, draining_doc):
+        for svc in (doc or {}).get("services") or []:
+            if not isinstance(svc, dict) or (svc.get("meta") or {}).get("apigee_mtls") != "egress":
+                continue
+            sid = svc.get("id")
+            if sid and sid != planned_id and sid in set(active) and sid not in found:
+                found[sid] = svc
+    return [found[sid] for sid in sorted(found)]
+
+
+def egress_listeners(record):
+    """
+    ``(address, ports)`` of an egress proxy's upstream listeners, from its listener record
+    (``apigee_mtls.sidecar_listeners_managed``): every port the running proxy holds.
+
+    :param dict record: the record (``local_bind_address`` is absent from the records of
+        earlier releases: they bound :data:`LEGACY_BIND_ADDRESS`)
+    :return: ``(str, sorted list of int)``
+    """
+    record = record or {}
+    ports = {int(port) for port in (record.get("bound") or {})}
+    ports |= {int(port) for port in (record.get("upstreams") or {}).values()}
+    return record.get("local_bind_address") or LEGACY_BIND_ADDRESS, sorted(ports)
+
+
+def egress_connections(record, sockets):
+    """
+    How many established connections an egress proxy still carries: sockets whose local end
+    is one of its upstream listeners (:func:`egress_listeners`).
+
+    :param dict record: its listener record
+    :param list sockets: ``parse_ss_established`` output
+    :return: int
+    """
+    address, ports = egress_listeners(record)
+    ports = set(ports)
+    return sum(1 for s in sockets if s["local_ip"] == address and s["local_port"] in ports)
+
+
+def switch_refusals(new, old):
+    """
+    The upstreams that would fail if new connections moved to the new egress proxy now:
+    refused through it while they work through the old one. An upstream that fails through
+    both (its instance is down) is not the switch's doing.
+
+    :param dict new: ``{destination: True/False}``: probes through the new proxy
+    :param dict old: the same through the old proxy (missing: the old one has no listener
+        for it, so nothing works today either)
+    :return: sorted destinations
+    """
+    return sorted(dest for dest, ok in new.items() if not ok and old.get(dest))

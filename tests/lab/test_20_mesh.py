@@ -85,7 +85,7 @@ def test_readme_consul_cli_commands_work_with_the_node_token(mesh):
     node, peer = "n2", "n1"
     env = "CONSUL_HTTP_TOKEN_FILE=/etc/consul.d/acl/agent.token"
     zk = f"zk-2181-{lab.ip[node].replace('.', '-')}"
-    egress = f"egress-{lab.ip[peer].replace('.', '-')}"
+    egress = _plan(lab, peer)["egress"]["identity"]
     members = lab.run(node, ["env", env, "consul", "members"]).stdout
     assert all(n in members for n in lab.nodes), members
     assert zk in lab.run(node, ["env", env, "consul", "catalog", "services"]).stdout
@@ -250,8 +250,10 @@ def test_intentions_deny_a_pair_the_flow_table_does_not_allow(mesh):
     lab = mesh
     rt = next(s for s in _plan(lab, "n2")["services"] if s["id"].startswith("rt-8081"))
     port = rt["connect"]["sidecar_service"]["port"]
-    allowed = _leaf_request(lab, "n1", planner.egress_name(lab.ip["n1"]), lab.ip["n2"], port)
-    denied = _leaf_request(lab, "n4", planner.egress_name(lab.ip["n4"]), lab.ip["n2"], port)
+    allowed = _leaf_request(lab, "n1", _plan(lab, "n1")["egress"]["identity"], lab.ip["n2"],
+                            port)
+    denied = _leaf_request(lab, "n4", _plan(lab, "n4")["egress"]["identity"], lab.ip["n2"],
+                           port)
     assert allowed == "reply", allowed
     assert denied.startswith("no-reply"), denied
 

@@ -13,7 +13,7 @@ def _main_pid(lab, node, unit):
 
 def test_killed_proxy_is_restarted_and_flows_recover_without_salt(mesh):
     lab = mesh
-    unit = "apigee-mtls-proxy@egress-" + lab.ip["n1"].replace(".", "-")
+    unit = lab.salt("n1", "apigee_mtls.plan")["n1"]["egress"]["unit"]
     old = _main_pid(lab, "n1", unit)
     assert old > 0
     lab.run("n1", ["kill", "-9", str(old)])

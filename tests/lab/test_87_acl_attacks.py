@@ -45,6 +45,11 @@ def refused(res):
     return res["status"] == 403 or (res["status"] == 500 and "denied" in str(res["body"]))
 
 
+def _identity(lab, node):
+    """The node's egress identity (its role's)."""
+    return planner.plan(lab.pillar, node)["egress"]["identity"]
+
+
 def _svc(lab, node, prefix):
     return next(s for s in planner.plan(lab.pillar, node)["services"] if s["id"].startswith(prefix))
 
@@ -92,12 +97,12 @@ def test_another_nodes_leaf_certificate_is_refused(acl_lab):
     with A's own; A's own identities are issued (control)."""
     lab = acl_lab
     theirs = _svc(lab, B, "rt-8081")["id"]
-    for identity in (theirs, planner.egress_name(lab.ip[B])):
+    # B's role identity (A has another role) and B's per-node identity of earlier releases
+    for identity in (theirs, _identity(lab, B), planner.egress_name(lab.ip[B])):
         for token in (None, AGENT_TOKEN):
             res = call(lab, A, "GET", f"/v1/agent/connect/ca/leaf/{identity}", token)
             assert res["status"] == 403 and "CertPEM" not in json.dumps(res), (identity, res)
-    own = call(lab, A, "GET", f"/v1/agent/connect/ca/leaf/{planner.egress_name(lab.ip[A])}",
-               AGENT_TOKEN)
+    own = call(lab, A, "GET", f"/v1/agent/connect/ca/leaf/{_identity(lab, A)}", AGENT_TOKEN)
     assert own["status"] == 200 and "CertPEM" in own["body"], own
 
 
@@ -112,7 +117,7 @@ def test_intentions_are_read_and_written_with_the_management_token_only(acl_lab)
     # none between other nodes (e.g. n1's egress -> B's router)
     assert call(lab, A, "GET", "/v1/connect/intentions")["body"] == []
     seen = call(lab, A, "GET", "/v1/connect/intentions", AGENT_TOKEN)["body"]
-    own = {s["id"] for s in planner.plan(lab.pillar, A)["services"]} | {"*"}
+    own = {s["name"] for s in planner.plan(lab.pillar, A)["services"]} | {"*"}
     assert seen, "A's token should read the intentions of its own services"
     foreign = [(i["SourceName"], i["DestinationName"]) for i in seen
                if i["SourceName"] not in own and i["DestinationName"] not in own]
@@ -121,7 +126,7 @@ def test_intentions_are_read_and_written_with_the_management_token_only(acl_lab)
               if i["SourceName"] not in own and i["DestinationName"] not in own]
     assert others, "control: the cluster has intentions A must not see"
     # nobody but the management token writes one (e.g. to allow itself into B)
-    rogue = {"SourceName": planner.egress_name(lab.ip[A]),
+    rogue = {"SourceName": _identity(lab, A),
              "DestinationName": _svc(lab, B, "rt-8081")["id"], "Action": "allow"}
     for token in (None, AGENT_TOKEN):
         res = call(lab, A, "POST", "/v1/connect/intentions", token, rogue)
@@ -178,7 +183,7 @@ def test_mesh_certificates_chain_to_the_organisation_ca(acl_lab):
     roots = call(lab, A, "GET", "/v1/agent/connect/ca/roots", AGENT_TOKEN)["body"]
     active = [r for r in roots["Roots"] if r["Active"]]
     assert len(active) == 1 and active[0]["RootCert"].strip() == org.strip(), active
-    leaf = call(lab, A, "GET", f"/v1/agent/connect/ca/leaf/{planner.egress_name(lab.ip[A])}",
+    leaf = call(lab, A, "GET", f"/v1/agent/connect/ca/leaf/{_identity(lab, A)}",
                 AGENT_TOKEN)["body"]
     check = lab.py(A, f"""
 import json

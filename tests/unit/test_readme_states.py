@@ -119,7 +119,8 @@ def test_the_section_is_parsed():
     assert ENTRIES, "no entries (`` - `apigee_mtls.x`: ...``) in the section"
     assert {"agent_certificate_managed", "firewall_managed"} <= CUSTOM_STATES
     assert {"verify", "rollout_stage"} <= FUNCTIONS
-    assert _includes(SLS["apigee_mtls.firewall"]) == ["apigee_mtls.mesh"]
+    assert _includes(SLS["apigee_mtls.firewall"]) == ["apigee_mtls.mesh",
+                                                      "apigee_mtls.intentions"]
 
 
 def test_the_section_names_the_entry_point():

@@ -4,8 +4,10 @@ that fails midway keeps the changes of the steps that ran; ``test=True`` says "c
 check" rather than "valid" when the local agent does not answer; the ACL token state takes
 its signer and policy as arguments. Consul is a fake in memory."""
 
+import json
 import logging
 import os
+import threading
 
 import pytest
 
@@ -35,9 +37,15 @@ class FakeHTTP:
     def __init__(self, intentions=(), keyring=None):
         self.intentions = {f"id-{i}": dict(it, ID=f"id-{i}") for i, it in enumerate(intentions)}
         self.keyring = keyring or []
-        self.fail, self.calls = {}, []
+        self.fail, self.calls, self.bodies = {}, [], []
+        self.registered = {"dc-1": {}, "dc-2": {}}
+        self.lock = threading.Lock()
 
     def _call(self, method, path):
+        with self.lock:
+            self._count(method, path)
+
+    def _count(self, method, path):
         self.calls.append((method, path))
         for (m, p), ok in self.fail.items():
             if m == method and path.startswith(p):
@@ -49,10 +57,17 @@ class FakeHTTP:
         self._call("GET", path)
         if path == "/v1/operator/keyring":
             return self.keyring
+        if path == "/v1/catalog/datacenters":
+            return sorted(self.registered)
+        if path.startswith("/v1/catalog/service/"):
+            return [{"Node": node} for node in
+                    self.registered[dict(params)["dc"]].get(path.rsplit("/", 1)[1], [])]
         return list(self.intentions.values())
 
     def post(self, callback, path, data=None, headers=None):
         self._call("POST", path)
+        with self.lock:
+            self.bodies.append(json.loads(data))
         return True
 
     def put(self, callback, path, data=None, headers=None):
@@ -89,13 +104,15 @@ WANT = [{"source": "*", "destination": "*", "action": "deny"},
         {"source": "egress-a", "destination": "pg-b", "action": "allow"}]
 
 
-def test_a_failed_intention_write_is_a_failure_with_the_error(consul):
+def test_a_failed_intention_write_is_a_failure_with_the_error(consul, monkeypatch):
+    monkeypatch.setattr(STATES, "INTENTION_WRITERS", 1)  # which write fails: deterministic
     consul.fail[("POST", "/v1/connect/intentions")] = 1  # the first allow only
     ret = STATES.intentions_managed("intentions", WANT, wait=0)
     assert ret["result"] is False
     assert ret["comment"].startswith("Writing intention egress-a -> zk-b failed: HTTP 500")
     assert "1 of 3 written" in ret["comment"]
     assert ret["changes"] == {"created": ["egress-a -> pg-b (allow)"]}
+    # (the deny's wave never started)
     # the deny was never written before the allows it guards
     assert [c for c in consul.calls if c[0] == "POST"] == [
         ("POST", "/v1/connect/intentions")] * 2
@@ -103,6 +120,70 @@ def test_a_failed_intention_write_is_a_failure_with_the_error(consul):
 
 def test_intentions_written_all_report_all(consul):
     ret = STATES.intentions_managed("intentions", WANT, wait=0)
+    assert ret["result"] is True and len(ret["changes"]["created"]) == 3
+
+
+def test_many_intentions_are_written_in_parallel_allows_before_the_deny(consul):
+    want = [WANT[0]] + [{"source": f"egress-r{i % 7}", "destination": f"svc-{i}",
+                         "action": "allow"} for i in range(300)]
+    ret = STATES.intentions_managed("intentions", want, wait=0)
+    assert ret["result"] is True and len(ret["changes"]["created"]) == 301
+    actions = [b["Action"] for b in consul.bodies]
+    assert actions[-1] == "deny" and actions.count("deny") == 1
+
+
+def _managed(source, dest, action="allow"):
+    return {"SourceName": source, "DestinationName": dest, "Action": action,
+            "Meta": {"managed-by": "apigee_mtls"}}
+
+
+def test_stale_allows_of_a_registered_identity_are_kept_until_it_is_gone(consul):
+    """The move to role identities: the per-node identity of a node whose old egress proxy
+    still drains (registered in dc-2's catalog here) keeps its allows; another stale one,
+    with no instance left, is removed; the next run after the old proxy stopped removes the
+    rest."""
+    consul.intentions = {
+        "id-0": dict(_managed("*", "*", "deny"), ID="id-0"),
+        "id-1": dict(_managed("egress-10-77-0-11", "zk-b"), ID="id-1"),
+        "id-2": dict(_managed("egress-10-77-0-12", "zk-b"), ID="id-2"),
+    }
+    consul.intentions["id-4"] = dict(_managed("egress-ms", "zk-gone"), ID="id-4")
+    consul.registered["dc-2"] = {"egress-10-77-0-11": ["n1"], "egress-ms": ["n2"],
+                                 "consul": ["n1"]}
+    want = [WANT[0], {"source": "egress-ms", "destination": "zk-b", "action": "allow"}]
+    ret = STATES.intentions_managed("intentions", want, wait=0)
+    assert ret["result"] is True
+    # a planned identity's allow to a destination that left goes at once
+    assert ret["changes"] == {"created": ["egress-ms -> zk-b (allow)"],
+                              "removed": ["egress-10-77-0-12 -> zk-b (remove)",
+                                          "egress-ms -> zk-gone (remove)"]}
+    assert "kept 1 allows of identity still registered (draining): egress-10-77-0-11" \
+        in ret["comment"]
+    assert ("DELETE", "/v1/connect/intentions/id-1") not in consul.calls
+    consul.registered["dc-2"] = {"consul": ["n1"]}
+    consul.intentions["id-3"] = dict(_managed("egress-ms", "zk-b"), ID="id-3")
+    del consul.intentions["id-2"], consul.intentions["id-4"]
+    ret = STATES.intentions_managed("intentions", want, wait=0)
+    assert ret["changes"] == {"removed": ["egress-10-77-0-11 -> zk-b (remove)"]}
+    assert ("DELETE", "/v1/connect/intentions/id-1") in consul.calls
+
+
+def test_an_instance_on_a_node_outside_the_pillar_keeps_nothing(consul):
+    """A node removed from the pillar and never cleaned stays in the catalog until the
+    signer forces it out: its identity's allows go at once."""
+    consul.intentions = {"id-1": dict(_managed("egress-rt-mp", "zk-b"), ID="id-1")}
+    consul.registered["dc-1"] = {"egress-rt-mp": ["n6"]}
+    ret = STATES.intentions_managed("intentions", [WANT[0]], wait=0, members=["n1", "n2"])
+    assert ret["changes"]["removed"] == ["egress-rt-mp -> zk-b (remove)"]
+    consul.intentions = {"id-2": dict(_managed("egress-rt-mp", "zk-b"), ID="id-2")}
+    ret = STATES.intentions_managed("intentions", [WANT[0]], wait=0, members=["n1", "n6"])
+    assert "removed" not in ret["changes"] and "draining" in ret["comment"]
+
+
+def test_without_intentions_the_state_computes_them_from_the_pillar(consul, monkeypatch):
+    monkeypatch.setattr(STATES, "__salt__", {"apigee_mtls.intentions": lambda: WANT},
+                        raising=False)
+    ret = STATES.intentions_managed("intentions", wait=0)
     assert ret["result"] is True and len(ret["changes"]["created"]) == 3
 
 

@@ -8,8 +8,28 @@
     are no longer members (a node removed from the pillar) are closed. -#}
 {%- from "apigee_mtls/map.jinja" import params, plan with context %}
 {%- if plan.member %}
+{%- set signer = plan.signer == grains.id %}
 include:
   - apigee_mtls.mesh
+{%- if signer %}
+  - apigee_mtls.intentions
+{%- endif %}
+
+{#- a new egress identity (the move to role identities, a new component set): the rules move
+    new connections to its proxy only once it reaches every upstream the previous proxy
+    reaches (its intentions are written: on the signer, before this) #}
+{%- set egress_upstreams = (plan.listeners | selectattr("id", "equalto", plan.egress.id) | first).upstreams %}
+apigee-mtls-firewall-egress-switch-ready:
+  apigee_mtls.egress_switch_ready:
+    - name: {{ plan.egress.id }}
+    - bind_address: {{ plan.egress.bind_address }}
+    - upstreams: {{ egress_upstreams | json }}
+    - draining_file: {{ plan.egress.draining_file }}
+    - require:
+      - service: apigee-mtls-mesh-proxy-{{ plan.egress.id }}-running
+{%- if signer %}
+      - sls: apigee_mtls.intentions
+{%- endif %}
 
 apigee-mtls-firewall-script-managed:
   file.managed:
@@ -74,9 +94,24 @@ apigee-mtls-firewall-chains-managed:
       - file: apigee-mtls-firewall-rules-managed
       - file: apigee-mtls-firewall-rules6-managed
       - file: apigee-mtls-firewall-script-managed
+      - apigee_mtls: apigee-mtls-firewall-egress-switch-ready
 {%- for svc in plan.proxies %}
       - service: apigee-mtls-mesh-proxy-{{ svc }}-running
 {%- endfor %}
+
+{#- a previous egress proxy stops once it carries no connection (later runs retry) #}
+apigee-mtls-firewall-egress-drained:
+  apigee_mtls.egress_drained:
+    - name: {{ plan.egress.draining_file }}
+    - planned_id: {{ plan.egress.id }}
+    - listener_dir: {{ params.state_dir }}/listeners
+    - bin_path: {{ plan.consul.bin }}
+{%- if plan.acl.enabled %}
+    - token_file: {{ plan.acl.agent_master_token_file }}
+{%- endif %}
+    - group: {{ plan.consul.group }}
+    - require:
+      - apigee_mtls: apigee-mtls-firewall-chains-managed
 
 {#- a node removed from the pillar: its established connections to Consul's and the sidecar
     ports end with this run (the chains above refuse its packets, established or not; this

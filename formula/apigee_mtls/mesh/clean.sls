@@ -13,6 +13,13 @@ apigee-mtls-mesh-services-file-absent:
     - require:
       - sls: apigee_mtls.firewall.clean
 
+{#- previous egress instances kept registered while their proxies drained #}
+apigee-mtls-mesh-draining-file-absent:
+  file.absent:
+    - name: {{ config_dir }}/apigee-mtls-draining.json
+    - require:
+      - sls: apigee_mtls.firewall.clean
+
 {%- set wants = salt["file.find"](params.systemd_unit_dir ~ "/multi-user.target.wants", name="apigee-mtls-proxy@*.service", type="l") if salt["file.directory_exists"](params.systemd_unit_dir ~ "/multi-user.target.wants") else [] %}
 {%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
 {%- for unit in known | map("replace", ".service", "") | unique | sort %}

@@ -12,6 +12,22 @@ include:
   - apigee_mtls.acl
 {%- endif %}
 
+{#- a previous egress instance of this node (an identity change: the move to role identities,
+    a new component set) stays registered, from the draining file, while its proxy drains;
+    apigee_mtls.egress_drained (apigee_mtls.firewall) stops it #}
+apigee-mtls-mesh-egress-draining:
+  apigee_mtls.egress_draining:
+    - name: {{ plan.egress.draining_file }}
+    - services_file: {{ plan.egress.services_file }}
+    - planned_id: {{ plan.egress.id }}
+    - group: {{ c.group }}
+    - require:
+      - file: apigee-mtls-install-config-dir-managed
+    - require_in:
+      - file: apigee-mtls-mesh-services-file-managed
+    - onchanges_in:
+      - cmd: apigee-mtls-service-reloaded
+
 {#- apigee-mtls-services.json: with ACLs each definition carries the node's token, so it is
     rendered on the minion from the token file (like encrypt.json) and its diff is not shown;
     a change reaches the agent by `consul reload` #}
@@ -62,21 +78,14 @@ apigee-mtls-mesh-listener-dir-managed:
     and stops the sidecars that must restart (a public listener that moves, an upstream port
     the proxy still holds for another destination) before any sidecar starts, so that
     listeners can swap ports; the others follow new and moved upstreams live. #}
-{%- for service in plan.services %}
-{%-   set svc = service.id %}
-{%-   set sidecar = service.connect.sidecar_service %}
-{%-   set ups = {} %}
-{%-   for up in sidecar.proxy.get("upstreams", []) %}
-{%-     do ups.update({up.destination_name: up.local_bind_port}) %}
-{%-   endfor %}
+{%- for sidecar in plan.listeners %}
+{%-   set svc = sidecar.id %}
 apigee-mtls-mesh-proxy-{{ svc }}-listener-managed:
   apigee_mtls.sidecar_listeners_managed:
     - name: {{ params.state_dir }}/listeners/{{ svc }}.json
     - unit: apigee-mtls-proxy@{{ svc }}
-    - listener: {{ {"address": sidecar.address, "port": sidecar.port,
-                    "local_service_address": sidecar.proxy.local_service_address,
-                    "local_service_port": sidecar.proxy.local_service_port} | json }}
-    - upstreams: {{ ups | json }}
+    - listener: {{ sidecar.listener | json }}
+    - upstreams: {{ sidecar.upstreams | json }}
     - require:
       - file: apigee-mtls-mesh-listener-dir-managed
       - cmd: apigee-mtls-service-reloaded
@@ -145,7 +154,9 @@ apigee-mtls-mesh-leaf-certificate-ready:
 {%- set known = salt["service.get_running"]() + wants | map("replace", params.systemd_unit_dir ~ "/multi-user.target.wants/", "") | list %}
 {%- for unit in known | map("replace", ".service", "") | unique | sort %}
 {%-   set svc = unit %}
-{%-   if svc.startswith("apigee-mtls-proxy@") and svc[18:] not in plan.proxies %}
+{#-   (a previous egress proxy drains: apigee_mtls.egress_drained stops it) #}
+{%-   if svc.startswith("apigee-mtls-proxy@") and svc[18:] not in plan.proxies
+         and not svc[18:].startswith("egress-") %}
 apigee-mtls-mesh-proxy-{{ svc[18:] }}-dead:
   service.dead:
     - name: {{ svc }}
