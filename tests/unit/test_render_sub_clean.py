@@ -53,9 +53,17 @@ def test_sub_clean_undoes_its_dependents_first(rendered, name):
                    for r in _args(state)[1].get(kind, []) if isinstance(r, dict)]
              for sid, state in own.items()}
 
+    theirs = {sid for sid, s in states.items()
+              if s["__sls__"] == f"apigee_mtls.{requires}.clean"}
+
     def after(sid, seen=()):
-        """The state requires the dependency's sls, itself or through its own states."""
+        """The state requires the dependency's sls, itself or through its own states; or it
+        is ordered before one of the dependency's states on purpose (``require_in``: a
+        client's ``consul leave`` before its agent stops)."""
         if {"sls": f"apigee_mtls.{requires}.clean"} in needs[sid]:
+            return True
+        if any(ref in theirs for req in _args(own[sid])[1].get("require_in", [])
+               if isinstance(req, dict) for ref in req.values()):
             return True
         return any(after(ref, seen + (sid,)) for req in needs[sid] for ref in req.values()
                    if ref in needs and ref not in seen)

@@ -3,6 +3,28 @@
 include:
   - apigee_mtls.service.clean
 
+{#- A client about to lose its data dir, hence its Consul node ID, leaves the cluster first:
+    the servers deregister it, and an agent installed again later registers under its new
+    ID. Without the leave, Consul 1.8 refuses the new ID while the old entry still looks
+    healthy ("Node name ... is reserved"): the catalog then keeps that node's old health
+    states and its upstreams fail elsewhere. A server keeps its raft membership (a lone
+    server's reinstall is a raft operation, README "Day-2 operations"). #}
+{%- if plan.get("member") and not plan.get("is_server") and plan.get("consul_config") %}
+apigee-mtls-install-agent-left:
+  cmd.run:
+    - name: {{ c.bin }} leave -http-addr=127.0.0.1:8500
+{%-   if plan.acl.enabled %}
+    - env:
+      - CONSUL_HTTP_TOKEN_FILE: {{ plan.acl.agent_master_token_file }}
+{%-   endif %}
+    - onlyif: systemctl is-active --quiet consul
+    - timeout: 60
+    - require:
+      - sls: apigee_mtls.mesh.clean
+    - require_in:
+      - service: apigee-mtls-service-dead
+{%- endif %}
+
 {%- if c.install.method == "pkg" %}
 apigee-mtls-install-consul-binary-absent:
   pkg.removed:
