@@ -632,7 +632,9 @@ def section_dataplane(args):
                       f"management-server and router on two different nodes")
     port = 8081
     service = planner.service_name("router", port, dst["ip"])
-    egress = planner.plan(pillar, src["id"])["egress"]["id"]
+    # the instance (its sidecar's -sidecar-for) and the identity (its leaf certificate)
+    egress_plan = planner.plan(pillar, src["id"])["egress"]
+    egress, identity = egress_plan["id"], egress_plan["identity"]
     upstream = next((u for u in planner.plan(pillar, src["id"])["upstreams"]
                      if u["service"] == service), None)
     if upstream is None:
@@ -740,9 +742,9 @@ def section_dataplane(args):
         ("resolve", src["id"], dict(mode="resolve", service=service)),
         ("tcp", src["id"], dict(mode="tcp", host=ingress[0], port=ingress[1])),
         ("handshake", src["id"], dict(mode="handshake", host=ingress[0], port=ingress[1],
-                                      client_service=egress)),
+                                      client_service=identity)),
         ("authorize", dst["id"], dict(mode="authorize", service=service, dc=dc,
-                                      client_service=egress)),
+                                      client_service=identity)),
     ]
     profile = {}
     for name, node, pargs in steps:
