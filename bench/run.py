@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py                       planner, then dataplane if the lab is up
     .venv/bin/python bench/run.py --only planner        [--sizes 100,1000,5000]
     .venv/bin/python bench/run.py --only dataplane      needs a running lab (make lab)
-    .venv/bin/python bench/run.py --only native         iperf3/sockperf, mesh vs direct (lab)
+    .venv/bin/python bench/run.py --only native         iperf3/sockperf/ab, mesh vs direct (lab)
     .venv/bin/python bench/run.py --only rollout        DESTROYS and re-creates the lab
                                   [--topology 5-node|13-node|FILE] [--repeat N]
 
@@ -1148,9 +1148,10 @@ def main(argv=None):
     p.add_argument("--connect-count", type=int, default=300)
     p.add_argument("--parallel", type=int, default=16)
     p.add_argument("--direct-port", type=int, default=18081)
-    p.add_argument("--native-direct-ports", default="15201,15202",
-                   type=lambda s: [int(x) for x in s.split(",")][:2],
-                   help="native: the direct path's iperf3 and sockperf ports (unmeshed)")
+    p.add_argument("--native-direct-ports", default="15201,15202,15203,15204",
+                   type=lambda s: [int(x) for x in s.split(",")][:4],
+                   help="native: the direct path's iperf3, sockperf, nginx and openssl "
+                        "s_server ports (unmeshed)")
     p.add_argument("--native-profile", action="store_true",
                    help="native: perf-record the two sidecars during one more mesh run "
                         "(needs perf on the host: apt-get install linux-perf)")

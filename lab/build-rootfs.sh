@@ -6,9 +6,10 @@ set -euo pipefail
 CACHE=${LAB_CACHE:-/var/cache/apigee-mtls-lab}
 ROOTFS="$CACHE/rootfs"
 SALT_VERSION=${SALT_VERSION:-3008.4}
-# the Debian packages of every node; iperf3 and sockperf are the native endpoints of
-# `make bench` (mesh against direct). A changed list builds a new rootfs.
-PACKAGES=systemd,systemd-sysv,dbus,iproute2,iptables,python3,python3-venv,ca-certificates,procps,netcat-openbsd,tcpdump,less,iperf3,sockperf
+# the Debian packages of every node; iperf3, sockperf, nginx (an event-driven HTTP server: no
+# fork per connection) and apache2-utils (`ab`: one connection per request without -k) are the
+# native endpoints of `make bench` (mesh against direct). A changed list builds a new rootfs.
+PACKAGES=systemd,systemd-sysv,dbus,iproute2,iptables,python3,python3-venv,ca-certificates,procps,netcat-openbsd,tcpdump,less,iperf3,sockperf,nginx,apache2-utils
 STAMP="$ROOTFS/.complete-salt-$SALT_VERSION-$(printf %s "$PACKAGES" | sha256sum | cut -c1-12)"
 [ -e "$STAMP" ] && { echo "rootfs: cached at $ROOTFS"; exit 0; }
 
@@ -58,7 +59,8 @@ WantedBy=multi-user.target
 UNIT
 chroot "$ROOTFS.tmp" systemctl enable salt-minion.service systemd-networkd.service >/dev/null 2>&1
 # quiet, fast boots: nothing the lab does not need
-for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer; do
+# (nginx runs only when `make bench` starts it)
+for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer nginx.service; do
   chroot "$ROOTFS.tmp" systemctl disable "$u" >/dev/null 2>&1 || true
 done
 rm -f "$ROOTFS.tmp/etc/machine-id"   # each node gets its own
