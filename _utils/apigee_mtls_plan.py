@@ -22,7 +22,7 @@ and returns a *model*: a plain dict (lists, dicts, strings, ints, booleans and
     servers             ids of the Consul servers (non-retired zookeeper nodes)
     cassandra_internode bool (mesh Cassandra 7000 too)
     components          catalog after overrides: {component: {"short", "ports",
-                          "range", "peer_ports", "targets"}}
+                          "range", "peer_ports", "targets", "leader_only"}}
     port_ranges         {component or "egress": [min, max]} for the ranges in use
     flows               {source component: [destination components]}
     secrets             {"gossip_key", "connect_ca_key" (None unless given)}
@@ -105,7 +105,10 @@ ROOT_KEY = "apigee_mtls"
 #: Component catalog.  ``ports`` are the meshed component ports, in allocation
 #: order; ``range`` the default proxy port range (inclusive); ``peer_ports`` the
 #: ports only reachable from the same component; ``targets`` where the ingress
-#: sidecar hands plaintext over: ``loopback`` (127.0.0.1) or ``node_ip``.
+#: sidecar hands plaintext over: ``loopback`` (127.0.0.1) or ``node_ip``;
+#: ``leader_only`` (optional) the ports only the component's current leader serves:
+#: ZooKeeper's 2888, where the followers connect to the leader (a follower does not
+#: listen on it), so a probe of a follower's 2888 fails however healthy the mesh is.
 COMPONENTS = {
     "management-server": {
         "short": "ms", "ports": [], "range": None, "peer_ports": [], "targets": {},
@@ -129,7 +132,7 @@ COMPONENTS = {
     },
     "zookeeper": {
         "short": "zk", "ports": [2181, 2888, 3888], "range": (10001, 10099),
-        "peer_ports": [2888, 3888],
+        "peer_ports": [2888, 3888], "leader_only": [2888],
         "targets": {2181: "loopback", 2888: "node_ip", 3888: "node_ip"},
     },
     "cassandra": {
@@ -816,6 +819,7 @@ def _norm_components(raw, internode):
             "range": list(spec["range"]) if spec["range"] else None,
             "peer_ports": list(spec["peer_ports"]),
             "targets": dict(spec["targets"]),
+            "leader_only": list(spec.get("leader_only", [])),
         }
     if not internode:
         cass = catalog["cassandra"]
@@ -858,6 +862,7 @@ def _norm_components(raw, internode):
             spec["ports"] = list(ports)
             spec["targets"] = {p: default["targets"].get(p, "loopback") for p in ports}
             spec["peer_ports"] = [p for p in spec["peer_ports"] if p in ports]
+            spec["leader_only"] = [p for p in spec["leader_only"] if p in ports]
             overridden.append(name)
         if override.get("peer_ports") is not None:
             peers = override["peer_ports"]
@@ -1584,6 +1589,7 @@ class _Index(object):
         keyed = []
         for dest, ports in self.reach(node["components"]).items():
             short = self.model["components"][dest]["short"]
+            leader_only = self.model["components"][dest]["leader_only"]
             for other in self.hosts[dest]:
                 if other is node:
                     continue
@@ -1599,6 +1605,7 @@ class _Index(object):
                         "component_port": port,
                         "proxy_port": block[port],
                         "local_bind_address": bind,
+                        "leader_only": port in leader_only,
                     }))
         keyed.sort(key=lambda pair: pair[0])
         return [entry for _, entry in keyed]
@@ -2713,6 +2720,44 @@ def port_report(pillar):
 
 # ---------------------------------------------------------------------------------------------
 # verify at a glance
+def upstream_verdict(upstreams, probes):
+    """
+    The ``upstreams`` check of ``apigee_mtls.verify`` from the plan's upstreams and their
+    probes (``apigee_mtls.probe_upstream``): a failed probe fails the check, except on a
+    leader-only port (the catalog's ``leader_only``: ZooKeeper's 2888, which only the current
+    leader serves), where a follower's port has no listener behind its sidecar however healthy
+    the mesh is. Those are listed under ``leader_only_unanswered`` and do not fail it.
+
+    :param list upstreams: the plan's ``upstreams`` (dicts with ``service`` and
+        ``leader_only``)
+    :param dict probes: ``{service: {"ok": bool, ...}}``
+    :return: ``{"ok": bool, "count": int, "failed": [service], "leader_only_unanswered":
+        [service]}``, lists sorted
+
+    .. code-block:: python
+
+        >>> upstream_verdict(
+        ...     [{"service": "zk-2181-10-77-0-12", "leader_only": False},
+        ...      {"service": "zk-2888-10-77-0-12", "leader_only": True}],
+        ...     {"zk-2181-10-77-0-12": {"ok": True}, "zk-2888-10-77-0-12": {"ok": False}})
+        {'ok': True, 'count': 2, 'failed': [], 'leader_only_unanswered': ['zk-2888-10-77-0-12']}
+    """
+    failed, unanswered = [], []
+    for up in upstreams:
+        probe = probes.get(up["service"])
+        if probe is None or probe["ok"]:
+            continue
+        (unanswered if up.get("leader_only") else failed).append(up["service"])
+    return {"ok": not failed, "count": len(probes), "failed": sorted(failed),
+            "leader_only_unanswered": sorted(unanswered)}
+
+
+def _upstreams_ok(check):
+    idle = check.get("leader_only_unanswered") or []
+    return "{} upstreams answer".format(check.get("count") - len(idle)) + (
+        " ({} leader-only not serving here)".format(len(idle)) if idle else "")
+
+
 def verify_line(result):
     """
     One line for an ``apigee_mtls.verify`` result, what an operator reads at a glance:
@@ -2770,5 +2815,5 @@ _VERIFY_WORDS = {
                                                                 c.get("error"))),
     "firewall": (lambda c: "firewall as planned (IPv6: {})".format(c.get("ipv6")),
                  lambda c: "firewall drifted: " + ", ".join(c.get("drifted") or [])),
-    "upstreams": (lambda c: "{} upstreams answer".format(c.get("count")), _upstreams_failed),
+    "upstreams": (_upstreams_ok, _upstreams_failed),
 }
