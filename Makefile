@@ -3,13 +3,17 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TOPOLOGY ?= tests/topologies/5-node.yaml
+# what runs as the datastores: standin (every component a stand-in) or real (ZooKeeper,
+# PostgreSQL and OpenLDAP from Debian 12 in place of theirs: lab/real.py)
+COMPONENTS ?= standin
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
-.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies bench day2-report clean
+.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies lab-test-real bench day2-report clean
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
+	@echo "                (COMPONENTS=real: real ZooKeeper, PostgreSQL, OpenLDAP from Debian)"
 	@echo "make lab-down   remove every machine, link, mount and process the lab created"
 	@echo "make test       every test: unit tests, then the lab tests (boots its own lab)"
 	@echo "make bench      benchmarks: prints a table, writes bench/results.json"
@@ -22,7 +26,7 @@ $(VENV)/.complete: requirements.txt
 	touch $@
 
 lab: venv
-	$(PY) lab/labctl.py up --topology $(TOPOLOGY)
+	$(PY) lab/labctl.py up --topology $(TOPOLOGY) --components $(COMPONENTS)
 
 lab-down: venv
 	$(PY) lab/labctl.py down
@@ -50,10 +54,17 @@ TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes
 	tests/lab/test_99_teardown.py
 # tests for two data centres only (the secondary's Connect CA), before the teardown
 MULTI_DC_TESTS := tests/lab/test_16_secondary_ca.py
+# the real datastores (issue 12), on a 5-node lab of their own booted with COMPONENTS=real
+REAL_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
+	tests/lab/test_10_foundation.py::test_rerun_reports_zero_changes \
+	tests/lab/test_90_real_datastores.py \
+	tests/lab/test_99_teardown.py
 
 test: venv
-	$(PY) -m pytest tests -v --durations=20 $(addprefix --ignore=,$(MULTI_DC_TESTS))
+	$(PY) -m pytest tests -v --durations=20 $(addprefix --ignore=,$(MULTI_DC_TESTS)) \
+	  --ignore=tests/lab/test_90_real_datastores.py
 	$(MAKE) lab-test-topologies
+	$(MAKE) lab-test-real
 
 lab-test-topologies: venv
 	set -e; for t in $(TOPOLOGY_SESSIONS); do \
@@ -62,6 +73,10 @@ lab-test-topologies: venv
 	  case $$t in *dc*) tests="$${tests% *} $(MULTI_DC_TESTS) $${tests##* }";; esac; \
 	  TOPOLOGY=tests/topologies/$$t.yaml $(PY) -m pytest $$tests -v --durations=5; \
 	done
+
+lab-test-real: venv
+	@echo "=== real datastores (5-node, COMPONENTS=real) ==="
+	LAB_COMPONENTS=real TOPOLOGY=tests/topologies/5-node.yaml $(PY) -m pytest $(REAL_TESTS) -v --durations=5
 
 bench: venv
 	$(PY) bench/run.py

@@ -7,13 +7,19 @@ address only. The topology is data: any ``apigee_mtls`` pillar file (tests/topol
 
 Commands (run as root, from the repo's venv python; ``make lab`` does it for you)::
 
-    labctl.py up [--topology FILE] [--no-apply]   boot the lab, then salt '*' state.apply apigee_mtls
+    labctl.py up [--topology FILE] [--no-apply] [--components standin|real]
+                                                   boot the lab, then salt '*' state.apply apigee_mtls
+                                                   (real: ZooKeeper, PostgreSQL and OpenLDAP from
+                                                   Debian in place of their stand-ins, lab/real.py)
     labctl.py down                                 remove everything the lab created
     labctl.py status                               nodes, PIDs, addresses
     labctl.py exec NODE -- CMD...                  run a command inside a node
     labctl.py shell NODE                           interactive shell inside a node
     labctl.py reboot NODE                          restart a node's machine, disk kept
     labctl.py boot NODE --topology FILE            boot one more node of FILE (add a node)
+    labctl.py datastores                           (real, after an apply) the Postgres standby
+                                                   through the mesh; ZooKeeper servers still
+                                                   holding pre-mesh quorum connections restarted
     labctl.py salt ARGS...                         the salt CLI against the lab's master
     labctl.py apply [SALT ARGS...]                 salt '*' state.apply apigee_mtls
 
@@ -53,6 +59,13 @@ sys.path.insert(0, os.path.join(REPO, "_utils"))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import apigee_mtls_plan as planner  # noqa: E402  (pure planner, shared with the formula)
 import dist  # noqa: E402  (the formula in Salt's layout: the master's one file root)
+
+sys.path.insert(0, os.path.join(REPO, "lab"))
+import real  # noqa: E402  (the real datastores of `--components real`)
+
+#: what runs in place of the Apigee components: "standin" (lab/standin.py, every component) or
+#: "real" (ZooKeeper, PostgreSQL and OpenLDAP from Debian, lab/real.py; stand-ins for the rest)
+COMPONENTS = os.environ.get("LAB_COMPONENTS", "standin")
 
 #: the formula in Salt's layout (tools/dist.py: what the `salt-formula` branch holds, what one
 #: gitfs remote or one clone in file_roots serves): the master's file root, restaged by every
@@ -153,7 +166,7 @@ def salt_cmd(args):
 
 # ---------------------------------------------------------------------------------------------
 # up
-def prepare_host():
+def prepare_host(components="standin"):
     missing = [t for t in ("systemd-nspawn", "debootstrap", "iptables", "nsenter", "tcpdump")
                if shutil.which(t) is None]
     if missing:
@@ -164,6 +177,9 @@ def prepare_host():
              "tcpdump", "util-linux"], capture=True, env=env)
     step("rootfs (built once, shared read-only)")
     run(["bash", os.path.join(REPO, "lab", "build-rootfs.sh")])
+    if components == "real":
+        step("rootfs-real: the base + zookeeperd, postgresql-15, slapd (built once)")
+        run(["bash", os.path.join(REPO, "lab", "build-rootfs-real.sh")])
     step("consul 1.8.7 from Debian 11 (fetched once)")
     run(["bash", os.path.join(REPO, "lab", "fetch-consul.sh")])
 
@@ -346,12 +362,15 @@ def setup_bridge():
     run(["ip", "link", "set", BRIDGE, "up"])
 
 
-def standin_config(node, model):
+def standin_config(node, model, components="standin"):
     listeners = []
     comps = model["components"]
+    leave = real.standin_ports(node) if components == "real" else {}
     for comp in node["components"]:
         spec = comps.get(comp, {})
         for port in spec.get("ports", []):
+            if port in leave.get(comp, ()):
+                continue
             target = spec.get("targets", {}).get(port, "loopback")
             # "::" is dual-stack (IPv4 and IPv6), like a real component on a dual-stack host
             listeners.append({"component": comp, "port": port,
@@ -361,18 +380,28 @@ def standin_config(node, model):
     return {"node": node["id"], "ip": node["ip"], "listeners": listeners}
 
 
-def write_node(node, model):
+def rootfs_of(components):
+    return os.path.join(CACHE, "rootfs-real" if components == "real" else "rootfs")
+
+
+def write_node(node, model, components="standin"):
     base = node_root(node["id"])
     upper, work, merged = (os.path.join(base, d) for d in ("upper", "work", "root"))
     for d in (upper, work, merged):
         os.makedirs(d, exist_ok=True)
     if not os.path.ismount(merged):
         run(["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={CACHE}/rootfs,upperdir={upper},workdir={work}", merged])
+             f"lowerdir={rootfs_of(components)},upperdir={upper},workdir={work}", merged])
 
     def put(rel, text, mode=0o644):
+        # never through a link: the node's absolute links resolve on the host from here
         path = os.path.join(merged, rel.lstrip("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.realpath(os.path.dirname(path)).startswith(
+                os.path.realpath(merged) + os.sep):
+            raise SystemExit(f"lab: {rel}: its directory is a link out of {node['id']}'s root")
+        if os.path.islink(path):
+            os.unlink(path)
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.chmod(path, mode)
@@ -389,7 +418,8 @@ def write_node(node, model):
         "master": HOST_IP, "id": node["id"], "acceptance_wait_time": 1,
         "random_reauth_delay": 0, "recon_default": 200, "recon_max": 2000,
         "log_level_logfile": "info", "auth_timeout": 10}))
-    put("/etc/apigee-standin.json", json.dumps(standin_config(node, model), indent=1))
+    put("/etc/apigee-standin.json", json.dumps(standin_config(node, model, components),
+                                               indent=1))
     put("/usr/local/bin/apigee-standin",
         open(os.path.join(REPO, "lab", "standin.py"), encoding="utf-8").read(), 0o755)
     put("/etc/systemd/system/apigee-standin.service",
@@ -401,6 +431,15 @@ def write_node(node, model):
     link = os.path.join(wants, "apigee-standin.service")
     if not os.path.lexists(link):
         os.symlink("/etc/systemd/system/apigee-standin.service", link)
+    if components == "real":
+        def enable(unit):
+            path = os.path.join(wants, unit)
+            if not os.path.lexists(path):
+                target = f"/etc/systemd/system/{unit}"
+                if not os.path.exists(os.path.join(merged, target.lstrip("/"))):
+                    target = f"/lib/systemd/system/{unit}"
+                os.symlink(target, path)
+        real.write_node(node, model, put, enable)
     return merged
 
 
@@ -420,7 +459,7 @@ def boot_node(node_id, state):
 
 def add_machine(node, model, state):
     """Create (or reuse) a node's overlay and boot its machine."""
-    root = write_node(node, model)
+    root = write_node(node, model, state.get("components", "standin"))
     state["nodes"].setdefault(node["id"], {}).update(
         {"ip": node["ip"], "root": root, "machine": MACHINE_PREFIX + node["id"]})
     boot_node(node["id"], state)
@@ -469,10 +508,14 @@ def cmd_up(args):
         step(f"a lab with another topology is up ({state['topology']}): tearing it down")
         cmd_down(args)
         state = {}
-    prepare_host()
+    if state.get("components", args.components) != args.components:
+        step(f"a lab with {state['components']} components is up: tearing it down")
+        cmd_down(args)
+        state = {}
+    prepare_host(args.components)
     os.makedirs(SALT_CONF, exist_ok=True)
     write_master(topo_path, topo)
-    state.update({"topology": topo_path, "bridge": BRIDGE})
+    state.update({"topology": topo_path, "bridge": BRIDGE, "components": args.components})
     state.setdefault("nodes", {})
     save_state(state)
     raise_inotify_limit(len(model["nodes"]))
@@ -489,7 +532,44 @@ def cmd_up(args):
     run(salt_cmd(["*", "saltutil.sync_all", "--out=json", "--static"]), capture=True)
     if args.no_apply:
         return 0
-    return apply_and_summarize(ids)
+    rc = apply_and_summarize(ids)
+    if rc == 0 and args.components == "real":
+        rc = cmd_datastores(args)
+    return rc
+
+
+def cmd_datastores(_args=None):
+    """(``--components real``, after the formula is applied) What an operator does once the
+    mesh is up: the second Postgres node becomes a streaming standby of the first through the
+    mesh (``real.standby_script``), and a ZooKeeper server that still holds quorum connections
+    opened before the mesh (directly, in plaintext: the lockdown refuses new direct connections
+    and lets established ones finish) is restarted, so that its peers reconnect through the
+    sidecars. Idempotent."""
+    state = load_state()
+    if state.get("components") != "real":
+        raise SystemExit("lab: `datastores` needs a lab booted with --components real")
+    model = planner.normalize(load_topology(state["topology"]))
+    zk = real.real_nodes(model, "zookeeper")
+    peers = {n["ip"] for n in zk}
+    for node in zk:
+        out = run(node_exec_cmd(node["id"], ["ss", "-Htn", "state", "established"]),
+                  capture=True).stdout
+        direct = real.direct_quorum_connections(out, peers - {node["ip"]})
+        if direct:
+            step(f"zookeeper: {node['id']} holds {len(direct)} quorum connection(s) from "
+                 f"before the mesh ({', '.join(direct[:3])}): restarting it")
+            run(node_exec_cmd(node["id"], ["systemctl", "restart", "zookeeper"]))
+    primary, standby = real.postgres_roles(model)
+    if standby is None:
+        step("postgres: one node, no standby")
+        return 0
+    step(f"postgres: {standby['id']} becomes a standby of {primary['id']} through the mesh")
+    proc = run(node_exec_cmd(standby["id"], ["sh", "-c", real.standby_script(primary["ip"])]),
+               check=False, capture=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"lab: standby on {standby['id']} failed: {proc.stderr[-800:]}")
+    step(f"postgres: standby {proc.stdout.strip().splitlines()[-1]}")
+    return 0
 
 
 def apply_and_summarize(ids, extra=()):
@@ -682,6 +762,8 @@ def main(argv=None):
     up.add_argument("--topology", default=os.environ.get("TOPOLOGY", DEFAULT_TOPOLOGY))
     up.add_argument("--no-apply", action="store_true")
     up.add_argument("--only", help="comma-separated node ids to boot (default: all)")
+    up.add_argument("--components", choices=("standin", "real"), default=COMPONENTS,
+                    help="what runs as the datastores (default $LAB_COMPONENTS or standin)")
     up.set_defaults(fn=cmd_up)
     sub.add_parser("down").set_defaults(fn=cmd_down)
     sub.add_parser("status").set_defaults(fn=cmd_status)
@@ -693,6 +775,7 @@ def main(argv=None):
     bt.add_argument("node")
     bt.add_argument("--topology", required=True)
     bt.set_defaults(fn=cmd_boot)
+    sub.add_parser("datastores").set_defaults(fn=cmd_datastores)
     rb = sub.add_parser("reboot")
     rb.add_argument("node")
     rb.set_defaults(fn=cmd_reboot)

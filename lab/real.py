@@ -1,0 +1,173 @@
+"""Real datastores for the lab (``make lab COMPONENTS=real``, ``labctl.py up --components
+real``): ZooKeeper 3.8, PostgreSQL 15 and OpenLDAP from Debian 12 (lab/build-rootfs-real.sh)
+run in place of the stand-ins on their nodes, configured the way Apigee configures them:
+server lists and peer addresses by node IP.
+
+* ZooKeeper (every ``zookeeper`` node): ``server.N=<node IP>:2888:3888`` in the topology's
+  order, ``myid`` N, the client port 2181 on every address, the quorum ports on the node's IP
+  (the address in the server list: the ingress sidecar's ``node_ip`` target), the four-letter
+  words allowed, the admin server off (its 8080 is the management server's). JVM heap 256 MiB.
+* PostgreSQL (``postgres`` nodes): the first is the primary, the second a streaming standby
+  (:func:`setup_standby`, once the mesh is up: ``pg_basebackup`` through it). Apigee's
+  ``listen_addresses='*'``; ``pg_hba.conf`` trusts ``127.0.0.1/32``: through the mesh every
+  peer's connection arrives from the local ingress sidecar (README, "Real datastores").
+* OpenLDAP (``openldap`` nodes): slapd on Apigee's port 10389 (``ldap://:10389/``), Debian's
+  default database ``dc=nodomain``.
+
+Cassandra, Qpid and the Edge Java services have no Debian package: the stand-ins stay.
+Nothing here is run by the formula: these are the components it protects.
+"""
+#: real component -> the meshed ports the real program serves (the stand-in keeps the others)
+REAL_PORTS = {"zookeeper": [2181, 2888, 3888], "postgres": [5432], "openldap": [10389]}
+
+PG_VERSION = "15"
+PG_DATA = f"/var/lib/postgresql/{PG_VERSION}/main"
+PG_CONF = f"/etc/postgresql/{PG_VERSION}/main"
+LDAP_PORT = 10389
+LDAP_BASE = "dc=nodomain"
+
+ZOO_CFG = """# apigee_mtls lab: a real ZooKeeper ensemble, server list by node IP (as Apigee's)
+tickTime=2000
+initLimit=10
+syncLimit=5
+dataDir=/var/lib/zookeeper
+clientPort=2181
+4lw.commands.whitelist=*
+admin.enableServer=false
+"""
+
+#: Debian's layout: /etc/zookeeper/conf -> (alternatives) conf_example, holding zoo.cfg and
+#: myid (/var/lib/zookeeper/myid links there); zkServer.sh reads conf/environment
+ZK_CONF = "/etc/zookeeper/conf_example"
+
+ZK_UNIT = """[Unit]
+Description=ZooKeeper (apigee_mtls lab: the real component)
+After=network-online.target
+[Service]
+User=zookeeper
+Environment=SERVER_JVMFLAGS=-Xmx256m
+ExecStart=/usr/share/zookeeper/bin/zkServer.sh start-foreground
+Restart=on-failure
+RestartSec=2
+[Install]
+WantedBy=multi-user.target
+"""
+
+PG_LAB_CONF = """# apigee_mtls lab (Apigee's settings for a primary and its standby)
+listen_addresses = '*'
+wal_level = replica
+max_wal_senders = 5
+hot_standby = on
+"""
+
+PG_HBA = """# apigee_mtls lab. Through the mesh every peer's connection arrives from the local ingress
+# sidecar: 127.0.0.1 stands for the management server, the routers' clients and the standby.
+local   all             postgres                                peer
+local   all             all                                     peer
+host    all             all             127.0.0.1/32            trust
+host    replication     all             127.0.0.1/32            trust
+host    all             all             ::1/128                 trust
+"""
+
+SLAPD_UNIT = f"""[Unit]
+Description=OpenLDAP (apigee_mtls lab: the real component, Apigee's port {LDAP_PORT})
+After=network-online.target
+[Service]
+ExecStart=/usr/sbin/slapd -d 0 -h "ldap://:{LDAP_PORT}/ ldapi:///" -u openldap -g openldap \\
+  -F /etc/ldap/slapd.d
+Restart=on-failure
+RestartSec=2
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def real_nodes(model, component):
+    """The live nodes running ``component``, in the topology's order."""
+    return [n for n in model["nodes"] if component in n["components"] and not n["retired"]]
+
+
+def standin_ports(node):
+    """``{component: [ports]}`` the stand-in must leave to the real programs on ``node``."""
+    return {c: REAL_PORTS[c] for c in node["components"] if c in REAL_PORTS}
+
+
+def zoo_cfg(model):
+    """zoo.cfg of the ensemble: the common settings and ``server.N`` by node IP."""
+    servers = "".join(f"server.{i}={n['ip']}:2888:3888\n"
+                      for i, n in enumerate(real_nodes(model, "zookeeper"), start=1))
+    return ZOO_CFG + servers
+
+
+def write_node(node, model, put, link):
+    """Write ``node``'s real-component configuration into its overlay before it boots.
+    ``put(path, text, mode)`` writes a file, ``link(unit)`` enables a unit."""
+    comps = node["components"]
+    if "zookeeper" in comps:
+        myid = [n["id"] for n in real_nodes(model, "zookeeper")].index(node["id"]) + 1
+        put(f"{ZK_CONF}/zoo.cfg", zoo_cfg(model))
+        put(f"{ZK_CONF}/myid", f"{myid}\n")
+        put("/etc/systemd/system/zookeeper.service", ZK_UNIT)
+        link("zookeeper.service")
+    if "postgres" in comps:
+        put(f"{PG_CONF}/conf.d/apigee-lab.conf", PG_LAB_CONF)
+        put(f"{PG_CONF}/pg_hba.conf", PG_HBA)
+        link("postgresql.service")
+    if "openldap" in comps:
+        put("/etc/systemd/system/slapd.service", SLAPD_UNIT)
+        link("slapd.service")
+
+
+def direct_quorum_connections(ss_text, peer_ips):
+    r"""Established connections into ZooKeeper's quorum ports (2888, 3888) from a peer's IP:
+    opened directly, before the mesh. Through the mesh they arrive from the local ingress
+    sidecar (the node's own IP, the ``node_ip`` target). Only the accepting end tells: the
+    connecting end of a meshed connection still shows the peer's address (the nat rule
+    rewrites its packets, not its socket). ``ss_text`` is ``ss -Htn state established``;
+    returns ``["<local> <remote>", ...]``.
+
+    >>> direct_quorum_connections(
+    ...     "0 0 10.77.0.12:2888 10.77.0.13:40012\n0 0 10.77.0.12:2888 10.77.0.12:51000\n"
+    ...     "0 0 10.77.0.12:51234 10.77.0.11:3888\n", {"10.77.0.11", "10.77.0.13"})
+    ['10.77.0.12:2888 10.77.0.13:40012']
+    """
+    found = []
+    for line in ss_text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        local, remote = parts[-2], parts[-1]
+        lport, rip = local.rsplit(":", 1)[1], remote.rsplit(":", 1)[0]
+        # a JVM listens on [::]: its IPv4 peers show as [::ffff:a.b.c.d]
+        rip = rip.strip("[]").removeprefix("::ffff:")
+        if rip in peer_ips and lport in ("2888", "3888"):
+            found.append(f"{local} {remote}")
+    return found
+
+
+def postgres_roles(model):
+    """``(primary, standby)`` nodes: the first two Postgres nodes (standby ``None`` if one)."""
+    pg = real_nodes(model, "postgres")
+    return (pg[0] if pg else None), (pg[1] if len(pg) > 1 else None)
+
+
+def standby_script(primary_ip):
+    """Shell run on the standby node: replace its cluster by a base backup of the primary's,
+    taken through the mesh (``-h <primary IP>``: the node's nat rules send it to its egress
+    sidecar), ``-R`` writing ``primary_conninfo`` to the same address. Idempotent: a standby
+    already streaming from that address is left alone."""
+    return f"""set -e
+if [ -e {PG_DATA}/standby.signal ] && grep -q "host={primary_ip} " \\
+     {PG_DATA}/postgresql.auto.conf 2>/dev/null; then echo already; exit 0; fi
+systemctl stop postgresql
+rm -rf {PG_DATA}.new
+for i in $(seq 1 60); do
+  runuser -u postgres -- pg_basebackup -h {primary_ip} -p 5432 -U postgres \\
+    -D {PG_DATA}.new -X stream -R -c fast && break
+  rm -rf {PG_DATA}.new; sleep 2
+done
+[ -d {PG_DATA}.new ] || {{ echo "pg_basebackup from {primary_ip} failed" >&2; exit 1; }}
+rm -rf {PG_DATA} && mv {PG_DATA}.new {PG_DATA}
+systemctl start postgresql
+echo created
+"""
