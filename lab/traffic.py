@@ -39,6 +39,7 @@ Used by the lab tests (day-2 operations under traffic) and ``bench/run.py``::
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -107,6 +108,157 @@ def _request(sock, payload, target):
     return reply
 
 
+# -- the real datastores' own protocols (a lab booted with --components real) -----------------
+def _recv_exact(sock, size):
+    buf = b""
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {size} bytes")
+        buf += chunk
+    return buf
+
+
+def _zk_frame(sock, body=None):
+    """Send a length-prefixed ZooKeeper frame (``body``) and/or read one; returns its body."""
+    if body is not None:
+        sock.sendall(struct.pack(">i", len(body)) + body)
+    (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+    return _recv_exact(sock, size)
+
+
+class Echo:
+    """The stand-ins: a line out, the component's identity back."""
+
+    @staticmethod
+    def new(sock, n, spec):
+        _request(sock, f"new {n}", spec)
+
+    @staticmethod
+    def open(sock, spec):
+        """Nothing to set up on a long-lived connection."""
+
+    @staticmethod
+    def request(sock, n, spec):
+        _request(sock, f"long {n}", spec)
+
+
+class ZooKeeper:
+    """New connection: the ``srvr`` four-letter word, answered only by a server that serves
+    (``Mode:``); sent without a half-close, read to the server's close. Long-lived
+    connection: a client session (ConnectRequest), then a ping (xid -2, type 11) per request,
+    as ZooKeeper's clients keep their session alive."""
+
+    @staticmethod
+    def srvr(sock):
+        """Send ``srvr`` (no half-close) and return the reply, read to the server's close."""
+        sock.sendall(b"srvr")
+        buf = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return buf.decode(errors="replace")
+            buf += chunk
+
+    @classmethod
+    def new(cls, sock, n, spec):
+        buf = cls.srvr(sock).encode()
+        if b"Mode:" not in buf:
+            raise ValueError("not serving: " + (buf.decode(errors="replace").strip()[:80]
+                                                or "closed without reply"))
+
+    @staticmethod
+    def open(sock, spec):
+        # protocolVersion, lastZxidSeen, timeOut (ms), sessionId, passwd (16 bytes), readOnly
+        body = struct.pack(">iqiqi", 0, 0, 30000, 0, 16) + bytes(16) + b"\0"
+        reply = _zk_frame(sock, body)
+        _version, timeout, session = struct.unpack(">iiq", reply[:16])
+        if timeout <= 0 or session == 0:
+            raise ValueError("session refused")
+
+    @staticmethod
+    def request(sock, n, spec):
+        xid, _zxid, err = struct.unpack(">iqi", _zk_frame(sock, struct.pack(">ii", -2, 11))[:16])
+        if xid != -2 or err != 0:
+            raise ValueError(f"ping answered xid {xid} err {err}")
+
+
+class Postgres:
+    """PostgreSQL's wire protocol 3.0: a startup as ``postgres`` (the lab's pg_hba trusts
+    what arrives from the local sidecar), then ``select <n>`` per request. New connection:
+    startup, one query, Terminate."""
+
+    @staticmethod
+    def _messages(sock):
+        while True:
+            kind = _recv_exact(sock, 1)
+            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+            yield kind, _recv_exact(sock, size - 4)
+
+    @classmethod
+    def _until_ready(cls, sock):
+        got = []
+        for kind, body in cls._messages(sock):
+            if kind == b"E":
+                raise ValueError("postgres error: " + body.decode(errors="replace")[:120])
+            got.append((kind, body))
+            if kind == b"Z":
+                return got
+        return got
+
+    @classmethod
+    def open(cls, sock, spec):
+        params = b"user\0postgres\0database\0postgres\0\0"
+        body = struct.pack(">i", 196608) + params
+        sock.sendall(struct.pack(">i", len(body) + 4) + body)
+        got = cls._until_ready(sock)
+        if (b"R", struct.pack(">i", 0)) not in got:
+            raise ValueError("no AuthenticationOk")
+
+    @classmethod
+    def request(cls, sock, n, spec):
+        sql = f"select {n}".encode() + b"\0"
+        sock.sendall(b"Q" + struct.pack(">i", len(sql) + 4) + sql)
+        rows = [body for kind, body in cls._until_ready(sock) if kind == b"D"]
+        if not rows or not rows[0].endswith(str(n).encode()):
+            raise ValueError(f"select {n}: wrong answer {rows[:1]}")
+
+    @classmethod
+    def new(cls, sock, n, spec):
+        cls.open(sock, spec)
+        cls.request(sock, n, spec)
+        sock.sendall(b"X" + struct.pack(">i", 4))
+
+
+class Ldap:
+    """LDAPv3: an anonymous simple bind (BER by hand: the message ID is the request number
+    modulo 127, plus 1), success (resultCode 0) expected."""
+
+    @staticmethod
+    def open(sock, spec):
+        """An LDAP connection needs nothing before its first bind."""
+
+    @staticmethod
+    def request(sock, n, spec):
+        msgid = n % 127 + 1
+        sock.sendall(bytes([0x30, 0x0C, 0x02, 0x01, msgid, 0x60, 0x07, 0x02, 0x01, 0x03,
+                            0x04, 0x00, 0x80, 0x00]))
+        head = _recv_exact(sock, 2)
+        if head[0] != 0x30 or head[1] & 0x80:
+            raise ValueError(f"not an LDAP message: {head.hex()}")
+        body = _recv_exact(sock, head[1])
+        # 02 01 <id> 61 <len> 0a 01 <resultCode>
+        if body[:3] != bytes([0x02, 0x01, msgid]) or body[3] != 0x61 or body[5:7] != b"\x0a\x01":
+            raise ValueError(f"not a bind response: {body.hex()[:40]}")
+        if body[7] != 0:
+            raise ValueError(f"bind refused, resultCode {body[7]}")
+
+    new = request
+
+
+PROTOCOLS = {"echo": Echo, "zookeeper": ZooKeeper, "postgres": Postgres, "ldap": Ldap}
+
+
 def _new_connections(tgt, cfg, stop, t0, offset):
     spec, n = tgt.spec, 0
     every = cfg["interval"] * len(cfg["targets"])
@@ -117,7 +269,7 @@ def _new_connections(tgt, cfg, stop, t0, offset):
         try:
             with socket.create_connection((spec["ip"], spec["port"]), timeout=cfg["timeout"]) as s:
                 s.settimeout(cfg["timeout"])
-                _request(s, f"new {n}", spec)
+                PROTOCOLS[spec.get("protocol", "echo")].new(s, n, spec)
             now = time.monotonic()
             tgt.ok("new", now)
             with tgt.lock:
@@ -129,6 +281,7 @@ def _new_connections(tgt, cfg, stop, t0, offset):
 
 def _long_lived(tgt, cfg, stop, t0):
     spec, sock, n = tgt.spec, None, 0
+    probe = PROTOCOLS[spec.get("protocol", "echo")]
     while not stop.is_set():
         n += 1
         try:
@@ -136,7 +289,8 @@ def _long_lived(tgt, cfg, stop, t0):
                 sock = socket.create_connection((spec["ip"], spec["port"]),
                                                 timeout=cfg["timeout"])
                 sock.settimeout(cfg["timeout"])
-            _request(sock, f"long {n}", spec)
+                probe.open(sock, spec)
+            probe.request(sock, n, spec)
             tgt.ok("long", time.monotonic())
         except Exception as exc:  # pylint: disable=broad-except
             tgt.failed("long", time.monotonic(), t0, f"{type(exc).__name__}: {exc}")
@@ -225,18 +379,30 @@ def _planner():
     return apigee_mtls_plan
 
 
-def targets_for(pillar, node_id):
+#: (component, client port) -> the protocol a lab with real datastores is probed with
+REAL_PROTOCOLS = {"zookeeper": (2181, "zookeeper"), "postgres": (5432, "postgres"),
+                  "openldap": (10389, "ldap")}
+
+
+def targets_for(pillar, node_id, real=False):
     """One target per (remote node, destination component) the node may reach: the
-    component's first meshed port there, at the real address (redirected into the mesh)."""
+    component's first meshed port there, at the real address (redirected into the mesh).
+    ``real``: the lab runs the real datastores (``--components real``); their targets are
+    their client ports, probed in their own protocol (:data:`REAL_PROTOCOLS`)."""
     planner = _planner()
     seen, out = set(), []
     for up in planner.plan(pillar, node_id)["upstreams"]:
         key = (up["node"], up["component"])
+        port, protocol = up["component_port"], "echo"
+        if real and up["component"] in REAL_PROTOCOLS:
+            port, protocol = REAL_PROTOCOLS[up["component"]]
+            if up["component_port"] != port:
+                continue
         if key in seen:
             continue
         seen.add(key)
         out.append({"node": up["node"], "component": up["component"], "ip": up["ip"],
-                    "port": up["component_port"]})
+                    "port": port, "protocol": protocol})
     return out
 
 
@@ -249,15 +415,19 @@ class Traffic:
     :param interval: seconds between two new connections of a node (targets in turn)
     :param long_interval: seconds between two requests on a long-lived connection
     :param max_seconds: the clients stop by themselves after this long
+    :param real: probe the real datastores in their protocols (default: the lab's
+        ``components`` is ``real``)
     """
 
     def __init__(self, lab, pillar=None, nodes=None, interval=0.05, long_interval=1.0,
-                 max_seconds=900, timeout=5.0):
+                 max_seconds=900, timeout=5.0, real=None):
         self.lab = lab
+        if real is None:
+            real = getattr(lab, "components", "standin") == "real"
         self.nodes = list(nodes or lab.nodes)
         self.cfg = {"interval": interval, "long_interval": long_interval,
                     "max_seconds": max_seconds, "timeout": timeout, "dir": NODE_DIR}
-        self.targets = {n: targets_for(pillar or lab.pillar, n) for n in self.nodes}
+        self.targets = {n: targets_for(pillar or lab.pillar, n, real) for n in self.nodes}
 
     def start(self, settle=3.0):
         """Start the clients; wait ``settle`` seconds so every target has been used."""
