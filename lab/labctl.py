@@ -544,7 +544,8 @@ def cmd_datastores(_args=None):
     mesh (``real.standby_script``), and a ZooKeeper server that still holds quorum connections
     opened before the mesh (directly, in plaintext: the lockdown refuses new direct connections
     and lets established ones finish) is restarted, so that its peers reconnect through the
-    sidecars. Idempotent."""
+    sidecars; the primary ends replication connections that did not come through its sidecar
+    (``real.END_DIRECT_REPLICATION``). Idempotent."""
     state = load_state()
     if state.get("components") != "real":
         raise SystemExit("lab: `datastores` needs a lab booted with --components real")
@@ -569,6 +570,12 @@ def cmd_datastores(_args=None):
     if proc.returncode != 0:
         raise SystemExit(f"lab: standby on {standby['id']} failed: {proc.stderr[-800:]}")
     step(f"postgres: standby {proc.stdout.strip().splitlines()[-1]}")
+    ended = run(node_exec_cmd(primary["id"], ["runuser", "-u", "postgres", "--", "psql", "-Atc",
+                                              real.END_DIRECT_REPLICATION]),
+                capture=True).stdout.strip()
+    if ended not in ("", "0"):
+        step(f"postgres: {primary['id']} ended {ended} replication connection(s) from before "
+             "the mesh; the standby reconnects through it")
     return 0
 
 

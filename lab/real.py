@@ -10,7 +10,8 @@ server lists and peer addresses by node IP.
 * PostgreSQL (``postgres`` nodes): the first is the primary, the second a streaming standby
   (:func:`setup_standby`, once the mesh is up: ``pg_basebackup`` through it). Apigee's
   ``listen_addresses='*'``; ``pg_hba.conf`` trusts ``127.0.0.1/32``: through the mesh every
-  peer's connection arrives from the local ingress sidecar (README, "Real datastores").
+  peer's connection arrives from the local ingress sidecar (README, "Real datastores"); and,
+  as Apigee's set-up, the management servers' and Postgres nodes' IPs (used without the mesh).
 * OpenLDAP (``openldap`` nodes): slapd on Apigee's port 10389 (``ldap://:10389/``), Debian's
   default database ``dc=nodomain``.
 
@@ -67,7 +68,18 @@ local   all             all                                     peer
 host    all             all             127.0.0.1/32            trust
 host    replication     all             127.0.0.1/32            trust
 host    all             all             ::1/128                 trust
+# Apigee's own entries, by peer address: used without the mesh (before it, after a clean);
+# with it the lockdown refuses direct connections, so they match nothing
 """
+
+
+def pg_hba(model):
+    """pg_hba.conf of a Postgres node: the sidecar's loopback (:data:`PG_HBA`), then an entry
+    per management server and Postgres node by IP, as Apigee's set-up writes them."""
+    peers = [n for n in model["nodes"] if not n["retired"]
+             and {"management-server", "postgres"} & set(n["components"])]
+    return PG_HBA + "".join(f"host    {db:15} all             {n['ip'] + '/32':23} trust\n"
+                            for n in peers for db in ("all", "replication"))
 
 SLAPD_UNIT = f"""[Unit]
 Description=OpenLDAP (apigee_mtls lab: the real component, Apigee's port {LDAP_PORT})
@@ -111,7 +123,7 @@ def write_node(node, model, put, link):
         link("zookeeper.service")
     if "postgres" in comps:
         put(f"{PG_CONF}/conf.d/apigee-lab.conf", PG_LAB_CONF)
-        put(f"{PG_CONF}/pg_hba.conf", PG_HBA)
+        put(f"{PG_CONF}/pg_hba.conf", pg_hba(model))
         link("postgresql.service")
     if "openldap" in comps:
         put("/etc/systemd/system/slapd.service", SLAPD_UNIT)
@@ -149,6 +161,14 @@ def postgres_roles(model):
     """``(primary, standby)`` nodes: the first two Postgres nodes (standby ``None`` if one)."""
     pg = real_nodes(model, "postgres")
     return (pg[0] if pg else None), (pg[1] if len(pg) > 1 else None)
+
+
+#: run on the primary as ``postgres``: ends the replication connections that did not arrive
+#: through the local ingress sidecar (opened directly, in plaintext, before the mesh or while
+#: it was cleaned away); the standby reconnects within ``wal_retrieve_retry_interval`` (5 s),
+#: through the mesh since the lockdown refuses the direct way. Prints how many it ended.
+END_DIRECT_REPLICATION = ("select count(pg_terminate_backend(pid)) from pg_stat_replication "
+                          "where client_addr is distinct from '127.0.0.1'")
 
 
 def standby_script(primary_ip):

@@ -86,6 +86,7 @@ class Lab:
         self.model = planner.normalize(self.pillar)
         self.nodes = [n["id"] for n in self.model["nodes"] if not n.get("retired")]
         self.ip = {n["id"]: n["ip"] for n in self.model["nodes"]}
+        self.components = labctl.COMPONENTS  # standin or real (LAB_COMPONENTS)
 
     # -- salt ----------------------------------------------------------------------------------
     def salt(self, *args, timeout=600):

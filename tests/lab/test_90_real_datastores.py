@@ -11,7 +11,9 @@ Proven here, on the 5-node topology:
   on the bridge meanwhile holds neither the value nor the path;
 * ``psql`` on the management server's node runs a query on the Postgres primary through the
   mesh; the standby streams from the primary through the mesh (``pg_stat_replication``:
-  ``streaming``), and catches up after it restarts.
+  ``streaming``), and catches up after it restarts and after the primary's node reboots.
+
+The day-2 operations with these datastores are test_91_real_day2.py.
 """
 import os
 import signal
@@ -21,91 +23,23 @@ import uuid
 
 import pytest
 
+import realds
 from conftest import labctl
 
 pytestmark = pytest.mark.skipif(labctl.COMPONENTS != "real", reason=(
     "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-real)"))
 
-ZKCLI = "/usr/share/zookeeper/bin/zkCli.sh"
 real = labctl.real
-
-
-def _nodes(lab, component):
-    return [n["id"] for n in real.real_nodes(lab.model, component)]
-
-
-def _other(lab, *components):
-    """A node running none of ``components`` (a client whose traffic must cross the mesh)."""
-    return next(n["id"] for n in lab.model["nodes"]
-                if not n["retired"] and not set(components) & set(n["components"]))
-
-
-def zk_mode(lab, node):
-    """``leader``, ``follower`` or the error: ZooKeeper's ``srvr`` on the node's own client
-    port over loopback (not meshed; the command is sent and the answer read without a
-    half-close)."""
-    code = ("import socket\n"
-            "s = socket.create_connection(('127.0.0.1', 2181), timeout=5)\n"
-            "s.sendall(b'srvr')\nbuf = b''\n"
-            "while True:\n"
-            "    c = s.recv(4096)\n"
-            "    if not c: break\n"
-            "    buf += c\n"
-            "print(buf.decode())\n")
-    proc = lab.run(node, ["python3", "-c", code], check=False, timeout=20)
-    for line in proc.stdout.splitlines():
-        if line.startswith("Mode:"):
-            return line.split(":", 1)[1].strip()
-    return (proc.stdout + proc.stderr).strip()[-200:] or "no answer"
-
-
-def wait_ensemble(lab, timeout=240):
-    zk = _nodes(lab, "zookeeper")
-    deadline = time.monotonic() + timeout
-    while True:
-        modes = {n: zk_mode(lab, n) for n in zk}
-        if sorted(modes.values()) == sorted(["leader"] + ["follower"] * (len(zk) - 1)):
-            return modes
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no ZooKeeper quorum after {timeout}s: {modes}")
-        time.sleep(3)
-
-
-def zkcli(lab, node, server_ip, *argv, timeout=90):
-    return lab.run(node, [ZKCLI, "-server", f"{server_ip}:2181", *argv], check=False,
-                   timeout=timeout)
-
-
-def psql(lab, node, host, sql, check=True):
-    proc = lab.run(node, ["psql", "-h", host, "-p", "5432", "-U", "postgres", "-d", "postgres",
-                          "-Atc", sql], check=check, timeout=60)
-    return proc.stdout.strip()
-
-
-def local_psql(lab, node, sql):
-    return lab.run(node, ["runuser", "-u", "postgres", "--", "psql", "-Atc", sql],
-                   timeout=60).stdout.strip()
-
-
-def wait_for(what, fn, timeout=90, every=2):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(every)
+_nodes, _other = realds.nodes_of, realds.other_node
+zkcli, psql, local_psql, wait_for = realds.zkcli, realds.psql, realds.local_psql, realds.wait_for
+wait_ensemble = realds.wait_ensemble
 
 
 @pytest.fixture(scope="module")
 def real_lab(mesh):
     """The applied lab after ``labctl.py datastores`` (the standby made through the mesh,
     ZooKeeper servers holding pre-mesh quorum connections restarted), with a quorum."""
-    proc = subprocess.run([labctl.sys.executable, os.path.join(labctl.REPO, "lab", "labctl.py"),
-                           "datastores"], capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    realds.run_datastores_step()
     wait_ensemble(mesh)
     return mesh
 
@@ -196,3 +130,25 @@ def test_standby_streams_from_the_primary_through_the_mesh_and_catches_up(real_l
     wait_for("replication lag back to 0", lambda: local_psql(
         lab, primary["id"], "select pg_current_wal_lsn() - replay_lsn from pg_stat_replication"
     ) == "0")
+
+
+def test_standby_catches_up_after_the_primary_node_reboots(real_lab):
+    """The primary's machine restarts (``labctl.py reboot``: its disk kept): the formula's
+    units bring its sidecars and rules back by themselves, the standby reconnects through the
+    mesh, rows written after the reboot reach it and the lag returns to 0."""
+    lab = real_lab
+    primary, standby = real.postgres_roles(lab.model)
+    subprocess.run([labctl.sys.executable, os.path.join(labctl.REPO, "lab", "labctl.py"),
+                    "reboot", primary["id"]], check=True, capture_output=True, timeout=300)
+    wait_for("postgres on the rebooted primary", lambda: local_psql(
+        lab, primary["id"], "select 1") == "1", timeout=120)
+    value = uuid.uuid4().hex
+    local_psql(lab, primary["id"], "create table if not exists amtls_probe (v text)")
+    local_psql(lab, primary["id"], f"insert into amtls_probe values ('{value}')")
+    wait_for("row written after the primary's reboot", lambda: value in local_psql(
+        lab, standby["id"], "select v from amtls_probe"), timeout=180)
+    rep = wait_for("streaming again with no lag", lambda: (
+        lambda r: r if r and r["state"] == "streaming" and r["lag"] == 0 else None)(
+            realds.replication(lab)), timeout=120)
+    assert rep["client_addr"] == "127.0.0.1", rep
+    lab.wait_mesh_ready()

@@ -72,3 +72,16 @@ def test_direct_quorum_connections_are_the_ones_from_a_peers_address():
 def test_the_docstring_examples_hold():
     import doctest  # pylint: disable=import-outside-toplevel
     assert doctest.testmod(real).failed == 0
+
+
+def test_pg_hba_trusts_the_sidecar_loopback_then_apigee_peers_by_ip():
+    m = model("5-node.yaml")
+    hba = real.pg_hba(m)
+    lines = [line.split() for line in hba.splitlines() if line.startswith("host")]
+    assert ["host", "replication", "all", "127.0.0.1/32", "trust"] in lines
+    peers = [n["ip"] for n in m["nodes"]
+             if {"management-server", "postgres"} & set(n["components"])]
+    by_ip = sorted({line[3] for line in lines if not line[3].startswith(("127.", "::1"))})
+    assert by_ip == sorted(f"{ip}/32" for ip in peers)
+    # the sidecar's entries come first: pg_hba's first match wins
+    assert [line[3] for line in lines].index("127.0.0.1/32") == 0
