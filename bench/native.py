@@ -47,13 +47,7 @@ _PCT = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
 _UNIT = "amtls-bench-{}"
 
 
-def _node(labctl, node, argv, timeout=120, check=True):
-    proc = subprocess.run(labctl.node_exec_cmd(node, argv), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{node}: {' '.join(argv)}: rc {proc.returncode}: "
-                           f"{proc.stderr[-600:]}")
-    return proc
+_node = h.node_run
 
 
 def sockperf_percentiles(text):
@@ -254,14 +248,9 @@ class Servers:
 def section_native(args):
     """Run the native benchmark on the running lab; returns ``(result, None)`` or
     ``(None, why it was skipped)``."""
-    running, msg = h.lab_running()
-    if not running:
-        return None, f"native: skipped, the lab is not running ({msg.splitlines()[0]})"
-    labctl = h.load_module("labctl", h.LABCTL)
-    users = h.lab_users(labctl.BRIDGE)
-    if users and not args.force:
-        return None, "native: skipped, the lab is in use ({})".format(
-            "; ".join(f"pid {p}: {c}" for p, c in users))
+    labctl, why = h.lab_for("native", args)
+    if labctl is None:
+        return None, why
     pillar = labctl.load_topology(labctl.load_state()["topology"])
     model = h.planner.normalize(pillar)
     live = [n for n in model["nodes"] if not n["retired"]]

@@ -5,6 +5,8 @@
     .venv/bin/python bench/run.py --only planner        [--sizes 100,1000,5000]
     .venv/bin/python bench/run.py --only dataplane      needs a running lab (make lab)
     .venv/bin/python bench/run.py --only native         iperf3/sockperf/ab, mesh vs direct (lab)
+    .venv/bin/python bench/run.py --only zookeeper      ZooKeeper quorum recovery, mesh vs
+                                  direct (a lab booted with make lab COMPONENTS=real)
     .venv/bin/python bench/run.py --only rollout        DESTROYS and re-creates the lab
                                   [--topology 5-node|13-node|FILE] [--repeat N]
 
@@ -124,7 +126,9 @@ TOPOLOGIES = os.path.join(REPO, "tests", "topologies")
 sys.path.insert(0, os.path.join(REPO, "_utils"))
 import apigee_mtls_plan as planner  # noqa: E402  (pure planner, no Salt)
 
-SECTIONS = ("planner", "dataplane", "native", "rollout")
+SECTIONS = ("planner", "dataplane", "native", "zookeeper", "rollout")
+#: sections in modules of their own: name -> module (``section_<name>``, ``print_<name>``)
+MODULE_SECTIONS = {"native": "native", "zookeeper": "zookeeper"}
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -173,6 +177,32 @@ def git_rev():
 def section_meta():
     return {"when": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_rev(),
             "python": sys.version.split()[0], "cpus": os.cpu_count(), "loadavg_before": loadavg()}
+
+
+def node_run(labctl, node, argv, timeout=120, check=True):
+    """Run ``argv`` in a lab node (``labctl.node_exec_cmd``); the finished process.
+
+    :raises RuntimeError: with ``check``, when it exits non-zero (its stderr's end)"""
+    proc = subprocess.run(labctl.node_exec_cmd(node, argv), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{node}: {' '.join(argv)}: rc {proc.returncode}: "
+                           f"{proc.stderr[-600:]}")
+    return proc
+
+
+def lab_for(section, args):
+    """``(labctl, None)`` when the lab runs and is idle (or ``args.force``), else ``(None, why
+    the section is skipped)``."""
+    running, msg = lab_running()
+    if not running:
+        return None, f"{section}: skipped, the lab is not running ({msg.splitlines()[0]})"
+    labctl = load_module("labctl", LABCTL)
+    users = lab_users(labctl.BRIDGE)
+    if users and not args.force:
+        return None, "{}: skipped, the lab is in use ({})".format(
+            section, "; ".join(f"pid {p}: {c}" for p, c in users))
+    return labctl, None
 
 
 def load_module(name, path):
@@ -1155,6 +1185,8 @@ def main(argv=None):
     p.add_argument("--native-profile", action="store_true",
                    help="native: perf-record the two sidecars during one more mesh run "
                         "(needs perf on the host: apt-get install linux-perf)")
+    p.add_argument("--zk-window", type=float, default=90.0,
+                   help="zookeeper: seconds to wait for a serving ensemble after each event")
     p.add_argument("--force", action="store_true",
                    help="run dataplane/rollout even while tests or captures use the lab")
     p.add_argument("--topology", default="5-node", help="rollout: 5-node, 13-node or a file")
@@ -1190,16 +1222,16 @@ def main(argv=None):
             else:
                 skipped.append(why)
                 say("\n" + why)
-        elif name == "native":
-            import native  # pylint: disable=import-outside-toplevel
+        elif name in MODULE_SECTIONS:
+            mod = importlib.import_module(MODULE_SECTIONS[name])
             try:
-                res, why = native.section_native(args)
+                res, why = getattr(mod, f"section_{name}")(args)
             except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
                 failed = True
-                res, why = None, f"native: failed, nothing recorded: {exc}"
+                res, why = None, f"{name}: failed, nothing recorded: {exc}"
             if res:
-                results["native"] = res
-                native.print_native(res)
+                results[name] = res
+                getattr(mod, f"print_{name}")(res)
             else:
                 skipped.append(why)
                 say("\n" + why)
