@@ -4,6 +4,7 @@ real ZooKeeper, PostgreSQL and OpenLDAP how they are, on the nodes, and wait for
 * :func:`zk_srvr`, :func:`wait_ensemble`: ZooKeeper's ``srvr`` on a server's own loopback;
 * :func:`zkcli`: Debian's ``zkCli.sh`` against a server (through the mesh from another node);
 * :func:`psql`, :func:`local_psql`: a query through the mesh, or as ``postgres`` locally;
+* :func:`replication`, :func:`streaming`: the primary's view of its standby;
 * :func:`health`, :func:`assert_healthy`: a snapshot of both datastores, and the checks a
   day-2 operation must leave true."""
 import os
@@ -105,14 +106,22 @@ def replication(lab):
     return {"pid": pid, "state": state, "client_addr": addr, "lag": int(lag or -1)}
 
 
+def streaming(lab, caught_up=True):
+    """:func:`replication` when the standby streams (and, with ``caught_up``, with no lag),
+    else ``None``: a condition for :func:`wait_for`."""
+    rep = replication(lab)
+    if rep and rep["state"] == "streaming" and (rep["lag"] == 0 or not caught_up):
+        return rep
+    return None
+
+
 def health(lab, timeout=240):
     """Both datastores once they are whole: the ensemble (one leader, its epoch) and the
     standby streaming with no lag. Waits up to ``timeout`` seconds for that."""
     modes = wait_ensemble(lab, timeout=timeout)
     leader = next(n for n, m in modes.items() if m == "leader")
-    rep = wait_for("the standby streaming with no replication lag", lambda: (
-        (lambda r: r if r and r["state"] == "streaming" and r["lag"] == 0 else None)(
-            replication(lab))), timeout=timeout)
+    rep = wait_for("the standby streaming with no replication lag", lambda: streaming(lab),
+                   timeout=timeout)
     return {"leader": leader, "epoch": zk_srvr(lab, leader)["epoch"], "replication": rep}
 
 

@@ -183,9 +183,8 @@ def test_clean_then_reinstall_the_datastores_recover(ds):
         "*", "apigee_mtls.clean"))
     _ok(ret)
     _, standby = realds.real.postgres_roles(lab.model)
-    direct = realds.wait_for("the standby streaming directly", lambda: (
-        (lambda r: r if r and r["state"] == "streaming" else None)(realds.replication(lab))),
-        timeout=120)
+    direct = realds.wait_for("the standby streaming directly", lambda: realds.streaming(
+        lab, caught_up=False), timeout=120)
     assert direct["client_addr"] == standby["ip"], direct
     realds.wait_ensemble(lab)
     _, tot = under_traffic(lab, "real datastores: reinstall (orchestrated rollout)",
