@@ -41,6 +41,22 @@ admin.enableServer=false
 #: myid (/var/lib/zookeeper/myid links there); zkServer.sh reads conf/environment
 ZK_CONF = "/etc/zookeeper/conf_example"
 
+#: conf/environment (zkEnv.sh links to it): Debian's, with an SLF4J binding on the class path.
+#: Debian's zookeeper.jar names only slf4j-api, so the server logs nothing (SLF4J's no-op
+#: logger); slf4j-simple writes its INFO log to stderr, which systemd keeps in the journal
+#: (``journalctl -u zookeeper``): elections, the leader's epoch, learners' connections.
+ZK_ENVIRONMENT = """ZOOMAIN=org.apache.zookeeper.server.quorum.QuorumPeerMain
+ZOOCFGDIR=/etc/zookeeper/conf
+ZOOCFG=/etc/zookeeper/conf/zoo.cfg
+ZOO_LOG_DIR=/var/log/zookeeper
+ZOO_LOG4J_PROP=INFO,ROLLINGFILE
+JMXLOCALONLY=true
+JAVA_OPTS=""
+JAVA=/usr/bin/java
+CLASSPATH="/etc/zookeeper/conf:/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
+SERVER_JVMFLAGS="$SERVER_JVMFLAGS -Dorg.slf4j.simpleLogger.showDateTime=true"
+"""
+
 ZK_UNIT = """[Unit]
 Description=ZooKeeper (apigee_mtls lab: the real component)
 After=network-online.target
@@ -119,6 +135,7 @@ def write_node(node, model, put, link):
         myid = [n["id"] for n in real_nodes(model, "zookeeper")].index(node["id"]) + 1
         put(f"{ZK_CONF}/zoo.cfg", zoo_cfg(model))
         put(f"{ZK_CONF}/myid", f"{myid}\n")
+        put(f"{ZK_CONF}/environment", ZK_ENVIRONMENT)
         put("/etc/systemd/system/zookeeper.service", ZK_UNIT)
         link("zookeeper.service")
     if "postgres" in comps:
