@@ -9,7 +9,7 @@ COMPONENTS ?= standin
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
-.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies lab-test-real bench day2-report clean
+.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies lab-test-real lab-test-real-13 bench day2-report clean
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
@@ -61,11 +61,20 @@ REAL_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywh
 	tests/lab/test_91_real_day2.py \
 	tests/lab/test_99_teardown.py
 
+# the real datastores on 13 nodes: two LDAP servers replicating through the mesh, apart from
+# the management servers, and the same ZooKeeper and Postgres proofs as on 5 nodes
+REAL_13_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
+	tests/lab/test_90_real_datastores.py \
+	tests/lab/test_92_real_ldap.py \
+	tests/lab/test_99_teardown.py
+
 test: venv
 	$(PY) -m pytest tests -v --durations=20 $(addprefix --ignore=,$(MULTI_DC_TESTS)) \
-	  --ignore=tests/lab/test_90_real_datastores.py --ignore=tests/lab/test_91_real_day2.py
+	  --ignore=tests/lab/test_90_real_datastores.py --ignore=tests/lab/test_91_real_day2.py \
+	  --ignore=tests/lab/test_92_real_ldap.py
 	$(MAKE) lab-test-topologies
 	$(MAKE) lab-test-real
+	$(MAKE) lab-test-real-13
 
 lab-test-topologies: venv
 	set -e; for t in $(TOPOLOGY_SESSIONS); do \
@@ -78,6 +87,10 @@ lab-test-topologies: venv
 lab-test-real: venv
 	@echo "=== real datastores (5-node, COMPONENTS=real) ==="
 	LAB_COMPONENTS=real TOPOLOGY=tests/topologies/5-node.yaml $(PY) -m pytest $(REAL_TESTS) -v --durations=5
+
+lab-test-real-13: venv
+	@echo "=== real datastores (13-node, COMPONENTS=real) ==="
+	LAB_COMPONENTS=real TOPOLOGY=tests/topologies/13-node.yaml $(PY) -m pytest $(REAL_13_TESTS) -v --durations=5
 
 bench: venv
 	$(PY) bench/run.py

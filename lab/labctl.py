@@ -541,9 +541,10 @@ def cmd_up(args):
 def cmd_datastores(_args=None):
     """(``--components real``, after the formula is applied) What an operator does once the
     mesh is up: the second Postgres node becomes a streaming standby of the first through the
-    mesh (``real.standby_script``), and a ZooKeeper server that still holds quorum connections
-    opened before the mesh (directly, in plaintext: the lockdown refuses new direct connections
-    and lets established ones finish) is restarted, so that its peers reconnect through the
+    mesh (``real.standby_script``), the LDAP servers replicate each other through it
+    (``real.ldap_replication_script``, where there are two), and a ZooKeeper server that still
+    holds quorum connections opened before the mesh (directly, in plaintext: the lockdown
+    refuses new direct connections and lets established ones finish) is restarted, so that its peers reconnect through the
     sidecars; the primary ends replication connections that did not come through its sidecar
     (``real.END_DIRECT_REPLICATION``). Idempotent."""
     state = load_state()
@@ -560,6 +561,14 @@ def cmd_datastores(_args=None):
             step(f"zookeeper: {node['id']} holds {len(direct)} quorum connection(s) from "
                  f"before the mesh ({', '.join(direct[:3])}): restarting it")
             run(node_exec_cmd(node["id"], ["systemctl", "restart", "zookeeper"]))
+    ldap = real.real_nodes(model, "openldap")
+    for node in ldap if len(ldap) > 1 else []:
+        proc = run(node_exec_cmd(node["id"], ["sh", "-c", real.ldap_replication_script(
+            model, node)]), check=False, capture=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"lab: syncrepl on {node['id']} failed: {proc.stderr[-800:]}")
+        step(f"openldap: {node['id']} replicates the other LDAP server(s) through the mesh: "
+             f"{proc.stdout.strip().splitlines()[-1]}")
     primary, standby = real.postgres_roles(model)
     if standby is None:
         step("postgres: one node, no standby")

@@ -13,7 +13,10 @@ server lists and peer addresses by node IP.
   peer's connection arrives from the local ingress sidecar (README, "Real datastores"); and,
   as Apigee's set-up, the management servers' and Postgres nodes' IPs (used without the mesh).
 * OpenLDAP (``openldap`` nodes): slapd on Apigee's port 10389 (``ldap://:10389/``), Debian's
-  default database ``dc=nodomain``.
+  default database ``dc=nodomain``. Where the topology has two or more, they replicate each
+  other as Apigee's do (multi-provider syncrepl, ``olcMirrorMode``), each consuming from the
+  others' ``ldap://<node IP>:10389`` (:func:`ldap_replication_script`, once the mesh is up:
+  the replication crosses it).
 
 Cassandra, Qpid and the Edge Java services have no Debian package: the stand-ins stay.
 Nothing here is run by the formula: these are the components it protects.
@@ -101,13 +104,82 @@ SLAPD_UNIT = f"""[Unit]
 Description=OpenLDAP (apigee_mtls lab: the real component, Apigee's port {LDAP_PORT})
 After=network-online.target
 [Service]
-ExecStart=/usr/sbin/slapd -d 0 -h "ldap://:{LDAP_PORT}/ ldapi:///" -u openldap -g openldap \\
-  -F /etc/ldap/slapd.d
+User=openldap
+Group=openldap
+# /run/slapd holds the ldapi socket and the pid file (Debian's init script makes it)
+RuntimeDirectory=slapd
+ExecStart=/usr/sbin/slapd -d 0 -h "ldap://:{LDAP_PORT}/ ldapi:///" -F /etc/ldap/slapd.d
 Restart=on-failure
 RestartSec=2
 [Install]
 WantedBy=multi-user.target
 """
+
+
+#: the lab's rootDN (Debian's default database) and its password: a lab secret for the
+#: replication binds and the tests' writes, not the formula's
+LDAP_ADMIN = f"cn=admin,{LDAP_BASE}"
+LDAP_ADMIN_PASSWORD = "amtls-lab-ldap"
+
+_LDAP_REPLICATION = """set -e
+wait_ldapi() {{ for i in $(seq 1 60); do ldapsearch -Q -LLL -Y EXTERNAL -H ldapi:/// \\
+  -b cn=config -s base dn >/dev/null 2>&1 && return 0; sleep 1; done; return 1; }}
+wait_ldapi
+if ldapsearch -Q -LLL -Y EXTERNAL -H ldapi:/// -b "olcDatabase={{1}}mdb,cn=config" -s base \\
+     olcSyncrepl | grep -q '^olcSyncrepl'; then echo already; exit 0; fi
+{empty}wait_ldapi
+pw=$(slappasswd -s '{password}')
+ldapmodify -Q -Y EXTERNAL -H ldapi:/// <<LDIF
+dn: cn=config
+changetype: modify
+replace: olcServerID
+olcServerID: {sid}
+
+dn: cn=module{{0}},cn=config
+changetype: modify
+add: olcModuleLoad
+olcModuleLoad: syncprov
+
+dn: olcOverlay=syncprov,olcDatabase={{1}}mdb,cn=config
+changetype: add
+objectClass: olcOverlayConfig
+objectClass: olcSyncProvConfig
+olcOverlay: syncprov
+
+dn: olcDatabase={{1}}mdb,cn=config
+changetype: modify
+replace: olcRootPW
+olcRootPW: $pw
+-
+add: olcSyncrepl
+{consumers}-
+add: olcMirrorMode
+olcMirrorMode: TRUE
+LDIF
+echo configured
+"""
+
+
+def ldap_replication_script(model, node):
+    """Shell run as root on the LDAP server ``node``: multi-provider syncrepl with every other
+    LDAP server of ``model``, as Apigee sets up its two OpenLDAP servers: a server ID, the
+    ``syncprov`` overlay, the rootDN's password, one ``olcSyncrepl`` per other server by its
+    node IP on 10389 (through the mesh once it is up), ``olcMirrorMode``. Every server but the
+    first starts from an empty database (Debian's install gives each its own base entry; the
+    first's reaches the others by replication). Idempotent: prints ``already`` where syncrepl
+    is set, else ``configured``."""
+    ldap = real_nodes(model, "openldap")
+    sid = [n["id"] for n in ldap].index(node["id"]) + 1
+    consumers = "".join(
+        f"olcSyncrepl: rid={i:03d} provider=ldap://{n['ip']}:{LDAP_PORT} bindmethod=simple "
+        f'binddn="{LDAP_ADMIN}" credentials={LDAP_ADMIN_PASSWORD} searchbase="{LDAP_BASE}" '
+        'type=refreshAndPersist retry="2 +" timeout=5\n'
+        for i, n in enumerate(ldap, start=1) if n["id"] != node["id"])
+    empty = "" if sid == 1 else ("systemctl stop slapd\n"
+                                 "rm -f /var/lib/ldap/data.mdb /var/lib/ldap/lock.mdb\n"
+                                 "systemctl start slapd\n")
+    return _LDAP_REPLICATION.format(empty=empty, password=LDAP_ADMIN_PASSWORD, sid=sid,
+                                    consumers=consumers)
 
 
 def real_nodes(model, component):

@@ -5,9 +5,14 @@ real ZooKeeper, PostgreSQL and OpenLDAP how they are, on the nodes, and wait for
 * :func:`zkcli`: Debian's ``zkCli.sh`` against a server (through the mesh from another node);
 * :func:`psql`, :func:`local_psql`: a query through the mesh, or as ``postgres`` locally;
 * :func:`replication`, :func:`streaming`: the primary's view of its standby;
+* :func:`ldapsearch`, :func:`ldapadd`: OpenLDAP's clients against a server on 10389;
+* :func:`bridge_capture`: everything on the lab bridge while a block runs;
 * :func:`health`, :func:`assert_healthy`: a snapshot of both datastores, and the checks a
   day-2 operation must leave true."""
+import contextlib
 import os
+import signal
+import subprocess
 import time
 import uuid
 
@@ -28,9 +33,13 @@ def nodes_of(lab, component):
 
 
 def other_node(lab, *components):
-    """A node running none of ``components`` (a client whose traffic must cross the mesh)."""
+    """A node running none of ``components`` whose own components may reach each of them (the
+    planner's ``FLOWS``): a client whose traffic must cross the mesh, and may."""
+    flows = labctl.planner.FLOWS
     return next(n["id"] for n in lab.model["nodes"]
-                if not n["retired"] and not set(components) & set(n["components"]))
+                if not n["retired"] and not set(components) & set(n["components"])
+                and all(any(c in flows.get(own, ()) for own in n["components"])
+                        for c in components))
 
 
 def zk_srvr(lab, node):
@@ -79,6 +88,43 @@ def psql(lab, node, host, sql, check=True):
 def local_psql(lab, node, sql):
     return lab.run(node, ["runuser", "-u", "postgres", "--", "psql", "-Atc", sql],
                    timeout=60).stdout.strip()
+
+
+def ldapsearch(lab, node, server_ip, base, scope="sub", filt="(objectClass=*)", timeout=30):
+    """``ldapsearch`` (anonymous, LDIF without comments) on ``node`` against
+    ``ldap://server_ip:10389``: through the mesh when the server is another node. Returns the
+    completed process."""
+    return lab.run(node, ["ldapsearch", "-x", "-LLL", "-o", "nettimeout=10", "-H",
+                          f"ldap://{server_ip}:{real.LDAP_PORT}", "-b", base, "-s", scope, filt,
+                          "dn"], check=False, timeout=timeout)
+
+
+def ldapadd(lab, node, server_ip, ldif, timeout=30):
+    """``ldapadd`` of ``ldif`` as the lab's rootDN on ``node`` against
+    ``ldap://server_ip:10389``. Returns the completed process."""
+    return lab.run(node, ["sh", "-c", f"printf '%s' '{ldif}' | ldapadd -x -H "
+                          f"ldap://{server_ip}:{real.LDAP_PORT} -D {real.LDAP_ADMIN} "
+                          f"-w {real.LDAP_ADMIN_PASSWORD}"], check=False, timeout=timeout)
+
+
+@contextlib.contextmanager
+def bridge_capture(name):
+    """Capture every TCP packet on the lab bridge while the block runs (``tcpdump``, 1.5 s
+    margins). Yields a list that holds the raw capture once the block ends."""
+    pcap = os.path.join(labctl.STATE, f"{name}.pcap")
+    dump = subprocess.Popen(["tcpdump", "-i", labctl.BRIDGE, "-U", "-s", "0", "-w", pcap, "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    raw = []
+    try:
+        time.sleep(1.5)
+        yield raw
+        time.sleep(1.5)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(timeout=10)
+    with open(pcap, "rb") as fh:
+        raw.append(fh.read())
+    os.unlink(pcap)
 
 
 def wait_for(what, fn, timeout=90, every=2):

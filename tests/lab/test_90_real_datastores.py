@@ -16,9 +16,7 @@ Proven here, on the 5-node topology:
 The day-2 operations with these datastores are test_91_real_day2.py.
 """
 import os
-import signal
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -68,21 +66,12 @@ def test_zkcli_writes_through_one_server_and_reads_through_another(real_lab):
     first, second = (lab.ip[n] for n in _nodes(lab, "zookeeper")[1:3])
     path = f"/amtls-{uuid.uuid4().hex[:12]}"
     value = "ZKVALUE-" + uuid.uuid4().hex
-    pcap = os.path.join(labctl.STATE, "zk-capture.pcap")
-    dump = subprocess.Popen(["tcpdump", "-i", labctl.BRIDGE, "-U", "-s", "0", "-w", pcap, "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1.5)
+    with realds.bridge_capture("zk-capture") as capture:
         wrote = zkcli(lab, client, first, "create", path, value)
         read = zkcli(lab, client, second, "get", path)
-        time.sleep(1.5)
-    finally:
-        dump.send_signal(signal.SIGINT)
-        dump.wait(timeout=10)
     assert f"Created {path}" in wrote.stdout + wrote.stderr, wrote.stdout + wrote.stderr
     assert value in read.stdout, read.stdout + read.stderr
-    raw = open(pcap, "rb").read()
-    os.unlink(pcap)
+    raw = capture[0]
     assert len(raw) > 5000, "capture is empty: the test would prove nothing"
     assert value.encode() not in raw and path.encode() not in raw, \
         "ZooKeeper payload seen on the lab bridge"

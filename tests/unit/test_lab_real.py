@@ -85,3 +85,24 @@ def test_pg_hba_trusts_the_sidecar_loopback_then_apigee_peers_by_ip():
     assert by_ip == sorted(f"{ip}/32" for ip in peers)
     # the sidecar's entries come first: pg_hba's first match wins
     assert [line[3] for line in lines].index("127.0.0.1/32") == 0
+
+
+def test_ldap_replication_consumes_every_other_server_by_ip_and_is_idempotent():
+    m = model("13-node.yaml")
+    first, second = (n for n in m["nodes"] if "openldap" in n["components"])
+    one, two = (real.ldap_replication_script(m, n) for n in (first, second))
+    # each consumes from the other one's node IP on Apigee's port, never from itself
+    assert f"provider=ldap://{second['ip']}:10389" in one
+    assert f"provider=ldap://{first['ip']}:10389" in two
+    assert f"ldap://{first['ip']}" not in one and f"ldap://{second['ip']}" not in two
+    assert "olcServerID: 1" in one and "olcServerID: 2" in two
+    for script in (one, two):
+        assert "olcMirrorMode: TRUE" in script and "olcOverlay: syncprov" in script
+        # set up once: a server that already replicates is left alone
+        assert script.index("exit 0") < script.index("ldapmodify")
+    # only the second starts from an empty database (the first's base entry replicates)
+    assert "rm -f /var/lib/ldap/data.mdb" in two and "rm -f /var/lib/ldap" not in one
+
+
+def test_the_slapd_unit_makes_its_runtime_directory():
+    assert "RuntimeDirectory=slapd" in real.SLAPD_UNIT and "User=openldap" in real.SLAPD_UNIT
