@@ -9,7 +9,7 @@ COMPONENTS ?= standin
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
-.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies lab-test-real lab-test-real-13 bench day2-report clean
+.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies lab-test-real lab-test-real-topologies bench day2-report clean
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
@@ -61,9 +61,12 @@ REAL_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywh
 	tests/lab/test_91_real_day2.py \
 	tests/lab/test_99_teardown.py
 
-# the real datastores on 13 nodes: two LDAP servers replicating through the mesh, apart from
-# the management servers, and the same ZooKeeper and Postgres proofs as on 5 nodes
-REAL_13_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
+# the real datastores on the topologies with two LDAP servers (replicating through the mesh):
+# 13 nodes (LDAP apart from the management servers) and 12 nodes in two DCs (LDAP replication
+# and the Postgres standby cross from dc-1 to dc-2), with the same ZooKeeper and Postgres
+# proofs as on 5 nodes
+REAL_TOPOLOGY_SESSIONS := 13-node 12-node-2dc
+REAL_TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
 	tests/lab/test_90_real_datastores.py \
 	tests/lab/test_92_real_ldap.py \
 	tests/lab/test_99_teardown.py
@@ -74,7 +77,7 @@ test: venv
 	  --ignore=tests/lab/test_92_real_ldap.py
 	$(MAKE) lab-test-topologies
 	$(MAKE) lab-test-real
-	$(MAKE) lab-test-real-13
+	$(MAKE) lab-test-real-topologies
 
 lab-test-topologies: venv
 	set -e; for t in $(TOPOLOGY_SESSIONS); do \
@@ -88,9 +91,11 @@ lab-test-real: venv
 	@echo "=== real datastores (5-node, COMPONENTS=real) ==="
 	LAB_COMPONENTS=real TOPOLOGY=tests/topologies/5-node.yaml $(PY) -m pytest $(REAL_TESTS) -v --durations=5
 
-lab-test-real-13: venv
-	@echo "=== real datastores (13-node, COMPONENTS=real) ==="
-	LAB_COMPONENTS=real TOPOLOGY=tests/topologies/13-node.yaml $(PY) -m pytest $(REAL_13_TESTS) -v --durations=5
+lab-test-real-topologies: venv
+	set -e; for t in $(REAL_TOPOLOGY_SESSIONS); do \
+	  echo "=== real datastores ($$t, COMPONENTS=real) ==="; \
+	  LAB_COMPONENTS=real TOPOLOGY=tests/topologies/$$t.yaml $(PY) -m pytest $(REAL_TOPOLOGY_TESTS) -v --durations=5; \
+	done
 
 bench: venv
 	$(PY) bench/run.py

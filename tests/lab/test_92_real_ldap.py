@@ -1,11 +1,12 @@
 """OpenLDAP through the mesh (issue 12), on a lab with real datastores whose topology has two
-LDAP servers apart from the management servers (13-node: n4 and n5 LDAP, n6 and n7 management
-servers). Run by ``make test``'s ``real-13`` session (``make lab-test-real-13``).
+LDAP servers: 13-node (n4 and n5, apart from the management servers n6 and n7) and 12-node
+two-DC (n1 in dc-1 and n7 in dc-2, each beside a management server: replication crosses data
+centres). Run by ``make test``'s real topology sessions (``make lab-test-real-topologies``).
 
 Proven here:
 
-* ``ldapsearch`` on a management server's node reads the directory of each LDAP server through
-  the mesh: the server sees the query arrive from its own ingress sidecar (loopback), and a
+* ``ldapsearch`` on a management server's node reads the directory of each LDAP server on
+  another node through the mesh: the server sees the query arrive from its own ingress sidecar (loopback), and a
   capture on the bridge holds no LDAP payload;
 * the LDAP servers replicate each other (multi-provider syncrepl, as Apigee's, set up by
   ``labctl.py datastores``: lab/real.py ``ldap_replication_script``) through the mesh: an
@@ -20,7 +21,7 @@ import realds
 from conftest import labctl
 
 pytestmark = pytest.mark.skipif(labctl.COMPONENTS != "real", reason=(
-    "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-real-13)"))
+    "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-real-topologies)"))
 
 real = labctl.real
 
@@ -28,18 +29,19 @@ real = labctl.real
 @pytest.fixture(scope="module")
 def ldap_lab(mesh):
     """The applied lab after ``labctl.py datastores`` (syncrepl between the LDAP servers), with
-    two LDAP servers and a management server on a node of its own."""
+    two LDAP servers."""
     ldap = realds.nodes_of(mesh, "openldap")
     if len(ldap) < 2:
         pytest.fail(f"the topology has {len(ldap)} LDAP server(s): replication needs two "
-                    "(run this module on the 13-node topology)")
+                    "(run this module on the 13- or 12-node topology)")
     realds.run_datastores_step()
     return mesh
 
 
-def _ms(lab):
+def _ms_apart_from(lab, server):
+    """A management server's node other than ``server`` (its queries cross the mesh)."""
     return next(n["id"] for n in lab.model["nodes"]
-                if "management-server" in n["components"] and "openldap" not in n["components"])
+                if "management-server" in n["components"] and n["id"] != server)
 
 
 def _inbound_from(lab, node, ips):
@@ -53,10 +55,10 @@ def _inbound_from(lab, node, ips):
 
 def test_ldapsearch_from_the_management_server_through_the_mesh(ldap_lab):
     lab = ldap_lab
-    ms = _ms(lab)
+    clients = {server: _ms_apart_from(lab, server) for server in realds.nodes_of(lab, "openldap")}
     marker = "amtls" + uuid.uuid4().hex[:16]
     with realds.bridge_capture("ldap-search") as capture:
-        for server in realds.nodes_of(lab, "openldap"):
+        for server, ms in clients.items():
             base = realds.ldapsearch(lab, ms, lab.ip[server], real.LDAP_BASE, scope="base")
             assert base.returncode == 0 and f"dn: {real.LDAP_BASE}" in base.stdout, \
                 f"{ms} -> {server}: {base.stdout}{base.stderr}"
@@ -67,7 +69,7 @@ def test_ldapsearch_from_the_management_server_through_the_mesh(ldap_lab):
     raw = capture[0]
     assert len(raw) > 5000, "capture is empty: the test would prove nothing"
     assert marker.encode() not in raw, "LDAP payload seen on the lab bridge"
-    for server in realds.nodes_of(lab, "openldap"):
+    for server, ms in clients.items():
         assert not _inbound_from(lab, server, {lab.ip[ms]}), \
             f"{server}: the management server's query arrived directly"
 
