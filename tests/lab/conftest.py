@@ -271,6 +271,15 @@ def state_summary(ret):
     return out
 
 
+def applied_ok(ret):
+    """:func:`state_summary` of a ``state.apply`` return in which no state failed on any node;
+    an assertion error names the nodes and their failed states otherwise."""
+    summary = state_summary(ret)
+    failed = {n: s["failed"] for n, s in summary.items() if s["failed"]}
+    assert not failed, failed
+    return summary
+
+
 # Developer convenience, never used by CI: LAB_REUSE=1 attaches to a running lab (make lab)
 # instead of booting a fresh one; tests that need the fresh-node preview are skipped then.
 REUSE = os.environ.get("LAB_REUSE") == "1"

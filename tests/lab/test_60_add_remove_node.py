@@ -8,16 +8,10 @@ import sys
 import pytest
 import yaml
 
-from conftest import (AGENT_TOKEN, MGMT_TOKEN, REPO, assert_no_loss, labctl, planner,
-                      state_summary, under_traffic)
+from conftest import (AGENT_TOKEN, MGMT_TOKEN, REPO, applied_ok, assert_no_loss, labctl,
+                      planner, state_summary, under_traffic)
 
 NEW = {"id": "n6", "ip": "10.77.0.16", "components": ["message-processor", "router"]}
-
-
-def _ok(ret):
-    summary = state_summary(ret)
-    assert all(not s["failed"] for s in summary.values()), summary
-    return summary
 
 
 def _proxy_pids(lab, node):
@@ -47,12 +41,12 @@ def grown(applied, tmp_path_factory):
 def test_add_node_targeted_highstate_then_peers_converge(grown):
     lab, pillar, before_report, before_pids = grown
     # 1. the new node: a targeted highstate (syncs the custom modules by itself)
-    _ok(lab.salt(NEW["id"], "state.highstate", "-t", "600", timeout=700))
+    applied_ok(lab.salt(NEW["id"], "state.highstate", "-t", "600", timeout=700))
     # 2. the peers (and the intentions): the one-liner, under traffic between the old nodes
     old_nodes = [n for n in lab.nodes if n != NEW["id"]]
     ret, tot = under_traffic(lab, "adding a node", lab.apply, nodes=old_nodes,
                              pillar=lab.pillar)
-    _ok(ret)
+    applied_ok(ret)
     assert_no_loss(tot)
     lab.wait_mesh_ready()
     # no already-allocated port moved, and the peers' sidecars were not even restarted
@@ -80,11 +74,11 @@ def test_remove_node_peers_lose_its_upstreams_rules_and_intentions(grown):
     # its ACL token, to check that the signer revokes it (clean removes the file)
     token = lab.run(NEW["id"], f"cat {AGENT_TOKEN}").stdout.strip()
     assert len(token) == 36
-    _ok(lab.apply(NEW["id"], "apigee_mtls.clean"))
+    applied_ok(lab.apply(NEW["id"], "apigee_mtls.clean"))
     lab.set_pillar(lab.pillar)  # the pillar without n6
     ret, tot = under_traffic(lab, "removing a node", lab.apply,
                              nodes=[n for n in lab.nodes if n != NEW["id"]], pillar=lab.pillar)
-    summary = _ok(ret)
+    summary = applied_ok(ret)
     assert_no_loss(tot)
     assert summary[NEW["id"]]["changed"] == []  # no longer a member: nothing to do there
     dashed = NEW["ip"].replace(".", "-")

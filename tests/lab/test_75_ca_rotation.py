@@ -18,7 +18,7 @@ restore ``lab.pillar``, do not jump back to the old CA unstaged.
 """
 import copy
 
-from conftest import assert_no_loss, labctl, planner, state_summary, under_traffic
+from conftest import applied_ok, assert_no_loss, labctl, planner, state_summary, under_traffic
 
 TLS_DIR = "/etc/consul.d/tls"
 CA_DIR = "/etc/apigee-mtls/ca"
@@ -106,13 +106,6 @@ def _alive(lab):
     return bad
 
 
-def _ok(ret):
-    summary = state_summary(ret)
-    failed = {n: s["failed"] for n, s in summary.items() if s["failed"]}
-    assert not failed, failed
-    return summary
-
-
 def _step(lab, pillar, gens, cert_by, signer_preview=None, label="a CA rotation step"):
     """Preview (test=True, nothing changes), apply, check bundles and issuers, rerun.
     ``gens``: the bundle's CA generations, in order; ``cert_by``: the issuing generation;
@@ -129,7 +122,7 @@ def _step(lab, pillar, gens, cert_by, signer_preview=None, label="a CA rotation 
     assert _ca_files(lab, signer) == ca_before, "test=True changed the signer's CA files"
 
     ret, tot = under_traffic(lab, label, lab.apply)
-    summary = _ok(ret)
+    summary = applied_ok(ret)
     assert_no_loss(tot)
     for node in lab.nodes:
         changed = summary[node]["changed"]
@@ -232,7 +225,7 @@ def test_node_powered_off_during_step_2_catches_up_with_one_targeted_apply(appli
         step1 = dict(base, tls=dict(base.get("tls") or {}, ca_trust=[new]))
         current = step1
         labctl.write_pillar(step1)
-        _ok(lab.apply())
+        applied_ok(lab.apply())
         lab.wait_mesh_ready()
 
         step2 = dict(base, tls=dict(base.get("tls") or {}, ca_generation=new, ca_trust=[old]))
@@ -240,7 +233,7 @@ def test_node_powered_off_during_step_2_catches_up_with_one_targeted_apply(appli
         labctl.write_pillar(step2)
         labctl.stop_node(off, state)
         try:
-            _ok(lab.salt("-L", ",".join(others), "state.apply", "apigee_mtls", "-t", "900",
+            applied_ok(lab.salt("-L", ",".join(others), "state.apply", "apigee_mtls", "-t", "900",
                          timeout=900))
         finally:
             labctl.boot_node(off, state)
@@ -250,7 +243,7 @@ def test_node_powered_off_during_step_2_catches_up_with_one_targeted_apply(appli
         assert {tls[n]["issuer"] for n in others} == {planner.ca_common_name(new)}, tls
 
         ret = lab.apply(off)
-        summary = _ok(ret)
+        summary = applied_ok(ret)
         assert "apigee-mtls-tls-agent-cert-managed" in summary[off]["changed"], summary[off]
         tls = _tls(lab)
         assert tls[off]["issuer"] == planner.ca_common_name(new), tls[off]
@@ -262,7 +255,7 @@ def test_node_powered_off_during_step_2_catches_up_with_one_targeted_apply(appli
         step3 = dict(base, tls=dict(base.get("tls") or {}, ca_generation=new))
         current = step3
         labctl.write_pillar(step3)
-        _ok(lab.apply())
+        applied_ok(lab.apply())
         tls = _tls(lab)
         assert {n: t["bundle"] for n, t in tls.items()} == {
             n: [planner.ca_common_name(new)] for n in lab.nodes}, tls

@@ -22,19 +22,13 @@ import pytest
 import yaml
 
 import realds
-from conftest import REPO, assert_no_loss, labctl, planner, state_summary, under_traffic
+from conftest import (REPO, applied_ok, assert_no_loss, labctl, planner, state_summary,
+                      under_traffic)
 
 pytestmark = pytest.mark.skipif(labctl.COMPONENTS != "real", reason=(
     "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-real)"))
 
 NEW = {"id": "n6", "ip": "10.77.0.16", "components": ["message-processor", "router"]}
-
-
-def _ok(ret):
-    summary = state_summary(ret)
-    failed = {n: s["failed"] for n, s in summary.items() if s["failed"]}
-    assert not failed, failed
-    return summary
 
 
 def _keep(lab, pillar):
@@ -76,11 +70,11 @@ def test_reloadable_pillar_change_keeps_the_datastores(ds):
     try:
         ret, tot = under_traffic(lab, "real datastores: pillar change (consul:log_level)",
                                  lab.apply)
-        _ok(ret)
+        applied_ok(ret)
         assert_no_loss(tot)
     finally:
         labctl.write_pillar(lab.pillar)
-        _ok(lab.apply())
+        applied_ok(lab.apply())
     realds.assert_healthy(lab, before)
 
 
@@ -92,7 +86,7 @@ def test_gossip_key_rotation_keeps_the_datastores(ds):
     labctl.write_pillar(pillar)
     ret, tot = under_traffic(lab, "real datastores: gossip key rotation", lab.apply)
     _keep(lab, pillar)
-    _ok(ret)
+    applied_ok(ret)
     assert_no_loss(tot)
     realds.assert_healthy(lab, before)
 
@@ -113,7 +107,7 @@ def test_ca_rotation_keeps_the_datastores(ds):
         labctl.write_pillar(pillar)
         ret, tot = under_traffic(lab, f"real datastores: CA rotation step {i}", lab.apply)
         _keep(lab, pillar)
-        _ok(ret)
+        applied_ok(ret)
         assert_no_loss(tot)
     assert lab.model["tls"]["ca_generation"] == new and lab.model["tls"]["ca_trust"] == []
     realds.assert_healthy(lab, before)
@@ -137,10 +131,10 @@ def test_adding_a_node_keeps_the_datastores(ds, tmp_path):
     lab.ip[NEW["id"]] = NEW["ip"]
     try:
         # the new node: a targeted highstate (syncs the custom modules by itself)
-        _ok(lab.salt(NEW["id"], "state.highstate", "-t", "600", timeout=700))
+        applied_ok(lab.salt(NEW["id"], "state.highstate", "-t", "600", timeout=700))
         ret, tot = under_traffic(lab, "real datastores: adding a node", lab.apply,
                                  nodes=old_nodes, pillar=base)
-        _ok(ret)
+        applied_ok(ret)
         assert_no_loss(tot)
         lab.nodes.append(NEW["id"])
         lab.wait_mesh_ready()
@@ -155,7 +149,7 @@ def test_adding_a_node_keeps_the_datastores(ds, tmp_path):
         subprocess.run([os.path.join(labctl.VENV_BIN, "salt-key"), "-c", labctl.SALT_CONF,
                         "-y", "-d", NEW["id"]], check=True, capture_output=True)
     ret, tot = under_traffic(lab, "real datastores: removing the node", lab.apply)
-    _ok(ret)
+    applied_ok(ret)
     assert_no_loss(tot)
     realds.assert_healthy(lab, before)
 
@@ -181,7 +175,7 @@ def test_clean_then_reinstall_the_datastores_recover(ds):
     lab = ds
     ret, _ = under_traffic(lab, "real datastores: clean", lambda: lab.apply(
         "*", "apigee_mtls.clean"))
-    _ok(ret)
+    applied_ok(ret)
     _, standby = realds.real.postgres_roles(lab.model)
     direct = realds.wait_for("the standby streaming directly", lambda: realds.streaming(
         lab, caught_up=False), timeout=120)
