@@ -19,13 +19,19 @@ COLUMNS = (("operation", "{:<42}"), ("nodes", "{:>5}"), ("seconds", "{:>7}"),
            ("leader_changes", "{:>9}"))
 
 
-def last_session(records):
-    """The operations of the last lab session that recorded any, and its marker (the
-    ``{"session": ...}`` line a lab session writes when it boots its lab; None for records
-    written before markers existed).
+def latest_sessions(records):
+    """Per lab (topology and components), the operations of its last session that recorded
+    any, in the order those sessions ran: ``[(operations, marker)]``. A session starts at
+    the ``{"session": ...}`` line a lab session writes when it boots its lab (records
+    written before markers existed form a session whose marker is ``None``). ``make test``
+    runs day-2 operations on the stand-in lab and on the real-datastore lab: both show.
 
-    >>> last_session([{"session": "a"}, {"operation": "x"}, {"session": "b"}])
-    ([{'operation': 'x'}], {'session': 'a'})
+    >>> recs = [{"session": "a", "topology": "5"}, {"operation": "x"},
+    ...         {"session": "b", "topology": "5", "components": "real"}, {"operation": "y"},
+    ...         {"session": "c", "topology": "13"},
+    ...         {"session": "d", "topology": "5"}, {"operation": "z"}]
+    >>> [(ops, m["session"]) for ops, m in latest_sessions(recs)]
+    [([{'operation': 'y'}], 'b'), ([{'operation': 'z'}], 'd')]
     """
     sessions, current, marker = [], [], None
     for rec in records:
@@ -37,7 +43,13 @@ def last_session(records):
             current.append(rec)
     if current:
         sessions.append((current, marker))
-    return sessions[-1] if sessions else ([], None)
+    latest = {}
+    for ops, mark in sessions:
+        key = None if mark is None else (mark.get("topology"),
+                                         mark.get("components", "standin"))
+        latest.pop(key, None)
+        latest[key] = (ops, mark)
+    return list(latest.values())
 
 
 def main():
@@ -48,18 +60,22 @@ def main():
         sys.exit(f"no day-2 records in {LOG}: run the lab tests first (make test)")
     with open(LOG, encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh if line.strip()]
-    rows, session = last_session(records)
-    if session:
-        print(f"lab session of {session['session']} ({session['topology']})")
     short = {"no_leader_samples": "no_leader", "leader_changes": "elections"}
     header = " ".join(fmt.format(short.get(name, name)) for name, fmt in COLUMNS)
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(" ".join(fmt.format(row.get(name, "")) for name, fmt in COLUMNS))
+    report, count = [], 0
+    for rows, session in latest_sessions(records):
+        if session:
+            print(f"\nlab session of {session['session']} ({session['topology']}, "
+                  f"{session.get('components', 'standin')})")
+        print(header)
+        print("-" * len(header))
+        for row in rows:
+            print(" ".join(fmt.format(row.get(name, "")) for name, fmt in COLUMNS))
+        report.append({"session": session, "operations": rows})
+        count += len(rows)
     with open(OUT, "w", encoding="utf-8") as fh:
-        json.dump(rows, fh, indent=1)
-    print(f"\n{len(rows)} operations; written to {OUT}")
+        json.dump(report, fh, indent=1)
+    print(f"\n{count} operations in {len(report)} lab session(s); written to {OUT}")
 
 
 if __name__ == "__main__":

@@ -209,8 +209,8 @@ getent passwd consul
 
 #: where the day-2 lab tests record what the traffic harness counted during each operation
 #: (one JSON object per line; `make day2-report` prints them as a table); each lab session
-#: that boots its own lab first writes a ``{"session": ...}`` line, so that the report shows
-#: the last session's operations only
+#: that boots its own lab first writes a ``{"session": ...}`` line (its topology and
+#: components), so that the report shows the last session of each lab
 DAY2_LOG = os.path.join(labctl.CACHE, "day2-traffic.jsonl")
 
 
@@ -218,7 +218,8 @@ def mark_day2_session(topology):
     os.makedirs(os.path.dirname(DAY2_LOG), exist_ok=True)
     with open(DAY2_LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"session": time.strftime("%Y-%m-%d %H:%M:%S"),
-                             "topology": os.path.basename(topology)}) + "\n")
+                             "topology": os.path.basename(topology),
+                             "components": labctl.COMPONENTS}) + "\n")
 
 
 def under_traffic(lab, label, action, **kwargs):
