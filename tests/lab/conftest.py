@@ -281,6 +281,21 @@ def applied_ok(ret):
     return summary
 
 
+def orchestrate_rollout():
+    """``salt-run state.orchestrate apigee_mtls.orch.rollout`` (the README's zero-downtime
+    rollout) on the lab's master; asserts it exited 0 with every step's result true, and
+    returns the steps."""
+    proc = subprocess.run([os.path.join(labctl.VENV_BIN, "salt-run"), "-c", labctl.SALT_CONF,
+                           "state.orchestrate", "apigee_mtls.orch.rollout", "--out=json"],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    steps = json.loads(proc.stdout)["data"]
+    steps = next(iter(steps.values())) if len(steps) == 1 else steps
+    failed = [k for k, v in steps.items() if not v.get("result")]
+    assert not failed, failed
+    return steps
+
+
 # Developer convenience, never used by CI: LAB_REUSE=1 attaches to a running lab (make lab)
 # instead of booting a fresh one; tests that need the fresh-node preview are skipped then.
 REUSE = os.environ.get("LAB_REUSE") == "1"

@@ -13,7 +13,6 @@ mesh away (the datastores go on, directly), and the reinstall brings it back fol
 README's operator step (``labctl.py datastores``: restart a ZooKeeper server holding direct
 quorum connections, end direct replication connections)."""
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -22,8 +21,8 @@ import pytest
 import yaml
 
 import realds
-from conftest import (REPO, applied_ok, assert_no_loss, labctl, planner, state_summary,
-                      under_traffic)
+from conftest import (REPO, applied_ok, assert_no_loss, labctl, orchestrate_rollout, planner,
+                      state_summary, under_traffic)
 
 pytestmark = pytest.mark.skipif(labctl.COMPONENTS != "real", reason=(
     "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-real)"))
@@ -154,17 +153,6 @@ def test_adding_a_node_keeps_the_datastores(ds, tmp_path):
     realds.assert_healthy(lab, before)
 
 
-def _orchestrate():
-    proc = subprocess.run([os.path.join(labctl.VENV_BIN, "salt-run"), "-c", labctl.SALT_CONF,
-                           "state.orchestrate", "apigee_mtls.orch.rollout", "--out=json"],
-                          capture_output=True, text=True, timeout=1200, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    steps = json.loads(proc.stdout)["data"]
-    steps = next(iter(steps.values())) if len(steps) == 1 else steps
-    failed = [k for k, v in steps.items() if not v.get("result")]
-    assert not failed, failed
-
-
 def test_clean_then_reinstall_the_datastores_recover(ds):
     """``apigee_mtls.clean`` everywhere: the datastores go on directly (a quorum, the standby
     streaming from its own address, which Apigee's pg_hba entries allow). The reinstall, by
@@ -182,7 +170,7 @@ def test_clean_then_reinstall_the_datastores_recover(ds):
     assert direct["client_addr"] == standby["ip"], direct
     realds.wait_ensemble(lab)
     _, tot = under_traffic(lab, "real datastores: reinstall (orchestrated rollout)",
-                           _orchestrate)
+                           orchestrate_rollout)
     assert tot["new_ok"] > 300 and not tot["missing_reports"], tot
     # of three runs in the lab, two lost none and one 3 of 6,699 (a few at the switch to the
     # mesh); long-lived connections opened directly before the rollout may be reset then
