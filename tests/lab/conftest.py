@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOPOLOGY = os.environ.get("TOPOLOGY", os.path.join(REPO, "tests", "topologies", "5-node.yaml"))
@@ -181,6 +182,22 @@ getent passwd consul
         else:
             self.salt("*", "saltutil.refresh_pillar", "wait=True")
 
+    def boot_node(self, node, pillar, directory):
+        """Boot the machine of pillar entry ``node`` (``labctl.py boot`` with ``pillar``,
+        written to ``directory``), its minion accepted; the lab's pillar is not changed."""
+        path = os.path.join(str(directory), "grown.yaml")
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(pillar, fh)
+        subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "boot",
+                        node["id"], "--topology", path], check=True, capture_output=True)
+        self.ip[node["id"]] = node["ip"]
+
+    def decommission(self, node):
+        """Power off ``node``'s machine and delete its minion key, so that later ``salt '*'``
+        runs do not wait for a minion that is gone."""
+        labctl.stop_node(node, labctl.load_state())
+        subprocess.run([os.path.join(labctl.VENV_BIN, "salt-key"), "-c", labctl.SALT_CONF,
+                        "-y", "-d", node], check=True, capture_output=True)
 
     def requests(self, node, targets, timeout=4):
         return self.py(node, requests_code(targets, timeout), timeout=timeout * len(targets) + 30)

@@ -1,15 +1,11 @@
 """Day-2: add a node (pillar edit + targeted highstate on it + the one-liner for the peers) and
 remove it again (clean on it, pillar edit, the one-liner). No already-allocated port moves."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from conftest import (AGENT_TOKEN, MGMT_TOKEN, REPO, applied_ok, assert_no_loss, labctl,
-                      planner, state_summary, under_traffic)
+from conftest import (AGENT_TOKEN, MGMT_TOKEN, applied_ok, assert_no_loss, planner, state_summary,
+                      under_traffic)
 
 NEW = {"id": "n6", "ip": "10.77.0.16", "components": ["message-processor", "router"]}
 
@@ -25,15 +21,11 @@ def grown(applied, tmp_path_factory):
     lab.wait_mesh_ready()
     pillar = copy.deepcopy(lab.pillar)
     pillar["nodes"].append(dict(NEW))
-    path = tmp_path_factory.mktemp("topo") / "6-node.yaml"
-    path.write_text(yaml.safe_dump(pillar))
     before_report = lab.salt("n1", "apigee_mtls.ports")["n1"]
     before_pids = _proxy_pids(lab, "n2")
-    subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "boot", NEW["id"],
-                    "--topology", str(path)], check=True, capture_output=True)
+    lab.boot_node(NEW, pillar, tmp_path_factory.mktemp("topo"))
     lab.set_pillar(pillar)
     lab.nodes.append(NEW["id"])
-    lab.ip[NEW["id"]] = NEW["ip"]
     yield lab, pillar, before_report, before_pids
     lab.nodes.remove(NEW["id"])
 
@@ -102,9 +94,5 @@ def test_remove_node_peers_lose_its_upstreams_rules_and_intentions(grown):
     assert lab.py(signer, probe, token=None) == 403
     rerun = state_summary(lab.apply())
     assert all(not s["changed"] for s in rerun.values()), rerun
-    # decommission the machine: power it off and delete its minion key, so that later
-    # `salt '*'` runs do not wait for a minion that is gone
-    state = labctl.load_state()
-    labctl.stop_node(NEW["id"], state)
-    subprocess.run([os.path.join(labctl.VENV_BIN, "salt-key"), "-c", labctl.SALT_CONF, "-y",
-                    "-d", NEW["id"]], check=True, capture_output=True)
+    # decommission the machine: later `salt '*'` runs do not wait for a minion that is gone
+    lab.decommission(NEW["id"])

@@ -13,15 +13,11 @@ mesh away (the datastores go on, directly), and the reinstall brings it back fol
 README's operator step (``labctl.py datastores``: restart a ZooKeeper server holding direct
 quorum connections, end direct replication connections)."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
 import realds
-from conftest import (REPO, applied_ok, assert_no_loss, labctl, orchestrate_rollout, planner,
+from conftest import (applied_ok, assert_no_loss, labctl, orchestrate_rollout, planner,
                       state_summary, under_traffic)
 
 pytestmark = pytest.mark.skipif(labctl.COMPONENTS != "real", reason=(
@@ -121,13 +117,9 @@ def test_adding_a_node_keeps_the_datastores(ds, tmp_path):
     base = copy.deepcopy(lab.pillar)
     pillar = copy.deepcopy(base)
     pillar["nodes"].append(dict(NEW))
-    path = tmp_path / "6-node.yaml"
-    path.write_text(yaml.safe_dump(pillar))
-    subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"), "boot", NEW["id"],
-                    "--topology", str(path)], check=True, capture_output=True)
+    lab.boot_node(NEW, pillar, tmp_path)
     old_nodes = list(lab.nodes)
     lab.set_pillar(pillar)
-    lab.ip[NEW["id"]] = NEW["ip"]
     try:
         # the new node: a targeted highstate (syncs the custom modules by itself)
         applied_ok(lab.salt(NEW["id"], "state.highstate", "-t", "600", timeout=700))
@@ -143,10 +135,7 @@ def test_adding_a_node_keeps_the_datastores(ds, tmp_path):
             lab.nodes.remove(NEW["id"])
         lab.apply(NEW["id"], "apigee_mtls.clean")
         lab.set_pillar(base)
-        # decommission the machine, as test_60 does: later `salt '*'` runs must not wait
-        labctl.stop_node(NEW["id"], labctl.load_state())
-        subprocess.run([os.path.join(labctl.VENV_BIN, "salt-key"), "-c", labctl.SALT_CONF,
-                        "-y", "-d", NEW["id"]], check=True, capture_output=True)
+        lab.decommission(NEW["id"])
     ret, tot = under_traffic(lab, "real datastores: removing the node", lab.apply)
     applied_ok(ret)
     assert_no_loss(tot)
