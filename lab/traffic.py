@@ -468,13 +468,16 @@ def summarize(reports, missing=()):
     """Totals over the nodes' reports: new connections made and failed, long-lived requests
     and broken connections, the longest gap of any target, samples without a leader and
     without an answer from the local agent, the leader changes (elections) the agents saw,
-    and the failed flows (``"<src> -> <dst> <component>"``) with a few failures of each (when, in
-    seconds from the start, and the error)."""
+    the failed flows (``"<src> -> <dst> <component>"``), the new connections each failed
+    (``new_failed_flows``), and a few failures of each flow and kind (when, in seconds from the
+    start, and the error): the new connections' first, so that many broken long-lived
+    connections do not crowd out the few new ones that failed."""
     tot = {"new_ok": 0, "new_failed": 0, "long_ok": 0, "long_broken": 0, "max_gap": 0.0,
            "slowest_new": 0.0,
            "leader_samples": 0, "no_leader_samples": 0, "agent_down_samples": 0,
-           "leader_changes": 0, "failed_flows": [],
+           "leader_changes": 0, "failed_flows": [], "new_failed_flows": {},
            "failure_samples": [], "missing_reports": list(missing)}
+    samples = {"new": [], "long": []}
     for node, rep in sorted(reports.items()):
         tot["leader_samples"] += rep["leader_samples"]
         tot["no_leader_samples"] += rep["no_leader_samples"]
@@ -490,9 +493,12 @@ def summarize(reports, missing=()):
                 dst = tgt["target"]
                 flow = f"{node} -> {dst['node']} {dst['component']}"
                 tot["failed_flows"].append(flow)
-                for when, kind, error in tgt.get("failures", [])[:2]:
-                    if len(tot["failure_samples"]) < 12:
-                        tot["failure_samples"].append(f"{flow} at {when}s ({kind}): {error}")
+                if tgt["new_failed"]:
+                    tot["new_failed_flows"][flow] = tgt["new_failed"]
+                for kind in samples:
+                    samples[kind] += [f"{flow} at {when}s ({k}): {error}" for when, k, error
+                                      in tgt.get("failures", []) if k == kind][:2]
+    tot["failure_samples"] = (samples["new"] + samples["long"])[:12]
     tot["max_gap"] = round(tot["max_gap"], 2)
     tot["slowest_new"] = round(tot["slowest_new"], 2)
     return tot

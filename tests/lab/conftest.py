@@ -260,7 +260,7 @@ def under_traffic(lab, label, action, **kwargs):
               **{k: tot[k] for k in ("new_ok", "new_failed", "long_ok", "long_broken",
                                      "max_gap", "slowest_new", "no_leader_samples",
                                      "leader_changes", "agent_down_samples",
-                                     "leader_samples", "failed_flows")}}
+                                     "leader_samples", "failed_flows", "new_failed_flows")}}
     with open(DAY2_LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
     return result, tot

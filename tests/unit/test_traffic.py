@@ -34,3 +34,20 @@ def test_summarize_keeps_agent_restarts_apart_from_missing_leaders():
     assert tot["leader_changes"] == 1
     assert tot["new_failed"] == 1 and tot["failed_flows"] == ["n3 -> n2 zookeeper"]
     assert tot["failure_samples"] == ["n3 -> n2 zookeeper at 1.5s (new): reset"]
+
+
+def test_failure_samples_show_the_new_connections_that_failed_first():
+    def report(new_failed, long_broken):
+        failures = ([[2.0, "long", "reset"]] * long_broken) + ([[3.0, "new", "refused"]]
+                                                               * new_failed)
+        return {"targets": [{"target": {"node": "n2", "component": "zookeeper"}, "new_ok": 9,
+                             "new_failed": new_failed, "long_ok": 5, "long_broken": long_broken,
+                             "max_gap": 1.0, "slowest_new": 0.1, "failures": failures}],
+                "leader_samples": 1, "no_leader_samples": 0}
+    # eight flows broke long-lived connections; one flow also failed one new connection
+    reports = {f"n{i}": report(0, 3) for i in range(3, 11)}
+    reports["n1"] = report(1, 3)
+    tot = traffic.summarize(reports)
+    assert tot["new_failed_flows"] == {"n1 -> n2 zookeeper": 1}
+    assert tot["failure_samples"][0] == "n1 -> n2 zookeeper at 3.0s (new): refused"
+    assert len(tot["failure_samples"]) == 12
