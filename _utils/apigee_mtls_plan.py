@@ -2027,16 +2027,27 @@ def _member_ports(sidecar):
     return sorted(set(CONSUL_PORTS) | set(sidecar))
 
 
+#: The match of a connection's first packet (``--syn``), as ``iptables -S`` prints it.
+TCP_SYN_ONLY = "--tcp-flags FIN,SYN,RST,ACK SYN"
+
+
 def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
     out, inp = NAT_CHAIN, FILTER_CHAIN
     nat = ["-A {} -m owner --uid-owner {} -j RETURN".format(out, proxy_owner)]
     # DNAT, not REDIRECT (which can only reach 127.0.0.1): the upstream listeners bind the
     # identity's own loopback address. An identity change moves new connections to the new
-    # proxy; conntrack keeps the open ones on the old one
+    # proxy; conntrack keeps the open ones on the old one. A SYN only (TCP_SYN_ONLY): a
+    # connection opened while no rule needed conntrack in this network namespace (before the
+    # first apply, after a clean) is untracked; once these rules load conntrack, its next
+    # packet is the first conntrack sees of it and goes through nat like a new connection's.
+    # DNATed to the proxy, which knows no such connection, it was reset (every long-lived
+    # direct connection at the switch to the mesh, measured in the lab); without the SYN it
+    # keeps its direct path and ends when its owner closes it, as a tracked one does
     for up in upstreams:
-        nat.append("-A {} -d {}/32 -p tcp -m tcp --dport {} -j DNAT "
+        nat.append("-A {} -d {}/32 -p tcp -m tcp --dport {} {} -j DNAT "
                    "--to-destination {}:{}".format(out, up["ip"], up["component_port"],
-                                                  up["local_bind_address"], up["proxy_port"]))
+                                                  TCP_SYN_ONLY, up["local_bind_address"],
+                                                  up["proxy_port"]))
     alloc = index.allocation[node["id"]]
     sidecar = _sidecar_ports(index, node)
     meshed = sorted(p for block in alloc["ingress"].values() for p in block)
@@ -2087,11 +2098,11 @@ def _firewall(model, index, node, upstreams, proxy_owner, lockdown=True):
     filt.append("-A {} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN".format(inp))
     # lockdown: the meshed component ports refuse every new connection that does not come
     # from loopback (the ingress sidecars); a staged rollout applies this last. After the
-    # ESTABLISHED RETURN: locking down refuses new direct connections, it does not cut the
-    # ones already open
+    # ESTABLISHED RETURN, and a SYN only (as the nat rules): locking down refuses new direct
+    # connections, it does not cut the ones already open, tracked or not
     for port in meshed if lockdown else ():
-        filt.append("-A {} -p tcp -m tcp --dport {} -j REJECT --reject-with "
-                    "tcp-reset".format(inp, port))
+        filt.append("-A {} -p tcp -m tcp --dport {} {} -j REJECT --reject-with "
+                    "tcp-reset".format(inp, port, TCP_SYN_ONLY))
     return {"nat": nat, "filter": filt, "member_ports": _member_ports(sidecar),
             "members": _members(model)}
 

@@ -725,7 +725,8 @@ _RULE_RE = re.compile(
     r"(?: -s \d+\.\d+\.\d+\.\d+/32)?(?: -d \d+\.\d+\.\d+\.\d+/32)?(?: -i lo)?"
     r"(?: -p (?:tcp|udp))?"
     r"(?: -m owner --uid-owner \w+| -m conntrack --ctstate RELATED,ESTABLISHED"
-    r"| -m (?:tcp|udp) --dport \d+| -m multiport --[ds]ports [\d,:]+)?"
+    r"| -m (?:tcp|udp) --dport \d+(?: --tcp-flags FIN,SYN,RST,ACK SYN)?"
+    r"| -m multiport --[ds]ports [\d,:]+)?"
     r" -j (?:RETURN|DROP|REJECT --reject-with tcp-reset"
     r"|DNAT --to-destination 127\.\d+\.\d+\.\d+:\d+)")
 
@@ -743,10 +744,11 @@ def test_nat_chain(topo5):
     assert len(nat) == 1 + len(plan["upstreams"])
     bind = amp.egress_bind_address("egress-qpid-pg")
     assert plan["egress"]["bind_address"] == bind
-    assert OUT + ("-d 10.77.0.15/32 -p tcp -m tcp --dport 5432 -j DNAT "
-                  f"--to-destination {bind}:10303") in nat
-    assert OUT + ("-d 10.77.0.11/32 -p tcp -m tcp --dport 2181 -j DNAT "
-                  f"--to-destination {bind}:10001") in nat
+    # a connection's first packet only: one opened before conntrack tracked it keeps its path
+    assert OUT + ("-d 10.77.0.15/32 -p tcp -m tcp --dport 5432 --tcp-flags FIN,SYN,RST,ACK SYN"
+                  f" -j DNAT --to-destination {bind}:10303") in nat
+    assert OUT + ("-d 10.77.0.11/32 -p tcp -m tcp --dport 2181 --tcp-flags FIN,SYN,RST,ACK SYN"
+                  f" -j DNAT --to-destination {bind}:10001") in nat
     assert not any("--dport 2888" in r for r in nat)
 
 
@@ -786,9 +788,11 @@ def test_filter_chain_snapshot(topo5):
         IN + "-p udp -m multiport --dports 8301,8302,8600 -j DROP",
         IN + "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
     ]
-    # the component lockdown refuses new connections only: after the ESTABLISHED RETURN
-    assert rules[27:] == [IN + "-p tcp -m tcp --dport %d -j REJECT --reject-with tcp-reset"
-                          % p for p in (4530, 5432, 5672, 8083, 8084)]
+    # the component lockdown refuses new connections only: after the ESTABLISHED RETURN, and
+    # a SYN only (an untracked connection opened before the mesh is not cut either)
+    assert rules[27:] == [IN + "-p tcp -m tcp --dport %d --tcp-flags FIN,SYN,RST,ACK SYN -j "
+                          "REJECT --reject-with tcp-reset" % p
+                          for p in (4530, 5432, 5672, 8083, 8084)]
 
 
 def _dports(rule):
@@ -851,8 +855,8 @@ def test_redirect_stage_differs_from_full_only_by_the_component_lockdown(any_top
         assert staged["firewall"]["nat"] == full["firewall"]["nat"]
         meshed = {p for block in full["ports"]["ingress"].values() for p in block}
         dropped = [r for r in full["firewall"]["filter"] if r not in staged["firewall"]["filter"]]
-        assert dropped == [IN + "-p tcp -m tcp --dport %d -j REJECT --reject-with tcp-reset" % p
-                           for p in sorted(meshed)]
+        assert dropped == [IN + "-p tcp -m tcp --dport %d --tcp-flags FIN,SYN,RST,ACK SYN -j "
+                           "REJECT --reject-with tcp-reset" % p for p in sorted(meshed)]
         assert [r for r in full["firewall"]["filter"] if r not in dropped] == \
             staged["firewall"]["filter"]
         assert {k: v for k, v in staged.items() if k != "firewall"} == \
