@@ -9,7 +9,7 @@ COMPONENTS ?= standin
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
-.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies lab-test-real lab-test-real-topologies bench day2-report clean
+.PHONY: help venv lab lab-down lab-status test unit lab-test lab-test-topologies lab-test-real bench day2-report clean
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
@@ -43,6 +43,9 @@ lab-test: venv
 # The other supported topologies, each on a lab of its own: the 9- and 13-node single-DC ones
 # and the 12-node two-data-center one (WAN federation) get the same flow and capture tests as
 # the 5-node lab, plus the topology checks (membership per DC, WAN, leaders, cross-DC flows).
+# The sessions named in REAL_TOPOLOGY_SESSIONS boot with COMPONENTS=real and run the real
+# datastores' tests too, on the same boot (the flow tests probe those datastores in their own
+# protocols).
 TOPOLOGY_SESSIONS := 9-node 13-node 12-node-2dc
 TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes_previews_and_changes_nothing \
 	tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
@@ -64,12 +67,9 @@ REAL_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywh
 # the real datastores on the topologies with two LDAP servers (replicating through the mesh):
 # 13 nodes (LDAP apart from the management servers) and 12 nodes in two DCs (LDAP replication
 # and the Postgres standby cross from dc-1 to dc-2), with the same ZooKeeper and Postgres
-# proofs as on 5 nodes
+# proofs as on 5 nodes; run before the two-DC tests, which restart dc-2's Consul agents
 REAL_TOPOLOGY_SESSIONS := 13-node 12-node-2dc
-REAL_TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
-	tests/lab/test_90_real_datastores.py \
-	tests/lab/test_92_real_ldap.py \
-	tests/lab/test_99_teardown.py
+REAL_TOPOLOGY_TESTS := tests/lab/test_90_real_datastores.py tests/lab/test_92_real_ldap.py
 
 test: venv
 	$(PY) -m pytest tests -v --durations=20 $(addprefix --ignore=,$(MULTI_DC_TESTS)) \
@@ -77,25 +77,21 @@ test: venv
 	  --ignore=tests/lab/test_92_real_ldap.py
 	$(MAKE) lab-test-topologies
 	$(MAKE) lab-test-real
-	$(MAKE) lab-test-real-topologies
 
 lab-test-topologies: venv
 	set -e; for t in $(TOPOLOGY_SESSIONS); do \
-	  echo "=== topology $$t ==="; \
-	  tests="$(TOPOLOGY_TESTS)"; \
+	  components=standin; tests="$(TOPOLOGY_TESTS)"; \
+	  case " $(REAL_TOPOLOGY_SESSIONS) " in *" $$t "*) \
+	    components=real; tests="$${tests% *} $(REAL_TOPOLOGY_TESTS) $${tests##* }";; esac; \
 	  case $$t in *dc*) tests="$${tests% *} $(MULTI_DC_TESTS) $${tests##* }";; esac; \
-	  TOPOLOGY=tests/topologies/$$t.yaml $(PY) -m pytest $$tests -v --durations=5; \
+	  echo "=== topology $$t (COMPONENTS=$$components) ==="; \
+	  LAB_COMPONENTS=$$components TOPOLOGY=tests/topologies/$$t.yaml \
+	    $(PY) -m pytest $$tests -v --durations=5; \
 	done
 
 lab-test-real: venv
 	@echo "=== real datastores (5-node, COMPONENTS=real) ==="
 	LAB_COMPONENTS=real TOPOLOGY=tests/topologies/5-node.yaml $(PY) -m pytest $(REAL_TESTS) -v --durations=5
-
-lab-test-real-topologies: venv
-	set -e; for t in $(REAL_TOPOLOGY_SESSIONS); do \
-	  echo "=== real datastores ($$t, COMPONENTS=real) ==="; \
-	  LAB_COMPONENTS=real TOPOLOGY=tests/topologies/$$t.yaml $(PY) -m pytest $(REAL_TOPOLOGY_TESTS) -v --durations=5; \
-	done
 
 bench: venv
 	$(PY) bench/run.py

@@ -219,18 +219,17 @@ def write_node(node, model, put, link):
         link("slapd.service")
 
 
-def direct_quorum_connections(ss_text, peer_ips):
-    r"""Established connections into ZooKeeper's quorum ports (2888, 3888) from a peer's IP:
-    opened directly, before the mesh. Through the mesh they arrive from the local ingress
-    sidecar (the node's own IP, the ``node_ip`` target). Only the accepting end tells: the
-    connecting end of a meshed connection still shows the peer's address (the nat rule
-    rewrites its packets, not its socket). ``ss_text`` is ``ss -Htn state established``;
-    returns ``["<local> <remote>", ...]``.
+def direct_connections(ss_text, ports, peer_ips):
+    r"""Established connections into local ``ports`` from any of ``peer_ips``: opened
+    directly, not through the mesh, which delivers them from the local ingress sidecar (the
+    node's own IP or loopback). Only the accepting end tells: the connecting end of a meshed
+    connection still shows the peer's address (the nat rule rewrites its packets, not its
+    socket). ``ss_text`` is ``ss -Htn state established``; returns
+    ``["<local> <remote>", ...]``.
 
-    >>> direct_quorum_connections(
-    ...     "0 0 10.77.0.12:2888 10.77.0.13:40012\n0 0 10.77.0.12:2888 10.77.0.12:51000\n"
-    ...     "0 0 10.77.0.12:51234 10.77.0.11:3888\n", {"10.77.0.11", "10.77.0.13"})
-    ['10.77.0.12:2888 10.77.0.13:40012']
+    >>> direct_connections("0 0 10.77.0.14:10389 10.77.0.16:40012\n"
+    ...                    "0 0 10.77.0.14:10389 127.0.0.1:51000\n", [10389], {"10.77.0.16"})
+    ['10.77.0.14:10389 10.77.0.16:40012']
     """
     found = []
     for line in ss_text.splitlines():
@@ -241,9 +240,21 @@ def direct_quorum_connections(ss_text, peer_ips):
         lport, rip = local.rsplit(":", 1)[1], remote.rsplit(":", 1)[0]
         # a JVM listens on [::]: its IPv4 peers show as [::ffff:a.b.c.d]
         rip = rip.strip("[]").removeprefix("::ffff:")
-        if rip in peer_ips and lport in ("2888", "3888"):
+        if rip in peer_ips and lport in {str(p) for p in ports}:
             found.append(f"{local} {remote}")
     return found
+
+
+def direct_quorum_connections(ss_text, peer_ips):
+    r"""Established connections into ZooKeeper's quorum ports (2888, 3888) from a peer's IP:
+    opened directly, before the mesh (:func:`direct_connections`).
+
+    >>> direct_quorum_connections(
+    ...     "0 0 10.77.0.12:2888 10.77.0.13:40012\n0 0 10.77.0.12:2888 10.77.0.12:51000\n"
+    ...     "0 0 10.77.0.12:51234 10.77.0.11:3888\n", {"10.77.0.11", "10.77.0.13"})
+    ['10.77.0.12:2888 10.77.0.13:40012']
+    """
+    return direct_connections(ss_text, (2888, 3888), peer_ips)
 
 
 def postgres_roles(model):

@@ -259,6 +259,26 @@ class Ldap:
 PROTOCOLS = {"echo": Echo, "zookeeper": ZooKeeper, "postgres": Postgres, "ldap": Ldap}
 
 
+def probe(specs, timeout=5.0):
+    """Use each target once, on a new connection, as the harness's new connections do.
+
+    :param list specs: target dicts (``ip``, ``port``, ``protocol``, and ``node`` for
+        ``echo``), e.g. from :func:`targets_for`
+    :param float timeout: seconds, per connection and per read
+    :returns: one dict per spec, in order: ``{"ok": True}`` or ``{"error": "<type>: <why>"}``
+    """
+    out = []
+    for spec in specs:
+        try:
+            with socket.create_connection((spec["ip"], spec["port"]), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                PROTOCOLS[spec.get("protocol", "echo")].new(sock, 1, spec)
+            out.append({"ok": True})
+        except Exception as exc:  # pylint: disable=broad-except
+            out.append({"error": f"{type(exc).__name__}: {exc}"})
+    return out
+
+
 def _new_connections(tgt, cfg, stop, t0, offset):
     spec, n = tgt.spec, 0
     every = cfg["interval"] * len(cfg["targets"])
@@ -404,6 +424,30 @@ def targets_for(pillar, node_id, real=False):
         out.append({"node": up["node"], "component": up["component"], "ip": up["ip"],
                     "port": port, "protocol": protocol})
     return out
+
+
+def split_flows(upstreams, real_ports=None):
+    """Split a node's upstreams for a one-shot check of each flow.
+
+    :param list upstreams: the planner's ``upstreams`` of a node (dicts with ``node``,
+        ``component``, ``ip``, ``component_port``)
+    :param dict real_ports: on a lab with real datastores, ``{component: [ports]}`` their
+        programs serve (``lab/real.py``'s ``REAL_PORTS``); None on a stand-in lab
+    :returns: ``(echo, probed)``: the upstreams a stand-in answers (a line out, its identity
+        back), and target specs for the real datastores' client ports, to be used in their
+        own protocols (:func:`probe`). The real datastores' other ports (ZooKeeper's quorum
+        ports) are in neither: they carry the ensemble itself, and a server that answers
+        ``srvr`` on its client port has its quorum.
+    """
+    echo, probed = [], []
+    for up in upstreams:
+        if up["component_port"] not in (real_ports or {}).get(up["component"], []):
+            echo.append(up)
+        elif up["component_port"] == REAL_PROTOCOLS[up["component"]][0]:
+            probed.append({"node": up["node"], "component": up["component"], "ip": up["ip"],
+                           "port": up["component_port"],
+                           "protocol": REAL_PROTOCOLS[up["component"]][1]})
+    return echo, probed
 
 
 class Traffic:

@@ -6,10 +6,12 @@ every test module; ``test_99_teardown.py`` removes it and checks the host is as 
 Before the first ``state.apply`` the fixture records a ``test=True`` run on the fresh nodes
 (for the "previews truthfully, changes nothing" test) and host/node fingerprints.
 """
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOPOLOGY = os.environ.get("TOPOLOGY", os.path.join(REPO, "tests", "topologies", "5-node.yaml"))
+sys.path.insert(0, os.path.join(REPO, "lab"))  # the traffic harness (lab/traffic.py)
 
 
 def _load_labctl():
@@ -78,6 +81,11 @@ def _with_token(req, *args, **kwargs):
     return _plain_urlopen(req, *args, **kwargs)
 _u.urlopen = _with_token
 """
+
+with open(os.path.join(REPO, "lab", "traffic.py"), encoding="utf-8") as _fh:
+    #: Python for a node: the traffic harness (lab/traffic.py) loaded as a module into ``ns``
+    #: (not run), for code that follows to use its probes (``ns["probe"]``, ...)
+    TRAFFIC_PRELUDE = f"ns = {{'__name__': 'traffic'}}\nexec({_fh.read()!r}, ns)\n"
 
 
 class Lab:
@@ -202,6 +210,34 @@ getent passwd consul
     def requests(self, node, targets, timeout=4):
         return self.py(node, requests_code(targets, timeout), timeout=timeout * len(targets) + 30)
 
+    def probe(self, node, specs, timeout=5):
+        """From ``node``: one new connection to each target spec, used in its protocol
+        (lab/traffic.py's ``probe``): ``[{"ok": True} | {"error": ...}]`` in order."""
+        code = TRAFFIC_PRELUDE + f"import json\nprint(json.dumps(ns['probe']({specs!r}, {timeout})))\n"
+        return self.py(node, code, timeout=timeout * 2 * len(specs) + 30, token=None)
+
+    def flow_targets(self, upstreams):
+        """``(echo, probed)`` for a one-shot check of each of a node's upstreams
+        (lab/traffic.py's ``split_flows``): the stand-ins' (:meth:`requests`) and, on a lab
+        with real datastores, specs for their client ports (:meth:`probe`)."""
+        from traffic import split_flows  # pylint: disable=import-outside-toplevel
+        return split_flows(upstreams, labctl.real.REAL_PORTS if self.components == "real"
+                           else None)
+
+    def mesh_datastores(self):
+        """On a lab with real datastores, the README's operator step after the mesh comes up
+        (``labctl.py datastores``: idempotent), then a wait until the ZooKeeper ensemble
+        serves again (the step restarts the servers that held pre-mesh quorum connections);
+        nothing on a stand-in lab."""
+        if self.components != "real":
+            return
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "lab", "labctl.py"),
+                               "datastores"], capture_output=True, text=True, timeout=600,
+                              check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        import realds  # pylint: disable=import-outside-toplevel  (realds imports this module)
+        realds.wait_ensemble(self)
+
 
     def wait_mesh_ready(self, timeout=150):
         """Wait until `salt '*' apigee_mtls.verify` passes on every node: all members, a
@@ -243,7 +279,6 @@ def under_traffic(lab, label, action, **kwargs):
     """Run ``action()`` while the traffic harness (lab/traffic.py) runs on every node (or
     ``nodes=``, with the flows of ``pillar=``); print and record its totals under ``label``;
     return ``(action's result, totals)``."""
-    sys.path.insert(0, os.path.join(REPO, "lab"))
     from traffic import Traffic  # pylint: disable=import-outside-toplevel
 
     traffic = Traffic(lab, **kwargs)
@@ -264,6 +299,34 @@ def under_traffic(lab, label, action, **kwargs):
     with open(DAY2_LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
     return result, tot
+
+
+@contextlib.contextmanager
+def bridge_capture(name, bpf="tcp", read_filter=()):
+    """Capture the lab bridge while the block runs (``tcpdump``, 1.5 s margins).
+
+    :param str name: the capture file's name, under the lab's state directory (removed after)
+    :param str bpf: what to capture (a tcpdump filter)
+    :param read_filter: a tcpdump filter (argv list) for ``text``
+    :returns: a dict, filled when the block ends: ``raw`` (the pcap's bytes) and ``text``
+        (``tcpdump -nn -r``'s lines, through ``read_filter``)
+    """
+    pcap = os.path.join(labctl.STATE, f"{name}.pcap")
+    dump = subprocess.Popen(["tcpdump", "-i", labctl.BRIDGE, "-U", "-s", "0", "-w", pcap, bpf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    capture = {}
+    try:
+        time.sleep(1.5)
+        yield capture
+        time.sleep(1.5)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(timeout=10)
+    with open(pcap, "rb") as fh:
+        capture["raw"] = fh.read()
+    capture["text"] = subprocess.run(["tcpdump", "-nn", "-r", pcap, *read_filter],
+                                     capture_output=True, text=True, check=False).stdout
+    os.unlink(pcap)
 
 
 def assert_no_loss(tot):
@@ -389,7 +452,11 @@ def applied(lab):
 @pytest.fixture(scope="module")
 def mesh(applied):
     """The lab, applied, with its mesh ready (``apigee_mtls.verify`` passing everywhere) at
-    the start of each module."""
+    the start of each module; with real datastores, after the operator's step once
+    (:meth:`Lab.mesh_datastores`), so that their connections cross the mesh too."""
+    if not getattr(applied, "datastores_meshed", False):
+        applied.mesh_datastores()
+        applied.datastores_meshed = True
     applied.wait_mesh_ready()
     return applied
 

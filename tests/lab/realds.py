@@ -6,26 +6,20 @@ real ZooKeeper, PostgreSQL and OpenLDAP how they are, on the nodes, and wait for
 * :func:`psql`, :func:`local_psql`: a query through the mesh, or as ``postgres`` locally;
 * :func:`replication`, :func:`streaming`: the primary's view of its standby;
 * :func:`ldapsearch`, :func:`ldapadd`: OpenLDAP's clients against a server on 10389;
-* :func:`bridge_capture`: everything on the lab bridge while a block runs;
 * :func:`health`, :func:`assert_healthy`: a snapshot of both datastores, and the checks a
   day-2 operation must leave true."""
-import contextlib
-import os
-import signal
-import subprocess
 import time
 import uuid
 
-from conftest import labctl
+from conftest import TRAFFIC_PRELUDE, labctl
 
 ZKCLI = "/usr/share/zookeeper/bin/zkCli.sh"
 real = labctl.real
 
 # the harness's ZooKeeper.srvr (lab/traffic.py), run in the node against its own client port
-with open(os.path.join(labctl.REPO, "lab", "traffic.py"), encoding="utf-8") as _fh:
-    SRVR_CODE = (f"ns = {{'__name__': 'traffic'}}\nexec({_fh.read()!r}, ns)\nimport socket\n"
-                 "s = socket.create_connection(('127.0.0.1', 2181), timeout=5)\n"
-                 "s.settimeout(5)\nprint(ns['ZooKeeper'].srvr(s))\n")
+SRVR_CODE = (TRAFFIC_PRELUDE + "import socket\n"
+             "s = socket.create_connection(('127.0.0.1', 2181), timeout=5)\n"
+             "s.settimeout(5)\nprint(ns['ZooKeeper'].srvr(s))\n")
 
 
 def nodes_of(lab, component):
@@ -107,26 +101,6 @@ def ldapadd(lab, node, server_ip, ldif, timeout=30):
                           f"-w {real.LDAP_ADMIN_PASSWORD}"], check=False, timeout=timeout)
 
 
-@contextlib.contextmanager
-def bridge_capture(name):
-    """Capture every TCP packet on the lab bridge while the block runs (``tcpdump``, 1.5 s
-    margins). Yields a list that holds the raw capture once the block ends."""
-    pcap = os.path.join(labctl.STATE, f"{name}.pcap")
-    dump = subprocess.Popen(["tcpdump", "-i", labctl.BRIDGE, "-U", "-s", "0", "-w", pcap, "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    raw = []
-    try:
-        time.sleep(1.5)
-        yield raw
-        time.sleep(1.5)
-    finally:
-        dump.send_signal(signal.SIGINT)
-        dump.wait(timeout=10)
-    with open(pcap, "rb") as fh:
-        raw.append(fh.read())
-    os.unlink(pcap)
-
-
 def wait_for(what, fn, timeout=90, every=2):
     deadline = time.monotonic() + timeout
     while True:
@@ -203,13 +177,3 @@ def assert_healthy(lab, before=None):
     assert psql(lab, ms, primary["ip"], f"select count(*) from amtls_probe where v = '{value}'") \
         == "1"
     return now
-
-
-def run_datastores_step():
-    """``labctl.py datastores``: the operator's step after the mesh comes up (README)."""
-    import subprocess  # pylint: disable=import-outside-toplevel
-    proc = subprocess.run([labctl.sys.executable, os.path.join(labctl.REPO, "lab", "labctl.py"),
-                           "datastores"], capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout

@@ -2,15 +2,14 @@
 nothing crosses the bridge in plaintext, and nothing else gets through."""
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
-from conftest import REPO, assert_no_loss, labctl, planner, state_summary, under_traffic
+from conftest import (assert_no_loss, bridge_capture, labctl, planner, state_summary,
+                      under_traffic)
 
 
 def _plan(lab, node):
@@ -45,12 +44,15 @@ def _component_ports(lab):
 
 
 def _all_flows(lab, marker=""):
-    """{node: [(ip, component_port, payload, upstream)]} for every allowed flow."""
+    """{node: ([(ip, component_port, payload, upstream)], [spec])} for every allowed flow:
+    the stand-ins' (a line out, their identity back) and, on a lab with real datastores,
+    traffic specs for the datastores' client ports (probed in their own protocols:
+    ``Lab.flow_targets``)."""
     flows = {}
     for node in lab.nodes:
-        ups = _plan(lab, node)["upstreams"]
-        flows[node] = [(u["ip"], u["component_port"], f"{marker}{node}->{u['service']}", u)
-                       for u in ups]
+        echo, probed = lab.flow_targets(_plan(lab, node)["upstreams"])
+        flows[node] = ([(u["ip"], u["component_port"], f"{marker}{node}->{u['service']}", u)
+                        for u in echo], probed)
     return flows
 
 
@@ -106,8 +108,11 @@ def test_every_allowed_flow_reaches_the_right_component_through_the_mesh(mesh):
     lab = mesh
     flows = _all_flows(lab)
     total = 0
-    for node, items in flows.items():
-        assert items, f"{node} has no upstreams"
+    for node, (items, probed) in flows.items():
+        assert items or probed, f"{node} has no upstreams"
+        for spec, res in zip(probed, lab.probe(node, probed)):
+            assert res.get("ok"), f"{node} -> {spec['node']} {spec['component']}: {res}"
+            total += 1
         replies = lab.requests(node, [(ip, port, payload) for ip, port, payload, _ in items])
         for (ip, port, payload, up), reply in zip(items, replies):
             assert "error" not in reply, f"{node} -> {up['service']} ({ip}:{port}): {reply}"
@@ -120,6 +125,8 @@ def test_every_allowed_flow_reaches_the_right_component_through_the_mesh(mesh):
             assert peer_ip != lab.ip[node]
             total += 1
     assert total >= 50, total
+    if lab.components == "real":
+        assert any(probed for _, probed in flows.values()), "no real datastore was probed"
 
 
 def test_capture_shows_only_tls_between_sidecars(mesh):
@@ -127,31 +134,24 @@ def test_capture_shows_only_tls_between_sidecars(mesh):
     appears on the wire, and no packet between nodes uses a component port."""
     lab = mesh
     marker = "PLAINTEXT-" + uuid.uuid4().hex
-    pcap = os.path.join(labctl.STATE, "mesh-capture.pcap")
-    dump = subprocess.Popen(["tcpdump", "-i", labctl.BRIDGE, "-U", "-s", "0", "-w", pcap, "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1.5)
-        flows = _all_flows(lab, marker)
-        answered = 0
-        for node, items in flows.items():
+    flows = _all_flows(lab, marker)
+    answered = probed_ok = 0
+    with bridge_capture("mesh-capture") as capture:
+        for node, (items, probed) in flows.items():
             replies = lab.requests(node, [(ip, port, payload) for ip, port, payload, _ in items])
             answered += sum(1 for r in replies if r.get("echo", "").startswith(marker))
-        time.sleep(1.5)
-    finally:
-        dump.send_signal(signal.SIGINT)
-        dump.wait(timeout=10)
-    assert answered == sum(len(v) for v in flows.values())
-    raw = open(pcap, "rb").read()
+            probed_ok += sum(1 for r in lab.probe(node, probed) if r.get("ok"))
+    assert answered == sum(len(items) for items, _ in flows.values())
+    assert probed_ok == sum(len(probed) for _, probed in flows.values())
+    raw = capture["raw"]
     assert len(raw) > 10000, "capture is empty: the test would prove nothing"
     assert marker.encode() not in raw, "plaintext payload seen on the lab bridge"
     node_ips = set(lab.ip.values())
     sidecars = _sidecar_ports(lab)
     consul = {8300, 8301, 8302, 8501}
     components = _component_ports(lab)
-    text = subprocess.run(["tcpdump", "-nn", "-r", pcap], capture_output=True, text=True).stdout
     seen_sidecar = 0
-    for line in text.splitlines():
+    for line in capture["text"].splitlines():
         parts = line.split()
         if len(parts) < 5 or parts[1] != "IP":
             continue
@@ -318,7 +318,6 @@ def _only_moved_flows_failed(lab, ret, tot):
 
 
 def _targets(pillar, node):
-    sys.path.insert(0, os.path.join(REPO, "lab"))
     from traffic import targets_for  # pylint: disable=import-outside-toplevel
 
     return targets_for(pillar, node)

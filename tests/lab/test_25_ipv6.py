@@ -5,15 +5,12 @@ receiver's INPUT chain, nothing plaintext crosses the bridge over IPv6, IPv4 flo
 through the mesh, drift in the IPv6 chains is reported and repaired, and a node with IPv6
 disabled is skipped, not failed."""
 import json
-import os
-import signal
 import socket
-import subprocess
 import time
 
 import pytest
 
-from conftest import labctl, planner, state_summary
+from conftest import bridge_capture, labctl, planner, state_summary
 
 CHAINS = "apigee-mtls-firewall-chains-managed"
 
@@ -192,12 +189,7 @@ def test_capture_shows_no_ipv6_packet_to_a_component_port(dual):
     IPv6 and the IPv4 mesh flows run: no IPv6 packet to a component port; the capture does
     see IPv6 (a control connection to a non-meshed port)."""
     lab = dual
-    pcap = os.path.join(labctl.STATE, "ipv6-capture.pcap")
-    dump = subprocess.Popen(["tcpdump", "-i", labctl.BRIDGE, "-U", "-s", "0", "-w", pcap,
-                             "ip6 or tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1.5)
+    with bridge_capture("ipv6-capture", "ip6 or tcp", ["ip6"]) as capture:
         for src in lab.nodes:
             targets = [[v6(lab, dst), p] for dst in lab.nodes if dst != src
                        for p in sorted(node_component_ports(lab, dst))]
@@ -206,15 +198,9 @@ def test_capture_shows_no_ipv6_packet_to_a_component_port(dual):
             replies = lab.requests(src, [(u["ip"], u["component_port"], "cap") for u in ups])
             assert all("error" not in r for r in replies), (src, replies)
         assert attempts(lab, "n2", [[v6(lab, "n1"), 8080]]) == ["reply:management-server"]
-        time.sleep(1.5)
-    finally:
-        dump.send_signal(signal.SIGINT)
-        dump.wait(timeout=10)
-    text = subprocess.run(["tcpdump", "-nn", "-r", pcap, "ip6"], capture_output=True,
-                          text=True).stdout
     components = cluster_component_ports(lab)
     control = 0
-    for line in text.splitlines():
+    for line in capture["text"].splitlines():
         parts = line.split()
         if len(parts) < 5 or parts[1] != "IP6" or "." not in parts[4]:
             continue  # ICMPv6 (neighbour discovery) has no ports

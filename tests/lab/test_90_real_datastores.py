@@ -22,7 +22,7 @@ import uuid
 import pytest
 
 import realds
-from conftest import labctl
+from conftest import bridge_capture, labctl
 
 pytestmark = pytest.mark.skipif(labctl.COMPONENTS != "real", reason=(
     "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-real)"))
@@ -35,9 +35,9 @@ wait_ensemble = realds.wait_ensemble
 
 @pytest.fixture(scope="module")
 def real_lab(mesh):
-    """The applied lab after ``labctl.py datastores`` (the standby made through the mesh,
-    ZooKeeper servers holding pre-mesh quorum connections restarted), with a quorum."""
-    realds.run_datastores_step()
+    """The meshed lab (its ``mesh`` fixture ran ``labctl.py datastores``: the standby made
+    through the mesh, ZooKeeper servers holding pre-mesh quorum connections restarted), with a
+    quorum."""
     wait_ensemble(mesh)
     return mesh
 
@@ -66,12 +66,12 @@ def test_zkcli_writes_through_one_server_and_reads_through_another(real_lab):
     first, second = (lab.ip[n] for n in _nodes(lab, "zookeeper")[1:3])
     path = f"/amtls-{uuid.uuid4().hex[:12]}"
     value = "ZKVALUE-" + uuid.uuid4().hex
-    with realds.bridge_capture("zk-capture") as capture:
+    with bridge_capture("zk-capture") as capture:
         wrote = zkcli(lab, client, first, "create", path, value)
         read = zkcli(lab, client, second, "get", path)
     assert f"Created {path}" in wrote.stdout + wrote.stderr, wrote.stdout + wrote.stderr
     assert value in read.stdout, read.stdout + read.stderr
-    raw = capture[0]
+    raw = capture["raw"]
     assert len(raw) > 5000, "capture is empty: the test would prove nothing"
     assert value.encode() not in raw and path.encode() not in raw, \
         "ZooKeeper payload seen on the lab bridge"

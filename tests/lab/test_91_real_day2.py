@@ -34,7 +34,7 @@ def _keep(lab, pillar):
 
 @pytest.fixture(scope="module")
 def ds(mesh):
-    realds.run_datastores_step()
+    """The meshed lab (its ``mesh`` fixture ran ``labctl.py datastores``)."""
     return mesh
 
 
@@ -168,7 +168,7 @@ def test_clean_then_reinstall_the_datastores_recover(ds):
     assert tot["new_failed"] <= tot["new_ok"] // 1000, tot
     assert tot["long_broken"] == 0, tot
     lab.wait_mesh_ready()
-    realds.run_datastores_step()
+    lab.mesh_datastores()
     realds.assert_healthy(lab)
     zk = realds.nodes_of(lab, "zookeeper")
     peers = {lab.ip[n] for n in zk}

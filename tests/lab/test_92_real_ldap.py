@@ -1,7 +1,7 @@
 """OpenLDAP through the mesh (issue 12), on a lab with real datastores whose topology has two
 LDAP servers: 13-node (n4 and n5, apart from the management servers n6 and n7) and 12-node
 two-DC (n1 in dc-1 and n7 in dc-2, each beside a management server: replication crosses data
-centres). Run by ``make test``'s real topology sessions (``make lab-test-real-topologies``).
+centres). Run by ``make test``'s 13- and 12-node topology sessions (``make lab-test-topologies``).
 
 Proven here:
 
@@ -18,23 +18,22 @@ import uuid
 import pytest
 
 import realds
-from conftest import labctl
+from conftest import bridge_capture, labctl
 
 pytestmark = pytest.mark.skipif(labctl.COMPONENTS != "real", reason=(
-    "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-real-topologies)"))
+    "needs a lab with real datastores: LAB_COMPONENTS=real (make lab-test-topologies)"))
 
 real = labctl.real
 
 
 @pytest.fixture(scope="module")
 def ldap_lab(mesh):
-    """The applied lab after ``labctl.py datastores`` (syncrepl between the LDAP servers), with
-    two LDAP servers."""
+    """The meshed lab (its ``mesh`` fixture ran ``labctl.py datastores``: syncrepl between the
+    LDAP servers), with two LDAP servers."""
     ldap = realds.nodes_of(mesh, "openldap")
     if len(ldap) < 2:
         pytest.fail(f"the topology has {len(ldap)} LDAP server(s): replication needs two "
                     "(run this module on the 13- or 12-node topology)")
-    realds.run_datastores_step()
     return mesh
 
 
@@ -46,18 +45,15 @@ def _ms_apart_from(lab, server):
 
 def _inbound_from(lab, node, ips):
     """Established connections into ``node``'s 10389 from any of ``ips``."""
-    out = lab.run(node, ["ss", "-Htn", "state", "established",
-                         f"( sport = :{real.LDAP_PORT} )"]).stdout
-    return [line for line in out.splitlines()
-            if line.split() and line.split()[-1].rsplit(":", 1)[0].strip("[]")
-            .removeprefix("::ffff:") in ips]
+    out = lab.run(node, ["ss", "-Htn", "state", "established"]).stdout
+    return real.direct_connections(out, [real.LDAP_PORT], ips)
 
 
 def test_ldapsearch_from_the_management_server_through_the_mesh(ldap_lab):
     lab = ldap_lab
     clients = {server: _ms_apart_from(lab, server) for server in realds.nodes_of(lab, "openldap")}
     marker = "amtls" + uuid.uuid4().hex[:16]
-    with realds.bridge_capture("ldap-search") as capture:
+    with bridge_capture("ldap-search") as capture:
         for server, ms in clients.items():
             base = realds.ldapsearch(lab, ms, lab.ip[server], real.LDAP_BASE, scope="base")
             assert base.returncode == 0 and f"dn: {real.LDAP_BASE}" in base.stdout, \
@@ -66,7 +62,7 @@ def test_ldapsearch_from_the_management_server_through_the_mesh(ldap_lab):
             miss = realds.ldapsearch(lab, ms, lab.ip[server], real.LDAP_BASE,
                                      filt=f"(cn={marker})")
             assert miss.returncode == 0 and "dn:" not in miss.stdout, miss.stdout + miss.stderr
-    raw = capture[0]
+    raw = capture["raw"]
     assert len(raw) > 5000, "capture is empty: the test would prove nothing"
     assert marker.encode() not in raw, "LDAP payload seen on the lab bridge"
     for server, ms in clients.items():
@@ -78,7 +74,7 @@ def test_an_entry_added_on_either_ldap_server_replicates_to_the_other(ldap_lab):
     lab = ldap_lab
     first, second = realds.nodes_of(lab, "openldap")[:2]
     added = {}
-    with realds.bridge_capture("ldap-syncrepl") as capture:
+    with bridge_capture("ldap-syncrepl") as capture:
         for source, replica in ((first, second), (second, first)):
             cn = "amtls" + uuid.uuid4().hex[:16]
             ldif = f"dn: cn={cn},{real.LDAP_BASE}\nobjectClass: organizationalRole\ncn: {cn}\n"
@@ -89,7 +85,7 @@ def test_an_entry_added_on_either_ldap_server_replicates_to_the_other(ldap_lab):
                     lab, replica, "127.0.0.1", real.LDAP_BASE, filt=f"(cn={cn})").stdout),
                 timeout=60, every=1)
             added[cn] = (source, replica)
-    raw = capture[0]
+    raw = capture["raw"]
     assert len(raw) > 5000, "capture is empty: the test would prove nothing"
     for cn in added:
         assert cn.encode() not in raw, f"the replicated entry cn={cn} seen on the lab bridge"

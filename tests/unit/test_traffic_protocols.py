@@ -64,6 +64,56 @@ def test_targets_of_a_real_lab_use_the_client_ports_and_protocols():
     assert [(t["node"], t["component"]) for t in standin] == list(real)
 
 
+def test_split_flows_probes_the_real_client_ports_and_leaves_the_quorum_ports_out():
+    """A one-shot check of every flow (the topology sessions' flow and capture tests): on a
+    lab with real datastores, ZooKeeper's 2181 and Postgres's 5432 are probed in their
+    protocols, the quorum ports 2888/3888 are left to the ensemble, and the stand-ins' ports
+    (Postgres's 8084, Cassandra's) answer as stand-ins; on a stand-in lab, every flow does."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "lab"))
+    import real  # pylint: disable=import-outside-toplevel
+
+    with open(os.path.join(TOPOLOGIES, "5-node.yaml"), encoding="utf-8") as fh:
+        pillar = yaml.safe_load(fh)
+    pillar = pillar.get("apigee_mtls", pillar)
+    ups = traffic._planner().plan(pillar, "n2")["upstreams"]  # pylint: disable=protected-access
+    echo, probed = traffic.split_flows(ups, real.REAL_PORTS)
+    ports = {(u["component"], u["component_port"]) for u in echo}
+    assert ("zookeeper", 2888) not in ports and ("zookeeper", 3888) not in ports
+    assert any(u["component"] == "zookeeper" and u["component_port"] in (2888, 3888)
+               for u in ups), "the control: n2 has quorum upstreams"
+    assert ("cassandra", 9042) in ports or ("cassandra", 7000) in ports, ports
+    assert {(t["component"], t["port"], t["protocol"]) for t in probed} >= {
+        ("zookeeper", 2181, "zookeeper")}
+    assert all(t["port"] == traffic.REAL_PROTOCOLS[t["component"]][0] for t in probed)
+    assert len(echo) + len(probed) < len(ups)
+    assert traffic.split_flows(ups) == (ups, [])
+
+
+def test_probe_uses_each_target_once_and_names_a_failure():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def answer():
+        conn, _ = server.accept()
+        conn.recv(4)
+        conn.sendall(b"Zookeeper version: 3.8.0\nMode: leader\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()
+    out = traffic.probe([{"ip": "127.0.0.1", "port": port, "protocol": "zookeeper"},
+                         {"ip": "127.0.0.1", "port": refused_port, "protocol": "zookeeper"}],
+                        timeout=2)
+    server.close()
+    assert out[0] == {"ok": True}
+    assert out[1]["error"].startswith("ConnectionRefusedError"), out
+
+
 def test_zookeeper_srvr_passes_only_a_serving_server():
     sock, got, _ = _peer([(4, b"Zookeeper version: 3.8.0\nMode: follower\nNode count: 5\n")])
     traffic.ZooKeeper.new(sock, 1, {})
