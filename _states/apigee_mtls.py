@@ -928,6 +928,37 @@ def _agent_answers_authorize(services, token, wait):
     return True
 
 
+def _resolve_path(service, datacenter):
+    return "/v1/health/connect/{}?passing=1&dc={}".format(service, datacenter)
+
+
+def _agent_resolves(upstreams, token):
+    """The ``(service, datacenter)`` of ``upstreams`` for which the local agent answers a
+    passing instance now (what an egress sidecar of Consul 1.8 asks it for each new
+    connection)."""
+    ok = []
+    for service, datacenter in upstreams:
+        try:
+            if _acl("api")("GET", _resolve_path(service, datacenter), token, timeout=3):
+                ok.append((service, datacenter))
+        except Exception:  # pylint: disable=broad-except
+            pass
+    return ok
+
+
+def _wait_resolves(upstreams, token, wait):
+    """Wait until the local agent resolves each of ``upstreams`` to a passing instance again,
+    at most ``wait`` seconds; returns those it still does not resolve (empty when all)."""
+    deadline = time.monotonic() + wait
+    pending = list(upstreams)
+    while pending:
+        pending = [u for u in pending if u not in _agent_resolves([u], token)]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return pending
+
+
 def _agent_record(key, token):
     """A server's record (``{"sha256": <binary>, "state": <fingerprint>}``) or {}."""
     try:
@@ -1209,6 +1240,9 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             timings["lock_wait"] = round(time.monotonic() - began, 2)
             if why is not None:
                 return "the restart lock was not free within {} s: {}".format(wait, why)
+        # what the agent resolves now must resolve again before new connections go through
+        resolved = _agent_resolves([tuple(u) for u in restart.get("resolve_upstreams") or []],
+                                   token)
         timer = _hold(rules + rpc_rules, True) if rules or rpc_rules else None
         held = time.monotonic()
         try:
@@ -1225,6 +1259,15 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             if not _agent_answers_authorize(restart.get("authorize_services") or [], token,
                                             60):
                 return "the restarted agent does not authorize connections after 60 s"
+            # a restarted server answers "no healthy instances" for a moment after it
+            # authorizes: the egress sidecar's new connections would be reset. Bounded:
+            # callers resend a held SYN at 1 s and 3 s, and a destination down since before
+            # the restart does not count (it was not resolved before).
+            began = time.monotonic()
+            unresolved = _wait_resolves(resolved, token, restart.get("resolve_wait", 10))
+            timings["resolve"] = round(time.monotonic() - began, 2)
+            if unresolved:
+                timings["unresolved"] = ["{} ({})".format(*u) for u in unresolved]
         finally:
             _hold(rules + rpc_rules, False, timer)
             timings["held"] = round(time.monotonic() - held, 2)
@@ -1346,7 +1389,10 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
         list), ``rpc_port`` (a server's RPC port, held until the agent listens again, or
         None),
         ``authorize_services`` (this node's services: the held connections are released once
-        the restarted agent authorizes for each), ``config_file`` (``consul.json``),
+        the restarted agent authorizes for each), ``resolve_upstreams`` (``[service,
+        datacenter]`` of its upstreams: those the agent resolved to a passing instance before
+        the restart must resolve again before the release, at most ``resolve_wait`` seconds,
+        default 10), ``config_file`` (``consul.json``),
         ``wait`` (seconds to wait for the lock or the servers, default 600),
         ``leader_wait`` (seconds the leader waits for the other servers, default 120)
     :param str restart_marker: the file :py:func:`agent_config_managed` writes (removed once

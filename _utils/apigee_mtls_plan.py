@@ -2353,7 +2353,9 @@ def _restart(model, index, node, is_server, services, upstreams):
     the leader after the other servers, a client onto a new binary after the servers. While
     the agent is down, new connections are held: inbound to its sidecars (they ask the agent
     to authorize each one) and outbound to its upstream listeners (they ask it where the
-    instance is), released once the agent authorizes for every service again; on a server,
+    instance is), released once the agent authorizes for every service again and resolves
+    again the upstreams it resolved before (a restarted server can answer an upstream's
+    health query with no instance for a moment after it authorizes); on a server,
     also to its RPC port until the agent listens again: other agents' RPCs (the lookups
     behind new connections) then wait for it instead of being refused, which Consul 1.8 does
     not retry on another server (its raft peers must reach it again before it can
@@ -2370,6 +2372,8 @@ def _restart(model, index, node, is_server, services, upstreams):
                              | {u["proxy_port"] for u in upstreams}),
         "rpc_port": CONSUL_SERVER_RPC_PORT if is_server else None,
         "authorize_services": sorted(s["name"] for s in services),
+        "resolve_upstreams": sorted({(u["service"], u["datacenter"]) for u in upstreams}),
+        "resolve_wait": 10,
         "wait": 600,
         "leader_wait": 120,
     }

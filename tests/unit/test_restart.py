@@ -81,6 +81,52 @@ def test_plan_says_how_each_agent_restarts(topo5):
     assert server["rpc_port"] == 8300 and client["rpc_port"] is None
     assert 8300 not in server["hold_ports"]
     assert client["authorize_services"] == sorted(s["name"] for s in plan4["services"])
+    assert client["resolve_upstreams"] == sorted({(u["service"], u["datacenter"])
+                                                  for u in plan4["upstreams"]})
+    assert client["resolve_wait"] == 10
+
+
+class _Resolver:
+    """A local agent's health endpoint: ``answers`` (service -> list of answers in turn, the
+    last repeated); each answer a list of instances, or an exception."""
+
+    def __init__(self, answers):
+        self.answers, self.paths = answers, []
+
+    def __call__(self, method, path, token=None, **_):
+        assert method == "GET" and path.startswith("/v1/health/connect/"), path
+        assert "passing=1" in path and "&dc=" in path, path
+        self.paths.append(path)
+        service = path.split("/")[4].split("?")[0]
+        queue = self.answers[service]
+        answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_a_restarted_agent_must_resolve_again_what_it_resolved_before(monkeypatch):
+    """Before the restart the agent resolves zk and qpid, not pg (its instance is down);
+    after it, qpid answers "no instance" twice, then an instance: the wait returns once qpid
+    resolves, and never waits for pg."""
+    up = [1]
+    resolver = _Resolver({"zk": [up], "qpid": [up], "pg": [[]]})
+    monkeypatch.setattr(STATES, "__utils__", {"apigee_mtls_acl.api": resolver}, raising=False)
+    # pylint: disable=protected-access
+    before = STATES._agent_resolves([("zk", "dc-1"), ("qpid", "dc-1"), ("pg", "dc-1")], "t")
+    assert before == [("zk", "dc-1"), ("qpid", "dc-1")]
+    resolver.answers = {"zk": [RuntimeError("connection refused"), up],
+                        "qpid": [[], [], up], "pg": [[]]}
+    resolver.paths = []
+    began = time.monotonic()
+    assert STATES._wait_resolves(before, "t", 5) == []
+    assert 0.1 <= time.monotonic() - began < 2
+    assert resolver.paths and not [p for p in resolver.paths if "/connect/pg?" in p]
+    # bounded: an upstream that never resolves again is reported, not waited for forever
+    resolver.answers = {"zk": [[]], "qpid": [up]}
+    began = time.monotonic()
+    assert STATES._wait_resolves(before, "t", 0.3) == [("zk", "dc-1")]
+    assert time.monotonic() - began < 1.5
 
 
 class _Node:
