@@ -928,8 +928,27 @@ def _agent_answers_authorize(services, token, wait):
     return True
 
 
+def _wait_caught_up(token, wait):
+    """Wait until this server has caught up with its leader
+    (``apigee_mtls_restart.caught_up`` on ``/v1/agent/self``), at most ``wait`` seconds;
+    True when it did."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            stats = _acl("api")("GET", "/v1/agent/self", token, timeout=3)["Stats"]["raft"]
+            if _rs("caught_up")(stats):
+                return True
+        except Exception:  # pylint: disable=broad-except
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _resolve_path(service, datacenter):
-    return "/v1/health/connect/{}?passing=1&dc={}".format(service, datacenter)
+    """The lookup Consul 1.8's proxy makes for each new upstream connection: passing
+    instances, stale reads allowed (``connect/resolver.go``: ``AllowStale: true``)."""
+    return "/v1/health/connect/{}?passing=1&stale&dc={}".format(service, datacenter)
 
 
 def _agent_resolves(upstreams, token):
@@ -1223,7 +1242,8 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             if not restart.get("server") and restart.get("servers") else None)
     lock = _RestartLock(restart, token) if restart.get("server") else None
     rules = _rs("hold_rules")(restart.get("hold_ports") or [])
-    rpc_rules = _rs("hold_rules")([restart["rpc_port"]]) if restart.get("rpc_port") else []
+    rpc_rules = (_rs("hold_rules")([restart["rpc_port"]], restart.get("rpc_peers") or [])
+                 if restart.get("rpc_port") else [])
     try:
         if slot is not None:
             began = time.monotonic()
@@ -1253,8 +1273,14 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
                 return "systemctl restart {} failed".format(service)
             timings["restart"] = round(time.monotonic() - held, 2)
             if rpc_rules:
-                # a server: its raft peers must reach it again before it can authorize
+                # a server: its raft peers reach it through the hold; the other agents wait
+                # until it has caught up with its leader (before, it answers stale reads from
+                # the snapshot it restored: "no healthy instances found")
                 _wait_listening([restart["rpc_port"]], 10)
+                began = time.monotonic()
+                if not _wait_caught_up(token, restart.get("catch_up_wait", 10)):
+                    timings["not_caught_up"] = True
+                timings["catch_up"] = round(time.monotonic() - began, 2)
                 _hold(rpc_rules, False)
             if not _agent_answers_authorize(restart.get("authorize_services") or [], token,
                                             60):
@@ -1386,8 +1412,10 @@ def agent_current(name, bin_path, unit_file, restart=None, restart_marker=RESTAR
     :param dict restart: ``node`` (this node's Consul name), ``server`` (bool), ``servers``
         (the data center's servers), ``token_file`` (this node's ACL token: lock, records,
         authorize), ``hold_ports`` (its sidecars' public ports and upstream listeners, int
-        list), ``rpc_port`` (a server's RPC port, held until the agent listens again, or
-        None),
+        list), ``rpc_port`` (a server's RPC port, held until the agent listens again and has
+        caught up with its leader, at most ``catch_up_wait`` seconds, default 10, or
+        None), ``rpc_peers`` (the data center's other servers: their SYNs to it pass the
+        hold, so that raft reaches it),
         ``authorize_services`` (this node's services: the held connections are released once
         the restarted agent authorizes for each), ``resolve_upstreams`` (``[service,
         datacenter]`` of its upstreams: those the agent resolved to a passing instance before

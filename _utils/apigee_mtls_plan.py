@@ -2371,6 +2371,11 @@ def _restart(model, index, node, is_server, services, upstreams):
         "hold_ports": sorted({s["connect"]["sidecar_service"]["port"] for s in services}
                              | {u["proxy_port"] for u in upstreams}),
         "rpc_port": CONSUL_SERVER_RPC_PORT if is_server else None,
+        # a restarted server's raft peers reach it through its RPC hold: it catches up with
+        # its leader before the other agents' lookups (stale reads) reach it
+        "rpc_peers": sorted(s["ip"] for s in index.servers_by_dc[node["datacenter"]]
+                            if s["id"] != node["id"]) if is_server else [],
+        "catch_up_wait": 10,
         "authorize_services": sorted(s["name"] for s in services),
         "resolve_upstreams": sorted({(u["service"], u["datacenter"]) for u in upstreams}),
         "resolve_wait": 10,

@@ -54,7 +54,7 @@ def kv_keys():
             "clients": CLIENTS_PREFIX}
 
 
-def hold_rules(ports):
+def hold_rules(ports, allow_from=()):
     """
     The iptables rules (filter table, inserted first in INPUT) that drop new TCP connections
     (SYN) to ``ports`` while the local agent restarts. A dropped SYN is sent again by the
@@ -62,6 +62,10 @@ def hold_rules(ports):
 
     :param ports: the node's sidecar public ports, upstream listeners and, on a server, its
         server RPC port (ints)
+    :param allow_from: addresses whose SYNs still pass (a server's raft peers: the restarted
+        server must hear from its leader to catch up while the other agents wait); inserted
+        in the given order, the ACCEPT rules come after the DROP in the list, so that
+        inserting each first in INPUT puts them above it
     :return: rule specifications without the chain, e.g. ``-p tcp -m tcp --syn -m multiport
         --dports 10300,10301 -m comment --comment apigee-mtls-hold -j DROP`` (list of str);
         empty when there is no port
@@ -73,8 +77,44 @@ def hold_rules(ports):
     """
     ports = sorted(set(int(p) for p in ports))
     chunks = [ports[i:i + MULTIPORT_MAX] for i in range(0, len(ports), MULTIPORT_MAX)]
-    return ["-p tcp -m tcp --syn -m multiport --dports {} -m comment --comment {} -j "
-            "DROP".format(",".join(str(p) for p in chunk), HOLD_COMMENT) for chunk in chunks]
+    rules = ["-p tcp -m tcp --syn -m multiport --dports {} -m comment --comment {} -j "
+             "DROP".format(",".join(str(p) for p in chunk), HOLD_COMMENT) for chunk in chunks]
+    for address in allow_from if rules else ():
+        rules += ["-s {}/32 -p tcp -m tcp --syn -m multiport --dports {} -m comment --comment "
+                  "{} -j ACCEPT".format(address, ",".join(str(p) for p in chunk), HOLD_COMMENT)
+                  for chunk in chunks]
+    return rules
+
+
+def caught_up(raft):
+    """
+    Whether a Consul server's state has caught up with its leader's, from the ``raft`` stats
+    of ``/v1/agent/self`` (strings): it has heard from a leader, and it has applied every
+    entry its leader told it is committed. A restarted server restores its last snapshot and
+    applies the entries after it only once it hears from its leader; meanwhile it answers
+    stale reads (Consul 1.8's proxies resolve upstreams with stale reads) from old state:
+    "no healthy instances found".
+
+    :param dict raft: ``Stats.raft`` of ``/v1/agent/self``
+    :return: bool
+
+    .. code-block:: python
+
+        >>> caught_up({"state": "Follower", "last_contact": "4.2ms", "commit_index": "870",
+        ...            "applied_index": "870"})
+        True
+        >>> caught_up({"state": "Follower", "last_contact": "never", "commit_index": "0",
+        ...            "applied_index": "861"})
+        False
+    """
+    try:
+        commit, applied = int(raft.get("commit_index", 0)), int(raft.get("applied_index", 0))
+    except (TypeError, ValueError):
+        return False
+    if raft.get("state") == "Leader":
+        return applied >= commit > 0
+    return (raft.get("state") == "Follower" and raft.get("last_contact") not in (None, "never")
+            and applied >= commit > 0)
 
 
 #: an established connection that has received no more data segments than this is still in

@@ -1,5 +1,6 @@
 """The rules for restarting Consul agents without an outage (_utils/apigee_mtls_restart.py)
 and the agent_current state's decisions, with Salt's dunders stubbed."""
+import doctest
 import hashlib
 import importlib.util
 import json
@@ -28,6 +29,35 @@ def test_hold_rules_drop_only_new_connections_to_the_given_ports():
     assert "--dports 10000,10001" in rules[0] and "--dports 10015," in rules[1]
     assert all("--comment apigee-mtls-hold" in r for r in rules)
     assert rs.hold_rules([]) == []
+
+
+def test_a_servers_rpc_hold_lets_its_raft_peers_through():
+    """The ACCEPTs for the peers come after the DROP in the list: inserted first in INPUT one
+    by one, they end up above it."""
+    rules = rs.hold_rules([8300], ["10.77.0.12", "10.77.0.13"])
+    assert rules[0].endswith("-j DROP") and not rules[0].startswith("-s ")
+    assert rules[1:] == [
+        f"-s 10.77.0.{i}/32 -p tcp -m tcp --syn -m multiport --dports 8300 -m comment "
+        "--comment apigee-mtls-hold -j ACCEPT" for i in (12, 13)]
+    assert rs.hold_rules([], ["10.77.0.12"]) == []
+    assert rs.hold_rules([10300]) == [rs.hold_rules([10300], [])[0]]
+
+
+def test_a_restarted_server_has_caught_up_once_it_applied_what_its_leader_committed():
+    assert rs.caught_up({"state": "Follower", "last_contact": "3ms", "commit_index": "900",
+                         "applied_index": "900"})
+    # heard from its leader, still applying the entries after its snapshot
+    assert not rs.caught_up({"state": "Follower", "last_contact": "3ms",
+                             "commit_index": "900", "applied_index": "861"})
+    # restored its snapshot, no leader yet: commit index unknown
+    assert not rs.caught_up({"state": "Follower", "last_contact": "never",
+                             "commit_index": "0", "applied_index": "861"})
+    assert not rs.caught_up({"state": "Candidate", "last_contact": "3ms",
+                             "commit_index": "900", "applied_index": "900"})
+    assert rs.caught_up({"state": "Leader", "last_contact": "0", "commit_index": "9",
+                         "applied_index": "9"})
+    assert not rs.caught_up({"commit_index": "x"})
+    assert doctest.testmod(rs).failed == 0
 
 
 def test_a_cluster_loses_a_server_only_when_it_tolerates_it():
@@ -84,6 +114,37 @@ def test_plan_says_how_each_agent_restarts(topo5):
     assert client["resolve_upstreams"] == sorted({(u["service"], u["datacenter"])
                                                   for u in plan4["upstreams"]})
     assert client["resolve_wait"] == 10
+    assert server["rpc_peers"] == ["10.77.0.12", "10.77.0.13"] and client["rpc_peers"] == []
+    assert server["catch_up_wait"] == 10
+
+
+def test_a_server_waits_until_it_caught_up_before_the_other_agents_reach_it(monkeypatch):
+    """/v1/agent/self in turn: no answer, no leader yet, applying, caught up."""
+    answers = [RuntimeError("connection refused"),
+               {"state": "Follower", "last_contact": "never", "commit_index": "0",
+                "applied_index": "861"},
+               {"state": "Follower", "last_contact": "2ms", "commit_index": "900",
+                "applied_index": "870"},
+               {"state": "Follower", "last_contact": "2ms", "commit_index": "900",
+                "applied_index": "900"}]
+
+    def api(method, path, token=None, **_):
+        assert (method, path) == ("GET", "/v1/agent/self")
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return {"Stats": {"raft": answer}}
+
+    monkeypatch.setattr(STATES, "__utils__", {"apigee_mtls_acl.api": api,
+                                              "apigee_mtls_restart.caught_up": rs.caught_up},
+                        raising=False)
+    assert STATES._wait_caught_up("t", 5) is True  # pylint: disable=protected-access
+    assert len(answers) == 1
+    answers[:] = [{"state": "Follower", "last_contact": "never", "commit_index": "0",
+                   "applied_index": "1"}]
+    began = time.monotonic()
+    assert STATES._wait_caught_up("t", 0.3) is False  # pylint: disable=protected-access
+    assert time.monotonic() - began < 1.5
 
 
 class _Resolver:
@@ -95,7 +156,7 @@ class _Resolver:
 
     def __call__(self, method, path, token=None, **_):
         assert method == "GET" and path.startswith("/v1/health/connect/"), path
-        assert "passing=1" in path and "&dc=" in path, path
+        assert "passing=1&stale&dc=" in path, path
         self.paths.append(path)
         service = path.split("/")[4].split("?")[0]
         queue = self.answers[service]
