@@ -2352,10 +2352,10 @@ def _restart(model, index, node, is_server, services, upstreams):
     the rules are in ``apigee_mtls_restart``): a server under its data center's restart lock,
     the leader after the other servers, a client onto a new binary after the servers. While
     the agent is down, new connections are held: inbound to its sidecars (they ask the agent
-    to authorize each one) and outbound to its upstream listeners (they ask it where the
-    instance is), released once the agent authorizes for every service again and resolves
-    again the upstreams it resolved before (a restarted server can answer an upstream's
-    health query with no instance for a moment after it authorizes); on a server,
+    to authorize each one), released once the agent authorizes for every service again, and
+    outbound to its upstream listeners (they ask it where the instance is), released once it
+    also resolves again the upstreams it resolved before (a restarted server can answer an
+    upstream's health query with no instance for a moment after it authorizes); on a server,
     also to its RPC port until the agent listens again: other agents' RPCs (the lookups
     behind new connections) then wait for it instead of being refused, which Consul 1.8 does
     not retry on another server (its raft peers must reach it again before it can
@@ -2368,8 +2368,11 @@ def _restart(model, index, node, is_server, services, upstreams):
         "token_file": model["consul"]["config_dir"] + "/acl/agent.token" if acl else None,
         "config_file": model["consul"]["config_dir"] + "/consul.json",
         "address": node["ip"],
-        "hold_ports": sorted({s["connect"]["sidecar_service"]["port"] for s in services}
-                             | {u["proxy_port"] for u in upstreams}),
+        # released apart: the sidecars' public ports once the agent authorizes again, the
+        # upstream listeners once it also resolves again (each held port under ~4 s: callers
+        # resend a held SYN every second, and give up at their connect timeout, often 5 s)
+        "hold_inbound": sorted({s["connect"]["sidecar_service"]["port"] for s in services}),
+        "hold_outbound": sorted({u["proxy_port"] for u in upstreams}),
         "rpc_port": CONSUL_SERVER_RPC_PORT if is_server else None,
         # a restarted server's raft peers reach it through its RPC hold: it catches up with
         # its leader before the other agents' lookups (stale reads) reach it

@@ -106,10 +106,11 @@ def test_plan_says_how_each_agent_restarts(topo5):
     plan4 = amp.plan(topo5, "n4")
     sidecars = {s["connect"]["sidecar_service"]["port"] for s in plan4["services"]}
     upstreams = {u["proxy_port"] for u in plan4["upstreams"]}
-    assert set(client["hold_ports"]) == sidecars | upstreams
+    assert set(client["hold_inbound"]) == sidecars
+    assert set(client["hold_outbound"]) == upstreams
     # a server also holds its RPC port while it is down: callers wait instead of being refused
     assert server["rpc_port"] == 8300 and client["rpc_port"] is None
-    assert 8300 not in server["hold_ports"]
+    assert 8300 not in server["hold_inbound"] + server["hold_outbound"]
     assert client["authorize_services"] == sorted(s["name"] for s in plan4["services"])
     assert client["resolve_upstreams"] == sorted({(u["service"], u["datacenter"])
                                                   for u in plan4["upstreams"]})
@@ -271,24 +272,46 @@ def test_a_marked_configuration_change_restarts_once(tmp_path, current):
 
 def test_a_hold_leaves_nothing_behind(monkeypatch):
     """The hold's rules go in first in INPUT with a 120 s expiry timer as a safety net; the
-    release deletes the rules and stops the timer (`apigee_mtls.clean` finds no unit)."""
+    release deletes the rules in one atomic iptables-restore and stops the timer
+    (`apigee_mtls.clean` finds no unit); when that batch fails (a rule already gone), rule
+    by rule."""
     live, calls = [], []
 
     def check(table, chain, rule):
         return rule in live
 
+    def run_all(cmd, stdin=None, **_):
+        calls.append(cmd)
+        if cmd[0] != "iptables-restore":
+            return {"retcode": 0}
+        assert cmd[1:] == ["--noflush", "--wait"] and stdin.startswith("*filter\n")
+        gone = [line[len("-D INPUT "):] for line in stdin.splitlines() if line.startswith("-D")]
+        if not set(gone) <= set(live):
+            return {"retcode": 1}  # atomic: nothing deleted
+        live[:] = [r for r in live if r not in gone]
+        return {"retcode": 0}
+
+    deletes = []
     monkeypatch.setattr(STATES, "__salt__", {
         "iptables.check": check,
         "iptables.insert": lambda table, chain, position, rule: live.insert(0, rule),
-        "iptables.delete": lambda table, chain, rule: live.remove(rule),
-        "cmd.run_all": lambda cmd, **kw: calls.append(cmd) or {"retcode": 0},
+        "iptables.delete": lambda table, chain, rule: deletes.append(rule) or live.remove(rule),
+        "cmd.run_all": run_all,
     }, raising=False)
-    rules = rs.hold_rules([10300, 10301])
+    rules = rs.hold_rules([10300], ["10.77.0.11"])
     timer = STATES._hold(rules, True)  # pylint: disable=protected-access
-    assert live == rules and timer.startswith("apigee-mtls-hold-expire-")
+    assert live == rules[::-1] and timer.startswith("apigee-mtls-hold-expire-")
+    assert live[0].startswith("-s 10.77.0.11/32") and live[-1].endswith("-j DROP")
     assert calls[0][:3] == ["systemd-run", "--collect", "--on-active=120"]
     STATES._hold(rules, False, timer)  # pylint: disable=protected-access
-    assert live == [] and calls[-1][:2] == ["systemctl", "stop"] and timer + ".timer" in calls[-1]
+    assert live == [] and not deletes
+    assert calls[-2][0] == "iptables-restore"
+    assert calls[-1][:2] == ["systemctl", "stop"] and timer + ".timer" in calls[-1]
+    # one rule already gone (the expiry timer ran): the others go one at a time
+    STATES._hold(rules, True)  # pylint: disable=protected-access
+    live.remove(rules[0])
+    STATES._hold(rules, False)  # pylint: disable=protected-access
+    assert live == [] and deletes == [rules[1]]
 
 
 def test_a_unit_file_written_after_the_agent_started_restarts_it(tmp_path, current):
@@ -494,3 +517,65 @@ def test_a_client_restarts_onto_a_new_binary_once_every_server_runs_it(monkeypat
     slot = STATES._RestartSlot(restart, "tok", "new")
     assert slot.acquire(1) is None
     slot.release()
+
+
+class _FakeLock:
+    def __init__(self, restart, token):
+        pass
+
+    def acquire(self, wait, want):
+        return None
+
+    def wait_healthy(self, wait):
+        return None
+
+    def release(self):
+        pass
+
+
+@pytest.mark.parametrize("server", [False, True])
+def test_each_held_port_is_released_as_soon_as_its_sidecar_can_serve(monkeypatch, server):
+    """The sidecars' public ports once the agent authorizes again; a server's RPC port once
+    it has caught up with its leader; the upstream listeners last, once the agent resolves
+    again what it resolved before (measured on the CI machine with one release for all: a
+    server's ports stayed held 5.1 s, past the callers' 5 s timeout)."""
+    events = []
+    restart = {"node": "n2", "server": server, "hold_inbound": [10300],
+               "hold_outbound": [10400], "rpc_port": 8300 if server else None,
+               "rpc_peers": ["10.77.0.11"] if server else [],
+               "authorize_services": ["zk"], "resolve_upstreams": [["qpid", "dc-1"]]}
+    inbound, outbound = rs.hold_rules([10300]), rs.hold_rules([10400])
+    rpc = rs.hold_rules([8300], ["10.77.0.11"])
+
+    def hold(rules, on, timer=None):
+        events.append(("hold" if on else "release",
+                       tuple(sorted(n for n, r in (("inbound", inbound), ("outbound", outbound),
+                                                   ("rpc", rpc)) if set(r) <= set(rules)))))
+        return "timer"
+
+    monkeypatch.setattr(STATES, "__utils__", {
+        "apigee_mtls_restart.hold_rules": rs.hold_rules}, raising=False)
+    monkeypatch.setattr(STATES, "__salt__", {
+        "service.restart": lambda name: events.append(("restart", name)) or True},
+        raising=False)
+    monkeypatch.setattr(STATES, "_hold", hold)
+    monkeypatch.setattr(STATES, "_drain", lambda ports, minimum: 0.2)
+    monkeypatch.setattr(STATES, "_RestartLock", _FakeLock)
+    monkeypatch.setattr(STATES, "_wanted_state", lambda *a: {})
+    monkeypatch.setattr(STATES, "_record_agent", lambda *a: None)
+    monkeypatch.setattr(STATES, "_wait_listening", lambda ports, wait: [])
+    monkeypatch.setattr(STATES, "_wait_caught_up",
+                        lambda token, wait: events.append(("caught up",)) or True)
+    monkeypatch.setattr(STATES, "_agent_answers_authorize",
+                        lambda services, token, wait: events.append(("authorizes",)) or True)
+    monkeypatch.setattr(STATES, "_agent_resolves", lambda upstreams, token: upstreams)
+    monkeypatch.setattr(STATES, "_wait_resolves",
+                        lambda upstreams, token, wait: events.append(("resolves",)) or [])
+    timings = {}
+    assert STATES._restart_agent("consul", restart, None, timings) is None  # pylint: disable=protected-access
+    held = ("inbound", "outbound", "rpc") if server else ("inbound", "outbound")
+    want = [("hold", held), ("restart", "consul"), ("authorizes",), ("release", ("inbound",))]
+    want += [("caught up",), ("release", ("rpc",))] if server else []
+    want += [("resolves",), ("release", ("outbound",))]
+    assert events == want
+    assert {"drain", "restart", "held_inbound", "resolve", "held"} <= set(timings)
