@@ -16,9 +16,17 @@ apigee-mtls-service-unit-absent:
     - require:
       - service: apigee-mtls-service-dead
 
-{#- systemd forgets the unit (a stopped agent may be listed as failed) #}
+apigee-mtls-service-stop-dropin-absent:
+  file.absent:
+    - name: {{ params.systemd_unit_dir }}/consul.service.d/apigee-mtls-stop.conf
+    - require:
+      - service: apigee-mtls-service-dead
+
+{#- systemd forgets the unit (a stopped agent may be listed as failed); the drop-in
+    directory goes too unless an operator's drop-in is left in it #}
 apigee-mtls-service-daemon-reload:
   cmd.run:
-    - name: systemctl daemon-reload; systemctl reset-failed consul.service 2>/dev/null; true
+    - name: rmdir {{ params.systemd_unit_dir }}/consul.service.d 2>/dev/null; systemctl daemon-reload; systemctl reset-failed consul.service 2>/dev/null; true
     - onchanges:
       - file: apigee-mtls-service-unit-absent
+      - file: apigee-mtls-service-stop-dropin-absent

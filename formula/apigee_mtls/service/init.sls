@@ -21,6 +21,23 @@ apigee-mtls-service-unit-managed:
     - group: root
     - mode: "0644"
 
+{#- how systemd stops the agent: a drop-in, not the unit, so that a change to it restarts no
+    agent (agent_current restarts on a unit file change); systemd reads it at the next stop #}
+apigee-mtls-service-stop-dropin-managed:
+  file.managed:
+    - name: {{ params.systemd_unit_dir }}/consul.service.d/apigee-mtls-stop.conf
+    - source: salt://apigee_mtls/files/consul-stop.conf
+    - makedirs: True
+    - user: root
+    - group: root
+    - mode: "0644"
+
+apigee-mtls-service-systemd-reloaded:
+  cmd.run:
+    - name: systemctl daemon-reload
+    - onchanges:
+      - file: apigee-mtls-service-stop-dropin-managed
+
 apigee-mtls-service-running:
   service.running:
     - name: consul
@@ -34,6 +51,7 @@ apigee-mtls-service-running:
       # consul.json: its own state reloads or restarts a running agent as the change needs
       - apigee_mtls: apigee-mtls-config-agent-file-managed
       - file: apigee-mtls-service-unit-managed
+      - cmd: apigee-mtls-service-systemd-reloaded
       - file: apigee-mtls-install-consul-binary-managed
 {%- if plan.acl.enabled %}
     - watch:
