@@ -957,12 +957,6 @@ def _caught_up(token):
         return False
 
 
-def _wait_caught_up(token, wait):
-    """Wait until this server has caught up with its leader, at most ``wait`` seconds; True
-    when it did."""
-    return _poll(lambda: _caught_up(token), wait)
-
-
 def _resolve_path(service, datacenter):
     """The lookup Consul 1.8's proxy makes for each new upstream connection: passing
     instances, stale reads allowed (``connect/resolver.go``: ``AllowStale: true``)."""
@@ -982,17 +976,6 @@ def _resolves(upstream, token):
 def _agent_resolves(upstreams, token):
     """The ``(service, datacenter)`` of ``upstreams`` the local agent resolves now."""
     return [u for u in upstreams if _resolves(u, token)]
-
-
-def _wait_resolves(upstreams, token, wait):
-    """Wait until the local agent resolves each of ``upstreams`` to a passing instance again,
-    at most ``wait`` seconds; returns those it still does not resolve (empty when all)."""
-    pending = list(upstreams)
-
-    def still_pending():
-        pending[:] = [u for u in pending if not _resolves(u, token)]
-        return pending
-    return _poll(still_pending, wait, 0.1, done=lambda left: not left)
 
 
 def _agent_record(key, token):
@@ -1304,26 +1287,41 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
                 _hold(inbound_rules, False)
                 still_held = [r for r in still_held if r not in inbound_rules]
                 timings["held_inbound"] = round(time.monotonic() - held, 2)
+            # a server's RPC port opens once it has caught up with its leader (before, it
+            # answers the other agents' stale lookups from the snapshot it restored: "no
+            # healthy instances found"; its raft peers reach it through the hold); the
+            # upstream listeners once the agent resolves again, with the proxy's own stale
+            # lookup, every upstream it resolved before (a destination down since before
+            # does not count). Each is bounded, and neither waits for the other: a leader's
+            # restart waits for an election before it catches up, which its own egress,
+            # served from its state, need not.
             if rpc_rules:
-                # a server: its raft peers reach it through the hold; the other agents wait
-                # until it has caught up with its leader (before, it answers stale reads from
-                # the snapshot it restored: "no healthy instances found")
                 _wait_listening([restart["rpc_port"]], 10)
-                began = time.monotonic()
-                if not _wait_caught_up(token, restart.get("catch_up_wait", 10)):
-                    timings["not_caught_up"] = True
-                timings["catch_up"] = round(time.monotonic() - began, 2)
-                _hold(rpc_rules, False)
-                still_held = [r for r in still_held if r not in rpc_rules]
-            # a restarted server answers "no healthy instances" for a moment after it
-            # authorizes: the egress sidecar's new connections would be reset. Bounded, and
-            # a destination down since before the restart does not count (it was not
-            # resolved before).
+            rpc_wait = restart.get("catch_up_wait", 10) if rpc_rules else None
+            resolve_wait = restart.get("resolve_wait", 10)
+            pending = list(resolved)
+            outbound_rules = [r for r in rules if r not in inbound_rules]
             began = time.monotonic()
-            unresolved = _wait_resolves(resolved, token, restart.get("resolve_wait", 10))
-            timings["resolve"] = round(time.monotonic() - began, 2)
-            if unresolved:
-                timings["unresolved"] = ["{} ({})".format(*u) for u in unresolved]
+            while rpc_wait is not None or resolve_wait is not None:
+                waited = time.monotonic() - began
+                if rpc_wait is not None and (_caught_up(token) or waited > rpc_wait):
+                    if waited > rpc_wait:
+                        timings["not_caught_up"] = True
+                    _hold(rpc_rules, False)
+                    still_held = [r for r in still_held if r not in rpc_rules]
+                    timings["catch_up"] = round(time.monotonic() - began, 2)
+                    rpc_wait = None
+                if resolve_wait is not None:
+                    pending = [u for u in pending if not _resolves(u, token)]
+                    if not pending or waited > resolve_wait:
+                        if pending:
+                            timings["unresolved"] = ["{} ({})".format(*u) for u in pending]
+                        _hold(outbound_rules, False)
+                        still_held = [r for r in still_held if r not in outbound_rules]
+                        timings["resolve"] = round(time.monotonic() - began, 2)
+                        resolve_wait = None
+                if rpc_wait is not None or resolve_wait is not None:
+                    time.sleep(0.05)
         finally:
             _hold(still_held, False, timer)
             timings["held"] = round(time.monotonic() - held, 2)
