@@ -6,6 +6,10 @@ TOPOLOGY ?= tests/topologies/5-node.yaml
 # what runs as the datastores: standin (every component a stand-in) or real (ZooKeeper,
 # PostgreSQL and OpenLDAP from Debian 12 in place of theirs: lab/real.py)
 COMPONENTS ?= standin
+# the sidecars' data plane of the lab's pillar (proxy:data_plane): builtin (Consul 1.8's
+# proxy) or envoy (README "Data planes")
+DATA_PLANE ?= builtin
+export LAB_DATA_PLANE ?= $(DATA_PLANE)
 export LAB_STATE ?= /var/lib/apigee-mtls-lab
 export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
@@ -13,7 +17,8 @@ export LAB_CACHE ?= /var/cache/apigee-mtls-lab
 
 help:
 	@echo "make lab        boot the lab ($(TOPOLOGY)) and run salt '*' state.apply apigee_mtls"
-	@echo "                (COMPONENTS=real: real ZooKeeper, PostgreSQL, OpenLDAP from Debian)"
+	@echo "                (COMPONENTS=real: real ZooKeeper, PostgreSQL, OpenLDAP from Debian;"
+	@echo "                 DATA_PLANE=envoy: Envoy in place of Consul 1.8's built-in proxy)"
 	@echo "make lab-down   remove every machine, link, mount and process the lab created"
 	@echo "make test       every test: unit tests, then the lab tests (boots its own lab)"
 	@echo "make bench      benchmarks: prints a table, writes bench/results.json"
@@ -57,11 +62,14 @@ TOPOLOGY_TESTS := tests/lab/test_10_foundation.py::test_test_mode_on_fresh_nodes
 	tests/lab/test_99_teardown.py
 # tests for two data centres only (the secondary's Connect CA), before the teardown
 MULTI_DC_TESTS := tests/lab/test_16_secondary_ca.py
-# the real datastores (issue 12), on a 5-node lab of their own booted with COMPONENTS=real
+# the real datastores (issue 12), on a 5-node lab of their own booted with COMPONENTS=real and
+# the Envoy data plane (half-close, leader failover, day-2 under traffic on Envoy; the 13- and
+# 12-node real sessions run the built-in proxy)
 REAL_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywhere \
 	tests/lab/test_10_foundation.py::test_rerun_reports_zero_changes \
 	tests/lab/test_90_real_datastores.py \
 	tests/lab/test_91_real_day2.py \
+	tests/lab/test_93_data_plane_switch.py \
 	tests/lab/test_99_teardown.py
 
 # the real datastores on the topologies with two LDAP servers (replicating through the mesh):
@@ -74,7 +82,7 @@ REAL_TOPOLOGY_TESTS := tests/lab/test_90_real_datastores.py tests/lab/test_92_re
 test: venv
 	$(PY) -m pytest tests -v --durations=20 $(addprefix --ignore=,$(MULTI_DC_TESTS)) \
 	  --ignore=tests/lab/test_90_real_datastores.py --ignore=tests/lab/test_91_real_day2.py \
-	  --ignore=tests/lab/test_92_real_ldap.py
+	  --ignore=tests/lab/test_92_real_ldap.py --ignore=tests/lab/test_93_data_plane_switch.py
 	$(MAKE) lab-test-topologies
 	$(MAKE) lab-test-real
 
@@ -90,8 +98,9 @@ lab-test-topologies: venv
 	done
 
 lab-test-real: venv
-	@echo "=== real datastores (5-node, COMPONENTS=real) ==="
-	LAB_COMPONENTS=real TOPOLOGY=tests/topologies/5-node.yaml $(PY) -m pytest $(REAL_TESTS) -v --durations=5
+	@echo "=== real datastores (5-node, COMPONENTS=real, DATA_PLANE=envoy) ==="
+	LAB_COMPONENTS=real LAB_DATA_PLANE=envoy TOPOLOGY=tests/topologies/5-node.yaml \
+	  $(PY) -m pytest $(REAL_TESTS) -v --durations=5
 
 bench: venv
 	$(PY) bench/run.py

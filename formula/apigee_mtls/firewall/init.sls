@@ -9,12 +9,15 @@
 {%- from "apigee_mtls/map.jinja" import params, plan with context %}
 {%- if plan.member %}
 {%- set signer = plan.signer == grains.id %}
+{%- set builtin = plan.proxy.data_plane == "builtin" %}
 include:
   - apigee_mtls.mesh
 {%- if signer %}
   - apigee_mtls.intentions
 {%- endif %}
 
+{#- the built-in proxies' egress identity move and drain; Envoy has one egress, no move #}
+{%- if builtin %}
 {#- a new egress identity (the move to role identities, a new component set): the rules move
     new connections to its proxy only once it reaches every upstream the previous proxy
     reaches (its intentions are written: on the signer, before this) #}
@@ -29,6 +32,7 @@ apigee-mtls-firewall-egress-switch-ready:
       - service: apigee-mtls-mesh-proxy-{{ plan.egress.id }}-running
 {%- if signer %}
       - sls: apigee_mtls.intentions
+{%- endif %}
 {%- endif %}
 
 apigee-mtls-firewall-script-managed:
@@ -94,11 +98,16 @@ apigee-mtls-firewall-chains-managed:
       - file: apigee-mtls-firewall-rules-managed
       - file: apigee-mtls-firewall-rules6-managed
       - file: apigee-mtls-firewall-script-managed
+{%- if builtin %}
       - apigee_mtls: apigee-mtls-firewall-egress-switch-ready
 {%- for svc in plan.proxies %}
       - service: apigee-mtls-mesh-proxy-{{ svc }}-running
 {%- endfor %}
+{%- else %}
+      - service: apigee-mtls-mesh-envoy-running
+{%- endif %}
 
+{%- if builtin %}
 {#- a previous egress proxy stops once it carries no connection (later runs retry) #}
 apigee-mtls-firewall-egress-drained:
   apigee_mtls.egress_drained:
@@ -112,6 +121,7 @@ apigee-mtls-firewall-egress-drained:
     - group: {{ plan.consul.group }}
     - require:
       - apigee_mtls: apigee-mtls-firewall-chains-managed
+{%- endif %}
 
 {#- a node removed from the pillar: its established connections to Consul's and the sidecar
     ports end with this run (the chains above refuse its packets, established or not; this

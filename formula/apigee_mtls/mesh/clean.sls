@@ -4,6 +4,7 @@
 {%- set config_dir = (plan.get("consul") or {}).get("config_dir", "/etc/consul.d") %}
 include:
   - apigee_mtls.firewall.clean
+  - apigee_mtls.mesh.envoy_clean
 
 {#- the service definitions (apigee_mtls.mesh's file); a running agent keeps their
     registrations until its next reload or stop #}
@@ -50,3 +51,15 @@ apigee-mtls-mesh-systemd-forget:
     - require:
       - file: apigee-mtls-mesh-proxy-unit-absent
     - order: last
+
+{#- the Envoy data plane (apigee_mtls.mesh.envoy_clean), whichever data plane the pillar
+    names now, once the redirect rules are gone #}
+extend:
+  apigee-mtls-mesh-envoy-dead:
+    service.dead:
+      - require:
+        - sls: apigee_mtls.firewall.clean
+  apigee-mtls-mesh-envoy-unit-absent:
+    file.absent:
+      - require:
+        - sls: apigee_mtls.firewall.clean

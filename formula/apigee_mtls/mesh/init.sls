@@ -6,15 +6,22 @@
 {%- from "apigee_mtls/map.jinja" import params, plan with context %}
 {%- if plan.member %}
 {%- set c = plan.consul %}
+{%- set builtin = plan.proxy.data_plane == "builtin" %}
 include:
   - apigee_mtls.service
 {%- if plan.acl.enabled %}
   - apigee_mtls.acl
 {%- endif %}
+{%- if builtin %}
+  - apigee_mtls.mesh.envoy_clean
+{%- else %}
+  - apigee_mtls.mesh.envoy
+{%- endif %}
 
 {#- a previous egress instance of this node (an identity change: the move to role identities,
     a new component set) stays registered, from the draining file, while its proxy drains;
     apigee_mtls.egress_drained (apigee_mtls.firewall) stops it #}
+{%- if builtin %}
 apigee-mtls-mesh-egress-draining:
   apigee_mtls.egress_draining:
     - name: {{ plan.egress.draining_file }}
@@ -27,6 +34,7 @@ apigee-mtls-mesh-egress-draining:
       - file: apigee-mtls-mesh-services-file-managed
     - onchanges_in:
       - cmd: apigee-mtls-service-reloaded
+{%- endif %}
 
 {#- apigee-mtls-services.json: with ACLs each definition carries the node's token, so it is
     rendered on the minion from the token file (like encrypt.json) and its diff is not shown;
@@ -51,6 +59,7 @@ apigee-mtls-mesh-services-file-managed:
     - onchanges_in:
       - cmd: apigee-mtls-service-reloaded
 
+{%- if builtin %}
 apigee-mtls-mesh-proxy-unit-managed:
   file.managed:
     - name: {{ params.systemd_unit_dir }}/apigee-mtls-proxy@.service
@@ -110,6 +119,7 @@ apigee-mtls-mesh-proxy-{{ svc }}-running:
       - service: apigee-mtls-service-running
       - cmd: apigee-mtls-service-reloaded
       - apigee_mtls: apigee-mtls-mesh-proxy-{{ svc }}-listener-managed
+      - service: apigee-mtls-mesh-envoy-dead
     - watch:
       - file: apigee-mtls-mesh-proxy-unit-managed
 {%- endfor %}
@@ -128,6 +138,7 @@ apigee-mtls-mesh-sidecars-token-current:
     - require_in:
       - apigee_mtls: apigee-mtls-mesh-leaf-certificate-ready
 {%- endif %}
+{%- endif %}
 
 {#- the end of the run: this node's agent obtains a Connect leaf certificate (what every
     sidecar needs), or the run fails saying why; a secondary data center's leader heals its
@@ -143,11 +154,16 @@ apigee-mtls-mesh-leaf-certificate-ready:
     - heal_secondary_ca: {{ leaf.heal_secondary_ca }}
     - address: {{ leaf.address }}
     - require:
-{%- for svc in plan.proxies %}
+{%- if builtin %}
+{%-   for svc in plan.proxies %}
       - service: apigee-mtls-mesh-proxy-{{ svc }}-running
-{%- endfor %}
+{%-   endfor %}
+{%- else %}
+      - service: apigee-mtls-mesh-envoy-running
+{%- endif %}
 
 {#- systemd lists template instances as running, and as enabled only through the wants links #}
+{%- if builtin %}
 {%- set wants_dir = params.systemd_unit_dir ~ "/multi-user.target.wants" %}
 {%- set wants = salt["file.find"](wants_dir, name="apigee-mtls-proxy@*.service", type="l")
                 if salt["file.directory_exists"](wants_dir) else [] %}
@@ -167,4 +183,5 @@ apigee-mtls-mesh-proxy-{{ svc[18:] }}-listener-absent:
     - name: {{ params.state_dir }}/listeners/{{ svc[18:] }}.json
 {%-   endif %}
 {%- endfor %}
+{%- endif %}
 {%- endif %}
