@@ -847,32 +847,46 @@ def _main_pid(service):
     return int(pid) if pid.isdigit() and int(pid) > 0 else None
 
 
-def _hold(rules, on, timer=None):
-    """Insert (``on``) or delete the SYN-hold rules first in INPUT (Salt's iptables module).
-    Inserting also arms a transient systemd timer that deletes them after 120 s, should this
-    run die before it does, and returns its unit name; deleting stops that timer (when
-    given), so that nothing of the hold is left behind. Deleting is one atomic
+def _pairs(rules):
+    """Hold rules as ``(chain, specification)``: a str is a specification for INPUT."""
+    return [rule if isinstance(rule, tuple) else ("INPUT", rule) for rule in rules]
+
+
+def _insert_held(rules):
+    """Insert the hold rules ``rules`` first in their chains, each once (Salt's iptables
+    module)."""
+    for chain, rule in _pairs(rules):
+        if __salt__["iptables.check"](table="filter", chain=chain, rule=rule) is not True:
+            __salt__["iptables.insert"](table="filter", chain=chain, position=1, rule=rule)
+
+
+def _hold(rules, on, timer=None, later=()):
+    """Insert (``on``) or delete the SYN-hold rules first in their chain (Salt's iptables
+    module): a rule is a specification for INPUT (str), or a ``(chain, specification)``
+    pair. Inserting also arms a transient systemd timer that deletes them, and the rules
+    ``later`` that the caller inserts itself later (:func:`_insert_held`), after 120 s,
+    should this run die before it does, and returns its unit name; deleting stops that timer
+    (when given), so that nothing of the hold is left behind. Deleting is one atomic
     ``iptables-restore --noflush`` (every held port opens at once, one process instead of
     six per rule through the module), or rule by rule through the module when that fails
     (a rule already gone, an ``iptables-restore`` without ``--wait``)."""
+    pairs = _pairs(rules)
     if on:
         timer = "apigee-mtls-hold-expire-{}".format(int(time.time() * 1000))
-        script = "; ".join("iptables -w -D INPUT {} 2>/dev/null".format(rule) for rule in rules)
+        script = "; ".join("iptables -w -D {} {} 2>/dev/null".format(chain, rule)
+                           for chain, rule in pairs + _pairs(later))
         __salt__["cmd.run_all"](
             ["systemd-run", "--collect", "--on-active=120", "--unit=" + timer,
              "/bin/sh", "-c", script + "; exit 0"], python_shell=False, ignore_retcode=True)
-        for rule in rules:
-            if __salt__["iptables.check"](table="filter", chain="INPUT", rule=rule) is not True:
-                __salt__["iptables.insert"](table="filter", chain="INPUT", position=1,
-                                            rule=rule)
+        _insert_held(pairs)
         return timer
-    batch = "*filter\n{}COMMIT\n".format("".join("-D INPUT {}\n".format(r) for r in rules))
-    if rules and __salt__["cmd.run_all"](
+    batch = "*filter\n{}COMMIT\n".format("".join("-D {} {}\n".format(c, r) for c, r in pairs))
+    if pairs and __salt__["cmd.run_all"](
             ["iptables-restore", "--noflush", "--wait"], stdin=batch, python_shell=False,
             ignore_retcode=True, output_loglevel="quiet")["retcode"] != 0:
-        for rule in rules:
-            while __salt__["iptables.check"](table="filter", chain="INPUT", rule=rule) is True:
-                __salt__["iptables.delete"](table="filter", chain="INPUT", rule=rule)
+        for chain, rule in pairs:
+            while __salt__["iptables.check"](table="filter", chain=chain, rule=rule) is True:
+                __salt__["iptables.delete"](table="filter", chain=chain, rule=rule)
     if timer:
         __salt__["cmd.run_all"](["systemctl", "stop", timer + ".timer", timer + ".service"],
                                 python_shell=False, ignore_retcode=True)
@@ -1244,9 +1258,14 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
     inbound = restart.get("hold_inbound") or []
     outbound = restart.get("hold_outbound") or []
     inbound_rules = _rs("hold_rules")(inbound)
-    rules = inbound_rules + _rs("hold_rules")(outbound)
+    outbound_rules = _rs("hold_rules")(outbound)
     rpc_rules = (_rs("hold_rules")([restart["rpc_port"]], restart.get("rpc_peers") or [])
                  if restart.get("rpc_port") else [])
+    # the sidecars' own asks to the agent wait for it too, from the stop (a handshake the
+    # drain cannot see asks it after), released with the sidecars' ports once it authorizes
+    agent_rules = ([("OUTPUT", r) for r in _rs("agent_hold_rules")(
+        restart["agent_http_port"], restart["proxy_user"])]
+        if restart.get("agent_http_port") and (inbound or outbound) else [])
     try:
         if slot is not None:
             began = time.monotonic()
@@ -1266,13 +1285,25 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
         # what the agent resolves now must resolve again before new connections go through
         resolved = _agent_resolves([tuple(u) for u in restart.get("resolve_upstreams") or []],
                                    token)
-        still_held = rules + rpc_rules
-        timer = _hold(still_held, True) if still_held else None
+        still_held = inbound_rules + outbound_rules + rpc_rules
+        timer = _hold(still_held, True, later=agent_rules) if still_held else None
         held = time.monotonic()
+
+        def release(group, timing, since):
+            """Open ``group`` (the rest stays held) and record when under ``timing``."""
+            if group:
+                _hold(group, False)
+            still_held[:] = [r for r in still_held if r not in group]
+            timings[timing] = round(time.monotonic() - since, 2)
+
         try:
             # connections accepted just before the hold may still be asking the agent (an
             # authorize, a resolve): let them finish before it stops
             timings["drain"] = _drain(inbound + outbound, restart.get("drain", 0.2))
+            if agent_rules:
+                _insert_held(agent_rules)
+                inbound_rules += agent_rules
+                still_held += agent_rules
             if not __salt__["service.restart"](service):
                 return "systemctl restart {} failed".format(service)
             timings["restart"] = round(time.monotonic() - held, 2)
@@ -1284,9 +1315,7 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
                                             60):
                 return "the restarted agent does not authorize connections after 60 s"
             if inbound_rules:
-                _hold(inbound_rules, False)
-                still_held = [r for r in still_held if r not in inbound_rules]
-                timings["held_inbound"] = round(time.monotonic() - held, 2)
+                release(inbound_rules, "held_inbound", held)
             # a server's RPC port opens once it has caught up with its leader (before, it
             # answers the other agents' stale lookups from the snapshot it restored: "no
             # healthy instances found"; its raft peers reach it through the hold); the
@@ -1300,25 +1329,20 @@ def _restart_agent(service, restart, unit_file=None, timings=None):
             rpc_wait = restart.get("catch_up_wait", 10) if rpc_rules else None
             resolve_wait = restart.get("resolve_wait", 10)
             pending = list(resolved)
-            outbound_rules = [r for r in rules if r not in inbound_rules]
             began = time.monotonic()
             while rpc_wait is not None or resolve_wait is not None:
                 waited = time.monotonic() - began
                 if rpc_wait is not None and (_caught_up(token) or waited > rpc_wait):
                     if waited > rpc_wait:
                         timings["not_caught_up"] = True
-                    _hold(rpc_rules, False)
-                    still_held = [r for r in still_held if r not in rpc_rules]
-                    timings["catch_up"] = round(time.monotonic() - began, 2)
+                    release(rpc_rules, "catch_up", began)
                     rpc_wait = None
                 if resolve_wait is not None:
                     pending = [u for u in pending if not _resolves(u, token)]
                     if not pending or waited > resolve_wait:
                         if pending:
                             timings["unresolved"] = ["{} ({})".format(*u) for u in pending]
-                        _hold(outbound_rules, False)
-                        still_held = [r for r in still_held if r not in outbound_rules]
-                        timings["resolve"] = round(time.monotonic() - began, 2)
+                        release(outbound_rules, "resolve", began)
                         resolve_wait = None
                 if rpc_wait is not None or resolve_wait is not None:
                     time.sleep(0.05)

@@ -203,6 +203,8 @@ CONSUL_PORTS = frozenset({8300, 8301, 8302, 8500, 8501, 8502, 8503, 8600})
 
 #: Consul's server RPC port (other agents' RPCs, raft)
 CONSUL_SERVER_RPC_PORT = 8300
+#: the agent's HTTP API, bound to 127.0.0.1 (the sidecars and Salt ask it there)
+CONSUL_HTTP_PORT = 8500
 
 #: Consul TCP ports opened to cluster members (8500 is bound to localhost).
 CONSUL_MEMBER_TCP_PORTS = (8300, 8301, 8302, 8501, 8502, 8503, 8600)
@@ -1704,7 +1706,7 @@ def _consul_config(model, index, node, is_server):
             "https": ip,
             "dns": "0.0.0.0" if consul["dns_exposed"] else "127.0.0.1",
         },
-        "ports": {"http": 8500, "https": 8501, "grpc": -1, "dns": 8600},
+        "ports": {"http": CONSUL_HTTP_PORT, "https": 8501, "grpc": -1, "dns": 8600},
         "server": is_server,
         "retry_join": [s["ip"] for s in servers if s is not node],
         # a node added to the pillar may start before the servers' firewalls admit it:
@@ -2436,6 +2438,10 @@ def _restart(model, index, node, is_server, services, upstreams):
                                if not envoy else ()),
         "hold_outbound": sorted({u["proxy_port"] for u in upstreams} if not envoy else ()),
         "rpc_port": CONSUL_SERVER_RPC_PORT if is_server else None,
+        # the sidecars' own asks to the agent (127.0.0.1) wait for it too, until it
+        # authorizes again (apigee_mtls_restart.agent_hold_rules)
+        "agent_http_port": CONSUL_HTTP_PORT if not envoy else None,
+        "proxy_user": model["proxy"]["user"],
         # a restarted server's raft peers reach it through its RPC hold: it catches up with
         # its leader before the other agents' lookups (stale reads) reach it
         "rpc_peers": sorted(s["ip"] for s in index.servers_by_dc[node["datacenter"]]

@@ -21,6 +21,9 @@ Two things keep that invisible to Apigee:
   cannot authorize a new inbound connection (Consul 1.8's built-in proxy asks the local agent
   for every one). For that time the node drops the SYNs to its sidecars' ports
   (:func:`hold_rules`); the callers' TCP retransmits them after 1 s, by when the agent answers.
+  A sidecar whose TLS handshake was under way when the agent stopped asks it anyway: its
+  new connections to the agent's HTTP port are held too (:func:`agent_hold_rules`), so that
+  the ask waits for the restarted agent instead of being refused.
 
 The serf failure detector does not notice a restart this short: ``leave_on_terminate`` is
 false, so a restarted agent does not leave the cluster and its services stay in the catalog.
@@ -42,7 +45,7 @@ PENDING_PREFIX = KV_PREFIX + "restart/pending/"
 BINARY_PREFIX = KV_PREFIX + "binary/"
 #: a client agent holds ``<CLIENTS_PREFIX><node>`` while it restarts
 CLIENTS_PREFIX = KV_PREFIX + "restart/clients/"
-#: the comment that marks the hold rules in INPUT
+#: the comment that marks the hold rules in INPUT (and the agent's, in OUTPUT)
 HOLD_COMMENT = "apigee-mtls-hold"
 MULTIPORT_MAX = 15
 
@@ -84,6 +87,33 @@ def hold_rules(ports, allow_from=()):
                   "{} -j ACCEPT".format(address, ",".join(str(p) for p in chunk), HOLD_COMMENT)
                   for chunk in chunks]
     return rules
+
+
+def agent_hold_rules(http_port, user):
+    """
+    The iptables rule (filter table, inserted first in OUTPUT once the drain before the stop
+    is done) that drops the sidecars' new connections (SYN) to the local agent's HTTP API
+    while the agent restarts. The drain (:func:`pending_connections`) cannot see an inbound
+    TLS handshake that waits for its caller's certificate (nothing unread): when the
+    certificate comes after the agent stopped, the sidecar's authorize is refused and its
+    caller sees a reset. Held, the sidecar's TCP sends its SYN again after 1 s and reaches
+    the restarted agent; the rule goes with the sidecars' ports' hold, once the agent
+    authorizes again. Only the sidecars' user is matched: Salt (root) keeps asking the
+    agent whether it is back.
+
+    :param int http_port: the agent's HTTP port on 127.0.0.1 (8500)
+    :param str user: the sidecars' user (``proxy:user``, ``consul`` by default)
+    :return: rule specifications without the chain (list of str), e.g. ``-d 127.0.0.1/32
+        -o lo -p tcp -m tcp --syn --dport 8500 -m owner --uid-owner consul -m comment
+        --comment apigee-mtls-hold -j DROP``
+
+    .. code-block:: python
+
+        >>> agent_hold_rules(8500, "consul")[0].split(" -m comment")[0]
+        '-d 127.0.0.1/32 -o lo -p tcp -m tcp --syn --dport 8500 -m owner --uid-owner consul'
+    """
+    return ["-d 127.0.0.1/32 -o lo -p tcp -m tcp --syn --dport {} -m owner --uid-owner {} "
+            "-m comment --comment {} -j DROP".format(int(http_port), user, HOLD_COMMENT)]
 
 
 def caught_up(raft):

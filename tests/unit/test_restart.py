@@ -31,6 +31,14 @@ def test_hold_rules_drop_only_new_connections_to_the_given_ports():
     assert rs.hold_rules([]) == []
 
 
+def test_the_agent_hold_drops_only_the_sidecars_new_connections_to_the_local_agent():
+    """In OUTPUT, matched by owner: the sidecars' user, not Salt's (root), which keeps asking
+    the agent whether it is back."""
+    rules = rs.agent_hold_rules(8500, "apigee")
+    assert rules == ["-d 127.0.0.1/32 -o lo -p tcp -m tcp --syn --dport 8500 -m owner "
+                     "--uid-owner apigee -m comment --comment apigee-mtls-hold -j DROP"]
+
+
 def test_a_servers_rpc_hold_lets_its_raft_peers_through():
     """The ACCEPTs for the peers come after the DROP in the list: inserted first in INPUT one
     by one, they end up above it."""
@@ -265,9 +273,10 @@ def test_a_hold_leaves_nothing_behind(monkeypatch):
     release deletes the rules in one atomic iptables-restore and stops the timer
     (`apigee_mtls.clean` finds no unit); when that batch fails (a rule already gone), rule
     by rule."""
-    live, calls = [], []
+    live, calls, chains = [], [], set()
 
     def check(table, chain, rule):
+        chains.add(chain)
         return rule in live
 
     def run_all(cmd, stdin=None, **_):
@@ -275,7 +284,9 @@ def test_a_hold_leaves_nothing_behind(monkeypatch):
         if cmd[0] != "iptables-restore":
             return {"retcode": 0}
         assert cmd[1:] == ["--noflush", "--wait"] and stdin.startswith("*filter\n")
-        gone = [line[len("-D INPUT "):] for line in stdin.splitlines() if line.startswith("-D")]
+        gone = [line.split(" ", 2)[2] for line in stdin.splitlines() if line.startswith("-D")]
+        chains.update(line.split(" ", 2)[1] for line in stdin.splitlines()
+                      if line.startswith("-D"))
         if not set(gone) <= set(live):
             return {"retcode": 1}  # atomic: nothing deleted
         live[:] = [r for r in live if r not in gone]
@@ -301,7 +312,16 @@ def test_a_hold_leaves_nothing_behind(monkeypatch):
     STATES._hold(rules, True)  # pylint: disable=protected-access
     live.remove(rules[0])
     STATES._hold(rules, False)  # pylint: disable=protected-access
-    assert live == [] and deletes == [rules[1]]
+    assert live == [] and deletes == [rules[1]] and chains == {"INPUT"}
+    # the agent's hold: a (chain, rule) pair, in OUTPUT, inserted later by the caller; the
+    # expiry timer armed with the first rules already deletes it
+    agent = ("OUTPUT", rs.agent_hold_rules(8500, "consul")[0])
+    timer = STATES._hold([rules[0]], True, later=[agent])  # pylint: disable=protected-access
+    assert live == [rules[0]] and "iptables -w -D OUTPUT -d 127.0.0.1/32" in calls[-1][-1]
+    STATES._insert_held([agent])  # pylint: disable=protected-access
+    assert live == [agent[1], rules[0]]
+    STATES._hold([rules[0], agent], False, timer)  # pylint: disable=protected-access
+    assert live == [] and chains == {"INPUT", "OUTPUT"}
 
 
 def test_a_unit_file_written_after_the_agent_started_restarts_it(tmp_path, current):
@@ -536,14 +556,20 @@ def test_each_held_port_is_released_as_soon_as_its_sidecar_can_serve(monkeypatch
     restart = {"node": "n2", "server": server, "hold_inbound": [10300],
                "hold_outbound": [10400], "rpc_port": 8300 if server else None,
                "rpc_peers": ["10.77.0.11"] if server else [],
-               "authorize_services": ["zk"], "resolve_upstreams": [["qpid", "dc-1"]]}
+               "authorize_services": ["zk"], "resolve_upstreams": [["qpid", "dc-1"]],
+               "agent_http_port": 8500, "proxy_user": "consul"}
+    # the sidecars' asks to the agent: held once the drain is done, released with the
+    # sidecars' ports
+    agent = [("OUTPUT", rs.agent_hold_rules(8500, "consul")[0])]
     inbound, outbound = rs.hold_rules([10300]), rs.hold_rules([10400])
     rpc = rs.hold_rules([8300], ["10.77.0.11"])
     polls = [catch_up_polls]
 
-    def hold(rules, on, timer=None):
-        groups = tuple(sorted(n for n, r in (("inbound", inbound), ("outbound", outbound),
-                                             ("rpc", rpc)) if set(r) <= set(rules)))
+    def hold(rules, on, timer=None, later=()):
+        assert list(later) == (agent if on else [])
+        groups = tuple(sorted(n for n, r in (("inbound", inbound if on else inbound + agent),
+                                             ("outbound", outbound), ("rpc", rpc))
+                              if set(r) <= set(rules)))
         if groups or on:
             events.append(("hold" if on else "release", groups))
         return "timer"
@@ -553,12 +579,15 @@ def test_each_held_port_is_released_as_soon_as_its_sidecar_can_serve(monkeypatch
         return polls[0] < 0
 
     monkeypatch.setattr(STATES, "__utils__", {
-        "apigee_mtls_restart.hold_rules": rs.hold_rules}, raising=False)
+        "apigee_mtls_restart.hold_rules": rs.hold_rules,
+        "apigee_mtls_restart.agent_hold_rules": rs.agent_hold_rules}, raising=False)
     monkeypatch.setattr(STATES, "__salt__", {
         "service.restart": lambda name: events.append(("restart", name)) or True},
         raising=False)
     monkeypatch.setattr(STATES, "_hold", hold)
-    monkeypatch.setattr(STATES, "_drain", lambda ports, minimum: 0.2)
+    monkeypatch.setattr(STATES, "_insert_held", lambda rules: (
+        events.append(("hold agent",)) if rules == agent else None))
+    monkeypatch.setattr(STATES, "_drain", lambda ports, minimum: events.append(("drain",)))
     monkeypatch.setattr(STATES, "_RestartLock", _FakeLock)
     monkeypatch.setattr(STATES, "_wanted_state", lambda *a: {})
     monkeypatch.setattr(STATES, "_record_agent", lambda *a: None)
@@ -571,7 +600,8 @@ def test_each_held_port_is_released_as_soon_as_its_sidecar_can_serve(monkeypatch
     timings = {}
     assert STATES._restart_agent("consul", restart, None, timings) is None  # pylint: disable=protected-access
     held = ("inbound", "outbound", "rpc") if server else ("inbound", "outbound")
-    want = [("hold", held), ("restart", "consul"), ("authorizes",), ("release", ("inbound",))]
+    want = [("hold", held), ("drain",), ("hold agent",), ("restart", "consul"),
+            ("authorizes",), ("release", ("inbound",))]
     if server and not catch_up_polls:
         want += [("release", ("rpc",)), ("release", ("outbound",))]
     elif server:
@@ -592,7 +622,8 @@ def test_the_waits_are_bounded_and_reported(monkeypatch):
         "apigee_mtls_restart.hold_rules": rs.hold_rules}, raising=False)
     monkeypatch.setattr(STATES, "__salt__", {"service.restart": lambda name: True},
                         raising=False)
-    monkeypatch.setattr(STATES, "_hold", lambda rules, on, timer=None: (
+    monkeypatch.setattr(STATES, "_insert_held", lambda rules: None)
+    monkeypatch.setattr(STATES, "_hold", lambda rules, on, timer=None, later=(): (
         released.append(list(rules)) if not on else None) or "timer")
     monkeypatch.setattr(STATES, "_drain", lambda ports, minimum: 0.2)
     monkeypatch.setattr(STATES, "_RestartLock", _FakeLock)
@@ -615,3 +646,36 @@ def test_the_waits_are_bounded_and_reported(monkeypatch):
     assert timings["resolve"] < timings["catch_up"]
     assert rs.hold_rules([10400])[0] in sum(released, [])
     assert rs.hold_rules([8300])[0] in sum(released, [])
+
+
+def test_an_agent_that_never_authorizes_again_fails_the_restart_and_releases_every_hold(
+        monkeypatch):
+    """The sidecars' asks to the agent are held only while the restart lasts: a failed
+    restart leaves no rule behind, the agent's included."""
+    held = {"INPUT": set(), "OUTPUT": set()}
+
+    def hold(rules, on, timer=None, later=()):
+        for rule in rules:
+            chain, spec = rule if isinstance(rule, tuple) else ("INPUT", rule)
+            (held[chain].add if on else held[chain].discard)(spec)
+        return "timer"
+
+    monkeypatch.setattr(STATES, "__utils__", {
+        "apigee_mtls_restart.hold_rules": rs.hold_rules,
+        "apigee_mtls_restart.agent_hold_rules": rs.agent_hold_rules}, raising=False)
+    monkeypatch.setattr(STATES, "__salt__", {"service.restart": lambda name: True},
+                        raising=False)
+    monkeypatch.setattr(STATES, "_hold", hold)
+    monkeypatch.setattr(STATES, "_insert_held", lambda rules: hold(rules, True))
+    monkeypatch.setattr(STATES, "_drain", lambda ports, minimum: 0.2)
+    seen = []
+    monkeypatch.setattr(STATES, "_agent_answers_authorize", lambda services, token, wait: (
+        seen.append(set(held["OUTPUT"])) or False))
+    monkeypatch.setattr(STATES, "_agent_resolves", lambda upstreams, token: upstreams)
+    restart = {"node": "n4", "server": False, "hold_inbound": [10300], "hold_outbound": [10400],
+               "authorize_services": ["zk"], "resolve_upstreams": [],
+               "agent_http_port": 8500, "proxy_user": "consul"}
+    why = STATES._restart_agent("consul", restart, None, {})  # pylint: disable=protected-access
+    assert why == "the restarted agent does not authorize connections after 60 s"
+    assert seen == [set(rs.agent_hold_rules(8500, "consul"))]  # held while it was asked
+    assert held == {"INPUT": set(), "OUTPUT": set()}
