@@ -78,9 +78,12 @@ REAL_TESTS := tests/lab/test_10_foundation.py::test_first_apply_succeeds_everywh
 # proofs as on 5 nodes; run before the two-DC tests, which restart dc-2's Consul agents
 REAL_TOPOLOGY_SESSIONS := 13-node 12-node-2dc
 REAL_TOPOLOGY_TESTS := tests/lab/test_90_real_datastores.py tests/lab/test_92_real_ldap.py
+# the primary's reboot, proven on 5 nodes (Envoy) and across data centres (12 nodes), is not
+# run again on 13 nodes, whose Postgres pair is the 5-node lab's (one DC): CI time
+PRIMARY_REBOOT_TEST := tests/lab/test_90_real_datastores.py::test_standby_catches_up_after_the_primary_node_reboots
 
 test: venv
-	$(PY) -m pytest tests -v --durations=20 $(addprefix --ignore=,$(MULTI_DC_TESTS)) \
+	$(PY) -m pytest tests -v --durations=40 $(addprefix --ignore=,$(MULTI_DC_TESTS)) \
 	  --ignore=tests/lab/test_90_real_datastores.py --ignore=tests/lab/test_91_real_day2.py \
 	  --ignore=tests/lab/test_92_real_ldap.py --ignore=tests/lab/test_93_data_plane_switch.py
 	$(MAKE) lab-test-topologies
@@ -92,9 +95,10 @@ lab-test-topologies: venv
 	  case " $(REAL_TOPOLOGY_SESSIONS) " in *" $$t "*) \
 	    components=real; tests="$${tests% *} $(REAL_TOPOLOGY_TESTS) $${tests##* }";; esac; \
 	  case $$t in *dc*) tests="$${tests% *} $(MULTI_DC_TESTS) $${tests##* }";; esac; \
+	  deselect=; case $$t in 13-node) deselect="--deselect $(PRIMARY_REBOOT_TEST)";; esac; \
 	  echo "=== topology $$t (COMPONENTS=$$components) ==="; \
 	  LAB_COMPONENTS=$$components TOPOLOGY=tests/topologies/$$t.yaml \
-	    $(PY) -m pytest $$tests -v --durations=5; \
+	    $(PY) -m pytest $$tests $$deselect -v --durations=5; \
 	done
 
 lab-test-real: venv

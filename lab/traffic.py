@@ -7,7 +7,7 @@ standard library only, that for each target (one per destination component per r
 node's components may reach, aimed at the component's real address: the node's iptables rules
 redirect it into the mesh):
 
-- opens a **new connection** every ``interval`` seconds (0.05 by default), to each target in
+- opens a **new connection** every ``interval`` seconds (0.1 by default), to each target in
   turn (every target is used every ``interval`` x number of targets), sends a line, reads
   the component's reply (the lab's stand-ins answer each line with who they are), and closes;
 - holds one **long-lived connection** that sends a line every ``long_interval`` seconds and
@@ -463,7 +463,7 @@ class Traffic:
         ``components`` is ``real``)
     """
 
-    def __init__(self, lab, pillar=None, nodes=None, interval=0.05, long_interval=1.0,
+    def __init__(self, lab, pillar=None, nodes=None, interval=0.1, long_interval=1.0,
                  max_seconds=900, timeout=5.0, real=None):
         self.lab = lab
         if real is None:
