@@ -136,6 +136,10 @@ def _write_minion_config(base, name, grains, extmods_root, pillar_root, overlay=
         "grains": dict(grains, init="systemd"),
     }
     (config_dir / "minion").write_text(yaml.safe_dump(config))
+    # made here, not by the first salt-call: two calls started at once on a fresh config
+    # directory both create them, and the second fails with "File exists" (seen in CI)
+    for path in ("pki", "sock"):
+        (config_dir / path).mkdir(mode=0o700)
     return config_dir
 
 
