@@ -136,16 +136,17 @@ def _pems(text):
     return x509.load_pem_x509_certificates(text.encode())
 
 
-def _unsettled(leaves, roots, root_cert):
+def _unsettled(leaves, roots, org_root):
     """Why the agent's certificates are not final yet, or None: the pillar's organisation CA
-    (``root_cert``) is not the active root yet (the signer switches it during the same
-    run), or a leaf was not issued under the active root (the agent re-issues its leaves
-    after a root change)."""
+    (``org_root``, parsed, or None) is not the active root yet (the signer switches it
+    during the same run), or a leaf was not issued under the active root (the agent
+    re-issues its leaves after a root change). Raises ValueError on a PEM it cannot read,
+    KeyError or TypeError on an answer without one."""
     active = next((r for r in roots.get("Roots") or [] if r.get("Active")), None)
     if active is None:
         return "the agent lists no active root"
     root = _pems(active["RootCert"])[0]
-    if root_cert and _pems(root_cert)[0] != root:
+    if org_root is not None and org_root != root:
         return "the organisation's CA (connect_ca:root_cert) is not the active root yet"
     for service, leaf in leaves.items():
         # CertPEM is the leaf, then the intermediates: a secondary data center's (issued by
@@ -197,6 +198,12 @@ def certificates_managed(name, services, identity, token_file=None, user="consul
     """
     ret = _ret(name)
     names = list(services) + [identity]
+    try:
+        org_root = _pems(root_cert)[0] if root_cert else None
+    except ValueError as exc:
+        ret["result"] = False
+        ret["comment"] = f"connect_ca:root_cert is not a PEM certificate: {exc}"
+        return ret
     began = time.monotonic()
     while True:
         wanted, leaves, asking = {}, {}, None
@@ -208,15 +215,6 @@ def certificates_managed(name, services, identity, token_file=None, user="consul
                 wanted[f"{service}-key.pem"] = leaves[service]["PrivateKeyPEM"]
             asking = "the CA roots"
             roots = _agent("/v1/agent/connect/ca/roots", token_file)
-            # Envoy reads files, not the agent: write what the agent will keep serving
-            unsettled = _unsettled(leaves, roots, root_cert)
-            if unsettled is None or __opts__["test"]:
-                break
-            if time.monotonic() - began >= wait:
-                ret["result"] = False
-                ret["comment"] = f"the agent's certificates did not settle in {wait} s: {unsettled}"
-                return ret
-            time.sleep(2)
         except Exception as exc:  # pylint: disable=broad-except
             if __opts__["test"]:
                 ret["result"] = None
@@ -238,6 +236,21 @@ def certificates_managed(name, services, identity, token_file=None, user="consul
             ret["result"] = False
             ret["comment"] = f"the local agent did not give {asking}: {exc}"
             return ret
+        # Envoy reads files, not the agent: write what the agent will keep serving
+        try:
+            unsettled = _unsettled(leaves, roots, org_root)
+        except (ValueError, KeyError, TypeError) as exc:
+            ret["result"] = False
+            ret["comment"] = (f"the local agent's certificates or CA roots do not parse "
+                              f"({type(exc).__name__}: {exc}); nothing written")
+            return ret
+        if unsettled is None or __opts__["test"]:
+            break
+        if time.monotonic() - began >= wait:
+            ret["result"] = False
+            ret["comment"] = f"the agent's certificates did not settle in {wait} s: {unsettled}"
+            return ret
+        time.sleep(2)
     wanted["roots.pem"] = "".join(r["RootCert"].strip() + "\n" for r in roots["Roots"])
     docs = __utils__["apigee_mtls_envoy.secrets"](name, names)
     wanted.update({f: json.dumps(doc, sort_keys=True) for f, doc in docs.items()})

@@ -189,6 +189,34 @@ def test_an_agent_that_refuses_a_leaf_fails_naming_it_and_writes_nothing(agent, 
     assert "Permission denied" in ret["comment"] and not os.listdir(tmp_path)
 
 
+def test_a_certificate_that_does_not_parse_is_named_as_such_and_writes_nothing(agent, tmp_path,
+                                                                            monkeypatch):
+    """The agent answered, but with a leaf that is not a certificate: the comment says that,
+    not that the agent did not answer (what it said before: "did not give the CA roots")."""
+    real = agent.api
+
+    def garbled(method, path, token=None, **kw):
+        out = real(method, path, token, **kw)
+        if path.endswith("/egress-ms-zk"):
+            out = dict(out, CertPEM="-----BEGIN CERTIFICATE-----\nnot base64\n"
+                                    "-----END CERTIFICATE-----\n")
+        return out
+
+    monkeypatch.setitem(STATES.__utils__, "apigee_mtls_acl.api", garbled)
+    ret = _certs(tmp_path)
+    assert ret["result"] is False and "do not parse" in ret["comment"], ret
+    assert "did not give" not in ret["comment"] and not os.listdir(tmp_path)
+
+
+def test_a_root_cert_that_does_not_parse_fails_naming_the_key_before_asking_the_agent(
+        agent, tmp_path):
+    ret = STATES.certificates_managed(str(tmp_path), ["zk-2181-10-77-0-11"], "egress-ms-zk",
+                                      root_cert="-----BEGIN CERTIFICATE-----\nAAAA\n"
+                                                "-----END CERTIFICATE-----\n")
+    assert ret["result"] is False and "connect_ca:root_cert" in ret["comment"], ret
+    assert not agent.calls and not os.listdir(tmp_path)
+
+
 def _n4_certs(tmp_path, pillar):
     plan = amp.plan(pillar, "n4")
     ingress = [s["name"] for s in plan["services"] if s["meta"]["apigee_mtls"] == "ingress"]
