@@ -48,6 +48,12 @@ import urllib.request
 
 UNIT = "apigee-traffic"
 NODE_DIR = "/run/apigee-traffic"
+#: seconds between two new connections of a node (the default): at 0.05, 100 mTLS handshakes
+#: a second kept a 2-core CI host saturated, and an apply under traffic took twice as long
+INTERVAL = 0.1
+#: the controls' rate (a sidecar or a ZooKeeper follower stopped 4 s): their windows last
+#: seconds, and their minimum counts assume this rate
+CONTROL_INTERVAL = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +469,7 @@ class Traffic:
         ``components`` is ``real``)
     """
 
-    def __init__(self, lab, pillar=None, nodes=None, interval=0.1, long_interval=1.0,
+    def __init__(self, lab, pillar=None, nodes=None, interval=INTERVAL, long_interval=1.0,
                  max_seconds=900, timeout=5.0, real=None):
         self.lab = lab
         if real is None:

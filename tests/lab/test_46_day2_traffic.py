@@ -10,7 +10,7 @@ import sys
 from conftest import REPO, labctl, state_summary, under_traffic
 
 sys.path.insert(0, os.path.join(REPO, "lab"))
-from traffic import Traffic  # noqa: E402  pylint: disable=wrong-import-position
+from traffic import CONTROL_INTERVAL, Traffic  # noqa: E402  pylint: disable=wrong-import-position
 
 PIDS = "systemctl show -p MainPID --value consul"
 CONFIG_STATE = "apigee_mtls_|-apigee-mtls-config-agent-file-managed_|-/etc/consul.d/consul.json_|-agent_config_managed"
@@ -27,7 +27,7 @@ def test_traffic_harness_counts_what_fails(mesh):
     plan = lab.salt("n2", "apigee_mtls.plan")["n2"]
     svc = next(s["id"] for s in plan["services"] if s["meta"].get("component") == "zookeeper"
                and s["port"] == 2181)
-    traffic = Traffic(lab, interval=0.05)  # a short window: the harness's former rate
+    traffic = Traffic(lab, interval=CONTROL_INTERVAL)  # a window of seconds
     traffic.start()
     lab.run("n2", f"systemctl stop apigee-mtls-proxy@{svc} && sleep 4 && "
                   f"systemctl start apigee-mtls-proxy@{svc}")
